@@ -1,0 +1,389 @@
+"""POPGym in JAX: partially observable environments identical to popgym 1.0.7, plus wrappers.
+
+Every environment is a gymnax 1.x `Environment`: `reset(key, params) -> (obs, state)` and
+`step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)`, with
+auto-reset, jit- and vmap-safe. Observations are flat float32 vectors (a `Discrete(n)` component
+becomes a one-hot of length n, components are concatenated in popgym's order, a `Box` stays as its
+floats); actions are `Discrete(n)` (grid actions flattened row-major) or the pendulum's `Box(1)`.
+
+    import envs_popjax
+    env, env_params = envs_popjax.make("RepeatPreviousEasy")
+    env = envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env))
+
+Semantics (rewards, episode lengths, termination vs truncation, card order) follow the `popgym`
+package exactly; `tests/` checks each env step by step against it. The scripts of this project
+import this module and nothing else of ours.
+"""
+
+import difflib
+import inspect
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from gymnax.environments import environment, spaces
+from gymnax.wrappers.purerl import GymnaxWrapper
+
+
+class PopGymEnvironment(environment.Environment):
+    """What every POPGym port shares: popgym's horizon and a flat one-hot/float observation.
+
+    popgym's card and grid games end with `terminated`, its control tasks and the bandit with
+    `truncated` at `params.max_steps_in_episode`; `truncates` says which this env does.
+    """
+
+    truncates: bool = True
+
+    def is_truncated(self, state, params) -> jax.Array:
+        if not self.truncates:
+            return jnp.asarray(False)
+        return state.time >= params.max_steps_in_episode
+
+    @property
+    def default_params(self) -> environment.EnvParams:
+        return environment.EnvParams(max_steps_in_episode=self.max_episode_length)
+
+    def observation_space(self, params) -> spaces.Box:
+        return spaces.Box(self.obs_low, self.obs_high, (self.obs_size,), jnp.float32)
+
+
+def one_hot(index: jax.Array, n: int) -> jax.Array:
+    return jax.nn.one_hot(index, n, dtype=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Card games (popgym/core/deck.py). Card id c in [0, 52 * decks): suit c % 4, colour c % 2,
+# rank (c % 52) // 4 with 0 = Ace. popgym deals from the end of a shuffled `deck.idx`, so the
+# cards in the order the agent sees them are `deck.idx[::-1]`: that is what `cards` holds here.
+# ---------------------------------------------------------------------------------------------
+def shuffled_cards(key: jax.Array, num_decks: int) -> jax.Array:
+    return jax.random.permutation(key, 52 * num_decks)
+
+
+def card_suit(card: jax.Array) -> jax.Array:
+    return card % 4
+
+
+@struct.dataclass
+class CardSequenceState:
+    cards: jax.Array  # card ids in the order they are shown
+    time: jax.Array  # number of step() calls so far; the current observation is cards[time]
+
+
+class RepeatPrevious(PopGymEnvironment):
+    """popgym/envs/repeat_previous.py: name the suit of the card shown k observations ago.
+
+    Observation n (n = 0 at reset) is the suit of `cards[n]`. The action taken after seeing it
+    is rewarded +-1/(N - k) once n >= k - 1, against the suit of `cards[n - (k - 1)]` (the k-th
+    most recent card, counting the current one). The episode terminates after N - 1 steps.
+    """
+
+    truncates = False
+    obs_size, obs_low, obs_high, num_actions = 4, 0.0, 1.0, 4
+
+    def __init__(self, num_decks: int = 1, k: int = 4):
+        if not 1 <= k < 52 * num_decks:
+            raise ValueError(f"k must be in [1, {52 * num_decks}), got {k}")
+        self.num_decks, self.k = num_decks, k
+        self.num_cards = 52 * num_decks
+        self.max_episode_length = self.num_cards - 1
+        self.reward_scale = 1.0 / (self.num_cards - k)
+
+    def target_index(self, time: jax.Array) -> jax.Array:
+        return time - (self.k - 1)
+
+    def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
+        return one_hot(card_suit(state.cards[state.time]), 4)
+
+    def reset_env(self, key, params):
+        state = CardSequenceState(cards=shuffled_cards(key, self.num_decks), time=jnp.int32(0))
+        return self.get_obs(state), state
+
+    def step_env(self, key, state, action, params):
+        target = self.target_index(state.time)
+        correct = action == card_suit(state.cards[jnp.maximum(target, 0)])
+        reward = jnp.where(target >= 0, jnp.where(correct, 1.0, -1.0) * self.reward_scale, 0.0)
+        state = state.replace(time=state.time + 1)
+        terminated = state.time >= self.max_episode_length
+        return self.get_obs(state), state, reward.astype(jnp.float32), terminated, {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(4)
+
+
+class RepeatFirst(RepeatPrevious):
+    """popgym/envs/repeat_first.py: name the suit of the first card, at every step, +-1/(N - 1)."""
+
+    def __init__(self, num_decks: int = 1):
+        super().__init__(num_decks=num_decks, k=1)
+
+    def target_index(self, time: jax.Array) -> jax.Array:
+        return jnp.zeros_like(time)
+
+
+# ---------------------------------------------------------------------------------------------
+# CartPole (gymnasium's CartPoleEnv, Euler integration) with part of the state hidden.
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class CartPoleState:
+    physics: jax.Array  # (x, x_dot, theta, theta_dot)
+    time: jax.Array
+
+
+class PositionOnlyCartPole(PopGymEnvironment):
+    """popgym/envs/position_only_cartpole.py: CartPole observing only (x, theta).
+
+    Reward 1/T on every step (the failing step included); terminated when |x| > 2.4 or
+    |theta| > 12 degrees, truncated after T = `max_steps_in_episode` steps (both can hold).
+    With `noise_sigma > 0` (popgym's NoisyPositionOnlyCartPole) N(0, sigma) noise is added to the
+    observation at reset and every step, then clipped to the observation bounds.
+    """
+
+    num_actions = 2
+    observed = (0, 2)  # indices of (x, x_dot, theta, theta_dot) that the agent sees
+    gravity, masscart, masspole, pole_half_length, force_mag, tau = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+    x_threshold, theta_threshold = 2.4, 12 * 2 * math.pi / 360
+
+    def __init__(self, max_episode_length: int = 200, noise_sigma: float = 0.0):
+        self.max_episode_length, self.noise_sigma = max_episode_length, noise_sigma
+        self.obs_size = len(self.observed)
+        # gymnasium's bounds: twice the termination thresholds, infinite velocities.
+        full_high = np.array([2 * self.x_threshold, np.inf, 2 * self.theta_threshold, np.inf], np.float32)
+        self.obs_high = full_high[list(self.observed)]
+        self.obs_low = -self.obs_high
+
+    def get_obs(self, state: CartPoleState, params=None, key=None) -> jax.Array:
+        obs = state.physics[jnp.array(self.observed)].astype(jnp.float32)
+        if self.noise_sigma > 0:
+            noise = self.noise_sigma * jax.random.normal(key, obs.shape, jnp.float32)
+            obs = jnp.clip(obs + noise, self.obs_low, self.obs_high)
+        return obs
+
+    def reset_env(self, key, params):
+        key_state, key_noise = jax.random.split(key)
+        physics = jax.random.uniform(key_state, (4,), jnp.float32, -0.05, 0.05)
+        state = CartPoleState(physics=physics, time=jnp.int32(0))
+        return self.get_obs(state, key=key_noise), state
+
+    def step_env(self, key, state, action, params):
+        x, x_dot, theta, theta_dot = state.physics
+        force = jnp.where(action == 1, self.force_mag, -self.force_mag)
+        cos, sin = jnp.cos(theta), jnp.sin(theta)
+        total_mass = self.masscart + self.masspole
+        polemass_length = self.masspole * self.pole_half_length
+        temp = (force + polemass_length * theta_dot**2 * sin) / total_mass
+        theta_acc = (self.gravity * sin - cos * temp) / (
+            self.pole_half_length * (4.0 / 3.0 - self.masspole * cos**2 / total_mass)
+        )
+        x_acc = temp - polemass_length * theta_acc * cos / total_mass
+        physics = jnp.stack(
+            [x + self.tau * x_dot, x_dot + self.tau * x_acc, theta + self.tau * theta_dot, theta_dot + self.tau * theta_acc]
+        )
+        state = CartPoleState(physics=physics, time=state.time + 1)
+        terminated = (jnp.abs(physics[0]) > self.x_threshold) | (jnp.abs(physics[2]) > self.theta_threshold)
+        reward = jnp.float32(1.0) / params.max_steps_in_episode
+        return self.get_obs(state, key=key), state, reward, terminated, {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(2)
+
+
+class NoisyPositionOnlyCartPole(PositionOnlyCartPole):
+    """popgym/envs/noisy_position_only_cartpole.py: T = 200 at every difficulty, noise sigma varies."""
+
+    def __init__(self, noise_sigma: float = 0.1, max_episode_length: int = 200):
+        super().__init__(max_episode_length=max_episode_length, noise_sigma=noise_sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: popgym's families and difficulty constants, and the aliases of earlier names.
+# ---------------------------------------------------------------------------------------------
+FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
+    # family: (class, Easy kwargs, Medium kwargs, Hard kwargs)
+    "RepeatFirst": (RepeatFirst, dict(num_decks=1), dict(num_decks=8), dict(num_decks=16)),
+    "RepeatPrevious": (
+        RepeatPrevious,
+        dict(num_decks=1, k=4),
+        dict(num_decks=2, k=32),
+        dict(num_decks=3, k=64),
+    ),
+    "PositionOnlyCartPole": (
+        PositionOnlyCartPole,
+        dict(max_episode_length=200),
+        dict(max_episode_length=400),
+        dict(max_episode_length=600),
+    ),
+    "NoisyPositionOnlyCartPole": (
+        NoisyPositionOnlyCartPole,
+        dict(noise_sigma=0.1),
+        dict(noise_sigma=0.2),
+        dict(noise_sigma=0.3),
+    ),
+}
+DIFFICULTIES = ("Easy", "Medium", "Hard")
+# Earlier names of the same families (popgym <= 1.0.3, the S5 paper, popjaxrl) and short forms.
+FAMILY_ALIASES = {
+    "StatelessCartPole": "PositionOnlyCartPole",
+    "CartPole": "PositionOnlyCartPole",
+    "NoisyStatelessCartPole": "NoisyPositionOnlyCartPole",
+    "NoisyCartPole": "NoisyPositionOnlyCartPole",
+    "StatelessPendulum": "PositionOnlyPendulum",
+    "Pendulum": "PositionOnlyPendulum",
+    "NoisyStatelessPendulum": "NoisyPositionOnlyPendulum",
+    "NoisyPendulum": "NoisyPositionOnlyPendulum",
+    "MultiArmedBandit": "MultiarmedBandit",
+    "Minesweeper": "MineSweeper",
+}
+
+
+def _canonical_ids() -> list[str]:
+    return [family + level for family in FAMILIES for level in DIFFICULTIES]
+
+
+def _alias_ids() -> dict[str, str]:
+    return {
+        alias + level: target + level
+        for alias, target in FAMILY_ALIASES.items()
+        if target in FAMILIES
+        for level in DIFFICULTIES
+    }
+
+
+CANONICAL_IDS: tuple[str, ...] = tuple(_canonical_ids())
+ALIASES: dict[str, str] = _alias_ids()
+ENV_IDS: tuple[str, ...] = CANONICAL_IDS + tuple(ALIASES)
+
+
+def canonical_id(env_id: str) -> str:
+    """The popgym 1.0.7 name of `env_id`; raises ValueError naming the closest valid ids."""
+    if env_id in CANONICAL_IDS:
+        return env_id
+    if env_id in ALIASES:
+        return ALIASES[env_id]
+    close = difflib.get_close_matches(env_id, ENV_IDS, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid ids: {', '.join(CANONICAL_IDS)}"
+    raise ValueError(f"unknown env id {env_id!r}; {hint}")
+
+
+def make(env_id: str, **overrides) -> tuple[environment.Environment, environment.EnvParams]:
+    """Build `env_id` and its default params. `overrides` replace difficulty constants
+    (constructor arguments such as `k` or `noise_sigma`) or fields of the env params."""
+    env_id = canonical_id(env_id)
+    level = next(d for d in DIFFICULTIES if env_id.endswith(d))
+    family = env_id[: -len(level)]
+    env_class, *difficulty_kwargs = FAMILIES[family]
+    kwargs = dict(difficulty_kwargs[DIFFICULTIES.index(level)])
+    constructor_args = set(inspect.signature(env_class.__init__).parameters) - {"self"}
+    kwargs.update({k: v for k, v in overrides.items() if k in constructor_args})
+    env = env_class(**kwargs)
+    params = env.default_params
+    param_overrides = {k: v for k, v in overrides.items() if k not in constructor_args}
+    unknown = set(param_overrides) - set(params.__dataclass_fields__)
+    if unknown:
+        valid = sorted(constructor_args | set(params.__dataclass_fields__))
+        raise ValueError(f"{env_id} has no setting {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
+    return env, params.replace(**param_overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers shared by the scripts.
+# ---------------------------------------------------------------------------------------------
+def action_size(action_space) -> int:
+    """Length of the encoded action: n for Discrete(n) (one-hot), the flat size for a Box."""
+    if isinstance(action_space, spaces.Discrete):
+        return action_space.n
+    return math.prod(action_space.shape)
+
+
+@struct.dataclass
+class PreviousActionState:
+    env_state: Any
+    previous_action: jax.Array  # encoded: one-hot for Discrete, raw floats for Box
+    first: jax.Array  # 1.0 when the current observation is the first of an episode
+
+
+class PreviousActionWrapper(GymnaxWrapper):
+    """Observation -> [observation, previous action (one-hot or raw), first-step flag].
+
+    popgym's `PreviousAction` + `Antialias` wrappers as used by its baselines. The flag is 1 and
+    the action block zero on the first observation of *every* episode, auto-resets included
+    (popjaxrl's AliasPrevActionV2 only did this at the initial reset).
+    """
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.discrete = isinstance(env.action_space(env.default_params), spaces.Discrete)
+        self.action_dim = action_size(env.action_space(env.default_params))
+
+    def observation_space(self, params) -> spaces.Box:
+        inner = self._env.observation_space(params)
+        return spaces.Box(-jnp.inf, jnp.inf, (inner.shape[0] + self.action_dim + 1,), jnp.float32)
+
+    def encode_action(self, action: jax.Array) -> jax.Array:
+        if self.discrete:
+            return one_hot(action, self.action_dim)
+        return jnp.reshape(action, (self.action_dim,)).astype(jnp.float32)
+
+    @staticmethod
+    def _observe(obs, state: PreviousActionState) -> jax.Array:
+        return jnp.concatenate([obs, state.previous_action, state.first[None]])
+
+    @partial(jax.jit, static_argnames=("self",))
+    def reset(self, key, params=None):
+        obs, env_state = self._env.reset(key, params)
+        state = PreviousActionState(env_state, jnp.zeros(self.action_dim, jnp.float32), jnp.float32(1.0))
+        return self._observe(obs, state), state
+
+    @partial(jax.jit, static_argnames=("self",))
+    def step(self, key, state, action, params=None):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
+        done = terminated | truncated
+        previous_action = jnp.where(done, 0.0, self.encode_action(action))
+        state = PreviousActionState(env_state, previous_action, done.astype(jnp.float32))
+        return self._observe(obs, state), state, reward, terminated, truncated, info
+
+
+@struct.dataclass
+class EpisodeStatsState:
+    env_state: Any
+    episode_return: jax.Array  # running return of the current episode
+    episode_length: jax.Array
+    returned_episode_return: jax.Array  # return of the last completed episode
+    returned_episode_length: jax.Array
+
+
+class EpisodeStatsWrapper(GymnaxWrapper):
+    """Fixed-shape episode statistics for jit/vmap. `info` gets `returned_episode` (an episode
+    ended at this step), `returned_episode_return` and `returned_episode_length` (of the last
+    completed episode)."""
+
+    @partial(jax.jit, static_argnames=("self",))
+    def reset(self, key, params=None):
+        obs, env_state = self._env.reset(key, params)
+        zero_f, zero_i = jnp.float32(0.0), jnp.int32(0)
+        return obs, EpisodeStatsState(env_state, zero_f, zero_i, zero_f, zero_i)
+
+    @partial(jax.jit, static_argnames=("self",))
+    def step(self, key, state, action, params=None):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
+        done = terminated | truncated
+        episode_return = state.episode_return + reward
+        episode_length = state.episode_length + 1
+        state = EpisodeStatsState(
+            env_state=env_state,
+            episode_return=jnp.where(done, 0.0, episode_return),
+            episode_length=jnp.where(done, 0, episode_length),
+            returned_episode_return=jnp.where(done, episode_return, state.returned_episode_return),
+            returned_episode_length=jnp.where(done, episode_length, state.returned_episode_length),
+        )
+        info = {
+            **info,
+            "returned_episode": done,
+            "returned_episode_return": state.returned_episode_return,
+            "returned_episode_length": state.returned_episode_length,
+        }
+        return obs, state, reward, terminated, truncated, info
