@@ -393,9 +393,9 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
         not_end = 1.0 - next_done
         delta = reward + gamma * next_value * not_end - value
         gae = delta + gamma * gae_lambda * not_end * gae
-        return (gae, value, done.astype(jnp.float32)), gae
+        return (gae, value, done.astype(value.dtype)), gae
 
-    init = (jnp.zeros_like(last_value), last_value, last_done.astype(jnp.float32))
+    init = (jnp.zeros_like(last_value), last_value, last_done.astype(last_value.dtype))
     _, advantages = jax.lax.scan(backward, init, (rewards, values, dones), reverse=True)
     return advantages, advantages + values
 
@@ -589,10 +589,15 @@ def summarize(args: Args, history: list[dict], compile_s: float, run_s: float, s
     return summary
 
 
-def main(args: Args) -> dict:
+def derive_sizes(args: Args) -> Args:
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_updates = args.total_timesteps // args.batch_size
+    return args
+
+
+def main(args: Args) -> dict:
+    derive_sizes(args)
     chunk = args.updates_per_chunk or max(1, args.num_updates // 25)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.log_dir, run_name)
@@ -608,12 +613,14 @@ def main(args: Args) -> dict:
     print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
           f"{args.num_updates} updates of {args.batch_size} steps")  # fmt: skip
     start = time.time()
-    runner = jax.jit(jax.vmap(init))(keys)  # parameters initialised outside the training jit
+    # every leaf carries the leading seed axis, sharded; parameters are initialised outside the training jit
+    runner = jax.jit(jax.vmap(init), out_shardings=sharding)(keys)
     compiled = {}
 
     def compiled_chunk(n):  # one compile per distinct chunk length (at most two)
         if n not in compiled:
-            compiled[n] = jax.jit(jax.vmap(partial(update_chunk, num_updates=n))).lower(runner).compile()
+            chunk_fn = jax.vmap(partial(update_chunk, num_updates=n))
+            compiled[n] = jax.jit(chunk_fn, in_shardings=sharding, out_shardings=sharding).lower(runner).compile()
         return compiled[n]
 
     compiled_chunk(min(chunk, args.num_updates))
@@ -659,24 +666,24 @@ def main(args: Args) -> dict:
                   f"(all seeds) | return {mean_ret:+.3f} | mmer {np.mean(np.where(np.isinf(mmer), np.nan, mmer)):+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
-
-    summary = summarize(args, history, compile_s, run_s, steps_done)
-    for s in seeds:
-        r = summary["per_seed"][str(s)]
-        print(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
-    if summary["mmer"]:
-        print(f"MMER over {args.num_seeds} seed(s): {summary['mmer']['mean']:.4f} +- {summary['mmer']['std']:.4f} | "
-              f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({"args": asdict(args), **summary}, f, indent=2)
-    if args.save_model:
-        path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-        with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
-            f.write(flax.serialization.to_bytes([asdict(args), jax.device_get(runner.train_state.params)]))
-        print(f"model saved to {path}")
-    for writer in writers:
-        writer.close()
-    print(f"results in {run_dir}")
+    finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
+        summary = summarize(args, history, compile_s, run_s, steps_done)
+        for s in seeds:
+            r = summary["per_seed"][str(s)]
+            print(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
+        if summary["mmer"]:
+            print(f"MMER over {args.num_seeds} seed(s): {summary['mmer']['mean']:.4f} +- {summary['mmer']['std']:.4f} | "
+                  f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"args": asdict(args), **summary}, f, indent=2)
+        if args.save_model:
+            path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+            with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
+                f.write(flax.serialization.to_bytes([asdict(args), jax.device_get(runner.train_state.params)]))
+            print(f"model saved to {path}")
+        for writer in writers:
+            writer.close()
+        print(f"results in {run_dir}")
     return summary
 
 
