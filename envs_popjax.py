@@ -200,6 +200,162 @@ class NoisyPositionOnlyCartPole(PositionOnlyCartPole):
 
 
 # ---------------------------------------------------------------------------------------------
+# Grid games (popgym battleship.py, minesweeper.py). popgym's MultiDiscrete([R, C]) action is the
+# flat Discrete(R * C) here, row-major: a = row * C + col. The states keep the hidden layout
+# (ships, mines) as boolean grids, so tests can copy it from a seeded popgym env.
+# ---------------------------------------------------------------------------------------------
+def grid_cell(action: jax.Array, num_cols: int) -> tuple[jax.Array, jax.Array]:
+    """(row, col) of a row-major flattened grid action."""
+    return action // num_cols, action % num_cols
+
+
+def shifted(grid: jax.Array, d_row: int, d_col: int, fill) -> jax.Array:
+    """out[i, j] = grid[i + d_row, j + d_col], or `fill` where that cell lies off the grid."""
+    pad = max(abs(d_row), abs(d_col))
+    padded = jnp.pad(grid, pad, constant_values=fill)
+    rows, cols = grid.shape
+    return padded[pad + d_row : pad + d_row + rows, pad + d_col : pad + d_col + cols]
+
+
+def neighbour_sum(grid: jax.Array, offsets, fill: int = 0) -> jax.Array:
+    """out[i, j] = sum of grid[i + dr, j + dc] over (dr, dc) in offsets; cells off the grid count `fill`."""
+    grid = grid.astype(jnp.int32)
+    return sum(shifted(grid, dr, dc, fill) for dr, dc in offsets)
+
+
+BLOCK_3X3 = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1))  # a cell and its 8 neighbours
+
+
+def pick_true(u: jax.Array, mask: jax.Array) -> jax.Array:
+    """One-hot (shaped like `mask`) of its floor(u * count)-th True entry in row-major order: a
+    uniform choice among the True entries when u ~ U[0, 1); all False when there are none."""
+    flat = mask.ravel()
+    rank = jnp.cumsum(flat)  # 1-based rank of each True entry
+    k = jnp.minimum(jnp.floor(u * rank[-1]), rank[-1] - 1)
+    return (flat & (rank == k + 1)).reshape(mask.shape)
+
+
+@struct.dataclass
+class BattleshipState:
+    board: jax.Array  # (B, B) bool, True on a ship: popgym's env.board
+    guesses: jax.Array  # (B, B) bool, cells fired at so far
+    hits: jax.Array  # ship cells hit for the first time so far
+    time: jax.Array
+
+
+class Battleship(PopGymEnvironment):
+    """popgym/envs/battleship.py: fire at a hidden B x B board holding ships of sizes 2, 3, 3, 4.
+
+    Observation: one-hot(2) of "this shot was a hit"; 0 at reset. A first hit on a ship cell pays
+    1/12, anything else (a repeated guess included) -1/(B^2 - 12). Terminated at the 12th hit,
+    truncated after B^2 steps; both hold when the last possible shot is the 12th hit.
+    Ships are placed in turn, each uniformly among the positions that fit beside those already
+    placed: popgym's rejection sampling over (start cell, axis, sign) reaches every such
+    position in exactly two ways (either end as the start), so this is its distribution.
+    """
+
+    obs_size, obs_low, obs_high, num_actions = 2, 0.0, 1.0, None
+
+    def __init__(self, board_size: int = 10, ship_sizes: tuple[int, ...] = (2, 3, 3, 4)):
+        self.board_size, self.ship_sizes = board_size, tuple(ship_sizes)
+        self.num_actions = board_size**2
+        self.needed_hits = sum(self.ship_sizes)
+        self.max_episode_length = board_size**2
+        self.hit_reward = 1.0 / self.needed_hits
+        self.miss_reward = -1.0 / (self.max_episode_length - self.needed_hits)
+
+    @staticmethod
+    def place_ship(u: jax.Array, board: jax.Array, size: int) -> jax.Array:
+        # fits[0 / 1, r, c]: a ship from (r, c) downwards / rightwards stays on the board, on free cells
+        down, right = [(k, 0) for k in range(size)], [(0, k) for k in range(size)]
+        fits = jnp.stack([neighbour_sum(board, down, fill=1) == 0, neighbour_sum(board, right, fill=1) == 0])
+        down_start, right_start = pick_true(u, fits)  # one-hot: where the chosen ship starts
+        up, left = [(-k, 0) for k in range(size)], [(0, -k) for k in range(size)]
+        return board | (neighbour_sum(down_start, up) + neighbour_sum(right_start, left) > 0)
+
+    def reset_env(self, key, params):
+        board = jnp.zeros((self.board_size, self.board_size), bool)
+        for u, size in zip(jax.random.uniform(key, (len(self.ship_sizes),)), self.ship_sizes):
+            board = self.place_ship(u, board, size)
+        state = BattleshipState(board=board, guesses=jnp.zeros_like(board), hits=jnp.int32(0), time=jnp.int32(0))
+        return one_hot(0, 2), state
+
+    def step_env(self, key, state, action, params):
+        row, col = grid_cell(action, self.board_size)
+        hit = state.board[row, col] & ~state.guesses[row, col]
+        state = BattleshipState(
+            board=state.board,
+            guesses=state.guesses.at[row, col].set(True),
+            hits=state.hits + hit,
+            time=state.time + 1,
+        )
+        reward = jnp.where(hit, self.hit_reward, self.miss_reward).astype(jnp.float32)
+        return one_hot(hit.astype(jnp.int32), 2), state, reward, state.hits >= self.needed_hits, {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(self.num_actions)
+
+
+@struct.dataclass
+class MineSweeperState:
+    mines: jax.Array  # (R, C) bool: popgym's env.hidden_grid == 1 after reset
+    viewed: jax.Array  # (R, C) bool, clear cells uncovered so far
+    exploded: jax.Array  # a mine was hit
+    time: jax.Array
+
+
+class MineSweeper(PopGymEnvironment):
+    """popgym/envs/minesweeper.py: uncover the L = R * C - mines clear cells of a hidden board.
+
+    Observation: one-hot over min(mines + 1, 10) values of the number of mines in the 3 x 3 block
+    around the chosen cell, the cell itself included; 0 at reset. A new clear cell pays 1/L, one
+    already uncovered -0.5/(L - 2), a mine -0.5 - 1/L and terminates. Terminated when no clear
+    cell is left; truncated at step L unless terminated on that step (popgym 1.0.7, fix #38).
+    Perfect play returns 1; one new cell, L - 2 repeats and a mine return -1.
+    """
+
+    obs_low, obs_high, obs_size, num_actions = 0.0, 1.0, None, None
+
+    def __init__(self, dims: tuple[int, int] = (4, 4), num_mines: int = 2):
+        self.dims, self.num_mines = tuple(dims), num_mines
+        self.num_actions = dims[0] * dims[1]
+        self.obs_size = min(num_mines + 1, 10)
+        self.max_episode_length = dims[0] * dims[1] - num_mines
+        self.clear_reward = 1.0 / self.max_episode_length
+        self.mine_reward = -0.5 - self.clear_reward
+        self.repeat_reward = -0.5 / (self.max_episode_length - 2)
+
+    def reset_env(self, key, params):
+        mine_cells = jax.random.choice(key, self.num_actions, (self.num_mines,), replace=False)
+        mines = jnp.zeros(self.num_actions, bool).at[mine_cells].set(True).reshape(self.dims)
+        state = MineSweeperState(mines, viewed=jnp.zeros_like(mines), exploded=jnp.bool_(False), time=jnp.int32(0))
+        return one_hot(0, self.obs_size), state
+
+    def step_env(self, key, state, action, params):
+        row, col = grid_cell(action, self.dims[1])
+        mine, viewed = state.mines[row, col], state.viewed[row, col]
+        reward = jnp.where(mine, self.mine_reward, jnp.where(viewed, self.repeat_reward, self.clear_reward))
+        state = MineSweeperState(
+            mines=state.mines,
+            viewed=state.viewed.at[row, col].set(~mine),
+            exploded=state.exploded | mine,
+            time=state.time + 1,
+        )
+        mines_around = neighbour_sum(state.mines, BLOCK_3X3)[row, col]
+        obs = one_hot(mines_around, self.obs_size)
+        return obs, state, reward.astype(jnp.float32), self.is_terminated(state, params), {}
+
+    def is_terminated(self, state, params=None) -> jax.Array:
+        return state.exploded | jnp.all(state.viewed | state.mines)
+
+    def is_truncated(self, state, params) -> jax.Array:
+        return super().is_truncated(state, params) & ~self.is_terminated(state, params)
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(self.num_actions)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry: popgym's families and difficulty constants, and the aliases of earlier names.
 # ---------------------------------------------------------------------------------------------
 FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
@@ -222,6 +378,13 @@ FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
         dict(noise_sigma=0.1),
         dict(noise_sigma=0.2),
         dict(noise_sigma=0.3),
+    ),
+    "Battleship": (Battleship, dict(board_size=8), dict(board_size=10), dict(board_size=12)),
+    "MineSweeper": (
+        MineSweeper,
+        dict(dims=(4, 4), num_mines=2),
+        dict(dims=(6, 6), num_mines=6),
+        dict(dims=(8, 8), num_mines=10),
     ),
 }
 DIFFICULTIES = ("Easy", "Medium", "Hard")
