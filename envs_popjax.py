@@ -68,6 +68,18 @@ def card_suit(card: jax.Array) -> jax.Array:
     return card % 4
 
 
+def card_colour(card: jax.Array) -> jax.Array:
+    return card % 2  # popgym's colors_idx; equals card_suit(card) % 2 (spades/clubs 0, red 1)
+
+
+def card_rank(card: jax.Array) -> jax.Array:
+    return (card % 52) // 4  # popgym's ranks_idx: 0 = Ace (lowest) ... 12 = King
+
+
+# popgym's `deck_type` argument: what a card counts as, and how many distinct values there are.
+CARD_VALUES = {"colors": (card_colour, 2), "suits": (card_suit, 4), "ranks": (card_rank, 13)}
+
+
 @struct.dataclass
 class CardSequenceState:
     cards: jax.Array  # card ids in the order they are shown
@@ -123,6 +135,274 @@ class RepeatFirst(RepeatPrevious):
 
     def target_index(self, time: jax.Array) -> jax.Array:
         return jnp.zeros_like(time)
+
+
+# ---------------------------------------------------------------------------------------------
+# Card memory games and the bandit. Each state holds popgym's hidden layout (cards in the order
+# they are shown, or board positions, or arm probabilities), so tests can copy it from popgym.
+# Class-level `num_actions`/`obs_size` placeholders are set per difficulty in __init__ (they
+# shadow gymnax's read-only `num_actions` property).
+# ---------------------------------------------------------------------------------------------
+def signed_reward(correct: jax.Array, scale) -> jax.Array:
+    return (jnp.where(correct, 1.0, -1.0) * scale).astype(jnp.float32)
+
+
+class Autoencode(PopGymEnvironment):
+    """popgym/envs/autoencode.py: watch N cards, then name their suits in reverse order.
+
+    Obs (mode, suit) -> one-hot(2) ++ one-hot(4), mode WATCH = 1, PLAY = 0. Reset shows
+    (1, suit of cards[0]); watch step t < N - 1 shows (1, suit of cards[t]) and pays 0 whatever
+    the action. Step N - 1 shows the last card already flagged PLAY (popgym switches mode when
+    the deck runs out, before building the obs). The N play steps show (0, 0) and pay +-1/N for
+    naming cards[N-1], ..., cards[0]; terminated after 2N - 1 steps.
+    """
+
+    truncates = False
+    obs_size, obs_low, obs_high, num_actions = 6, 0.0, 1.0, 4
+
+    def __init__(self, num_decks: int = 1):
+        self.num_decks = num_decks
+        self.num_cards = 52 * num_decks
+        self.max_episode_length = 2 * self.num_cards - 1
+
+    def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
+        last = self.num_cards - 1
+        watching = state.time < last
+        # In play popgym shows make_obs(array([0])): the suit of card id 0, which is 0.
+        suit = jnp.where(state.time <= last, card_suit(state.cards[jnp.minimum(state.time, last)]), 0)
+        return jnp.concatenate([one_hot(watching.astype(jnp.int32), 2), one_hot(suit, 4)])
+
+    def reset_env(self, key, params):
+        state = CardSequenceState(cards=shuffled_cards(key, self.num_decks), time=jnp.int32(0))
+        return self.get_obs(state), state
+
+    def step_env(self, key, state, action, params):
+        last = self.num_cards - 1
+        playing = state.time >= last  # the obs acted on carried the PLAY flag
+        # Play step j = time - last names cards[last - j]: popgym pops its hand (LIFO).
+        target = card_suit(state.cards[jnp.clip(2 * last - state.time, 0, last)])
+        reward = jnp.where(playing, signed_reward(action == target, 1.0 / self.num_cards), 0.0)
+        state = state.replace(time=state.time + 1)
+        terminated = state.time >= self.max_episode_length
+        return self.get_obs(state), state, reward, terminated, {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(4)
+
+
+class HigherLower(PopGymEnvironment):
+    """popgym/envs/higher_lower.py: guess whether the next card ranks higher (action 0) or lower (1).
+
+    Obs is one-hot(13) of the rank of cards[time]. Step t compares cards[t + 1] with cards[t]:
+    +1/N if the guess is right, -1/N if wrong, 0 on equal ranks (a push). Terminated after
+    N - 1 steps, when the last card is shown (there is no step comparing a card with itself).
+    """
+
+    truncates = False
+    obs_size, obs_low, obs_high, num_actions = 13, 0.0, 1.0, 2
+
+    def __init__(self, num_decks: int = 1):
+        self.num_decks = num_decks
+        self.num_cards = 52 * num_decks
+        self.max_episode_length = self.num_cards - 1
+
+    def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
+        return one_hot(card_rank(state.cards[state.time]), 13)
+
+    def reset_env(self, key, params):
+        state = CardSequenceState(cards=shuffled_cards(key, self.num_decks), time=jnp.int32(0))
+        return self.get_obs(state), state
+
+    def step_env(self, key, state, action, params):
+        current = card_rank(state.cards[state.time])
+        following = card_rank(state.cards[state.time + 1])
+        correct = (following > current) == (action == 0)
+        reward = jnp.where(following == current, 0.0, signed_reward(correct, 1.0 / self.num_cards))
+        state = state.replace(time=state.time + 1)
+        terminated = state.time >= self.max_episode_length
+        return self.get_obs(state), state, reward, terminated, {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(2)
+
+
+@struct.dataclass
+class CountRecallState:
+    value_cards: jax.Array  # the value deck in the order shown
+    query_cards: jax.Array  # an independently shuffled second deck, in the order shown
+    time: jax.Array
+
+
+class CountRecall(PopGymEnvironment):
+    """popgym/envs/count_recall.py: how many value cards of the queried kind have been shown?
+
+    Obs [value, query] -> one-hot(V) ++ one-hot(V), with V = 2 colours, 4 suits or 13 ranks,
+    value and query dealt from two independently shuffled decks. The action is a count in
+    0..N/V (Discrete(N/V + 1)); it pays +-1/(N - 1) against the number of values equal to the
+    current query among the values shown so far, the current one included. Terminated after
+    N - 1 steps. popgym's `error_clamp` is accepted there but never used, so it is left out.
+    """
+
+    truncates = False
+    obs_low, obs_high = 0.0, 1.0
+    obs_size = num_actions = 0  # per difficulty, see __init__
+
+    def __init__(self, num_decks: int = 1, deck_type: str = "colors"):
+        if deck_type not in CARD_VALUES:
+            raise ValueError(f"deck_type must be one of {sorted(CARD_VALUES)}, got {deck_type!r}")
+        self.num_decks = num_decks
+        self.card_value, self.num_values = CARD_VALUES[deck_type]
+        self.num_cards = 52 * num_decks
+        self.max_episode_length = self.num_cards - 1
+        self.obs_size = 2 * self.num_values
+        self.num_actions = self.num_cards // self.num_values + 1
+
+    def get_obs(self, state: CountRecallState, params=None, key=None) -> jax.Array:
+        value = self.card_value(state.value_cards[state.time])
+        query = self.card_value(state.query_cards[state.time])
+        return jnp.concatenate([one_hot(value, self.num_values), one_hot(query, self.num_values)])
+
+    def reset_env(self, key, params):
+        key_value, key_query = jax.random.split(key)
+        state = CountRecallState(
+            value_cards=shuffled_cards(key_value, self.num_decks),
+            query_cards=shuffled_cards(key_query, self.num_decks),
+            time=jnp.int32(0),
+        )
+        return self.get_obs(state), state
+
+    def step_env(self, key, state, action, params):
+        query = self.card_value(state.query_cards[state.time])
+        shown = jnp.arange(self.num_cards) <= state.time
+        count = jnp.sum((self.card_value(state.value_cards) == query) & shown)
+        reward = signed_reward(action == count, 1.0 / self.max_episode_length)
+        state = state.replace(time=state.time + 1)
+        terminated = state.time >= self.max_episode_length
+        return self.get_obs(state), state, reward, terminated, {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(self.num_actions)
+
+
+@struct.dataclass
+class ConcentrationState:
+    cards: jax.Array  # card id at each board position (popgym's deck.idx, not reversed)
+    face_up: jax.Array  # bool per position: matched pairs, which stay up
+    first: jax.Array  # position flipped first in the current pair, -1 if none
+    time: jax.Array
+
+
+class Concentration(PopGymEnvironment):
+    """popgym/envs/concentration.py: find the pairs of equal value among N face-down cards.
+
+    Obs: per position its value (colour or rank) if face up or flipped in the current pair,
+    else the face-down code V; N one-hots of length V + 1 in position order. An action flips
+    one position; every second flip ends a pair. A matching pair pays +1/(N/2) and stays up; a
+    mismatch, or the same position twice, pays -2/E. Flipping a card that is already up pays
+    -(flips in this pair, itself included)/E and starts the pair over. The obs of a pair's
+    second flip still shows both cards. E = ceil(2N - N/(2N - 1)); truncated after E steps,
+    terminated when every card is up (both can hold on step E).
+    """
+
+    truncates = True
+    obs_low, obs_high = 0.0, 1.0
+    obs_size = num_actions = 0  # per difficulty, see __init__
+
+    def __init__(self, num_decks: int = 1, deck_type: str = "ranks"):
+        # popgym has no "suits": 13 cards per suit cannot all be paired.
+        if deck_type not in ("colors", "ranks"):
+            raise ValueError(f"deck_type must be 'colors' or 'ranks', got {deck_type!r}")
+        self.num_decks = num_decks
+        self.card_value, self.num_values = CARD_VALUES[deck_type]
+        self.num_cards = n = 52 * num_decks
+        # popgym's bound on a perfect memory player's expected number of flips
+        self.max_episode_length = math.ceil(2 * n - n / (2 * n - 1))
+        self.obs_size = n * (self.num_values + 1)
+        self.num_actions = n
+
+    def board_obs(self, state: ConcentrationState, shown: jax.Array) -> jax.Array:
+        values = jnp.where(shown, self.card_value(state.cards), self.num_values)
+        return one_hot(values, self.num_values + 1).reshape(-1)
+
+    def get_obs(self, state: ConcentrationState, params=None, key=None) -> jax.Array:
+        positions = jnp.arange(self.num_cards)
+        return self.board_obs(state, state.face_up | (positions == state.first))
+
+    def reset_env(self, key, params):
+        state = ConcentrationState(
+            cards=shuffled_cards(key, self.num_decks),
+            face_up=jnp.zeros(self.num_cards, bool),
+            first=jnp.int32(-1),
+            time=jnp.int32(0),
+        )
+        return self.get_obs(state), state
+
+    def step_env(self, key, state, action, params):
+        positions = jnp.arange(self.num_cards)
+        # The obs is taken right after the flip, before a finished pair turns face down.
+        obs = self.board_obs(state, state.face_up | (positions == state.first) | (positions == action))
+        has_first = state.first >= 0
+        already_up = state.face_up[action]
+        values = self.card_value(state.cards)
+        match = has_first & (action != state.first) & (values[action] == values[jnp.maximum(state.first, 0)])
+        failure_scale = 1.0 / params.max_steps_in_episode
+        reward = jnp.where(
+            already_up,
+            -(1 + has_first) * failure_scale,
+            jnp.where(has_first, jnp.where(match, 2.0 / self.num_cards, -2.0 * failure_scale), 0.0),
+        ).astype(jnp.float32)
+        pair = (positions == action) | (positions == state.first)
+        face_up = state.face_up | (match & ~already_up & pair)
+        state = ConcentrationState(
+            cards=state.cards,
+            face_up=face_up,
+            first=jnp.where(already_up | has_first, -1, action).astype(jnp.int32),
+            time=state.time + 1,
+        )
+        return obs, state, reward, jnp.all(face_up), {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(self.num_cards)
+
+
+@struct.dataclass
+class BanditState:
+    bandits: jax.Array  # payout probability of each arm, drawn U(0, 1) per episode
+    time: jax.Array
+
+
+class MultiarmedBandit(PopGymEnvironment):
+    """popgym/envs/multiarmed_bandit.py: pull arms whose payout probabilities are hidden.
+
+    Obs is one-hot(2): 1 if the pulled arm paid out (0 at reset). A payout pays +1/T, anything
+    else -1/T. Never terminated; truncated after T steps.
+    """
+
+    truncates = True
+    obs_size, obs_low, obs_high = 2, 0.0, 1.0
+    num_actions = 0  # per difficulty, see __init__
+
+    def __init__(self, num_bandits: int = 10, episode_length: int = 200):
+        self.num_bandits = self.num_actions = num_bandits
+        self.max_episode_length = episode_length
+
+    def reset_env(self, key, params):
+        state = BanditState(bandits=jax.random.uniform(key, (self.num_bandits,), jnp.float32), time=jnp.int32(0))
+        return one_hot(0, 2), state
+
+    def step_env(self, key, state, action, params):
+        return self.step_with_draw(state, action, jax.random.uniform(key), params)
+
+    def step_with_draw(self, state: BanditState, action, draw: jax.Array, params):
+        """`step_env` given its U(0, 1) draw: popgym pays out iff `np_random.random() < p[a]`,
+        so a test can inject popgym's own draws here."""
+        payout = draw < state.bandits[action]
+        reward = signed_reward(payout, 1.0 / params.max_steps_in_episode)
+        state = state.replace(time=state.time + 1)
+        return one_hot(payout.astype(jnp.int32), 2), state, reward, jnp.asarray(False), {}
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(self.num_bandits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +646,26 @@ FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
         dict(num_decks=1, k=4),
         dict(num_decks=2, k=32),
         dict(num_decks=3, k=64),
+    ),
+    "Autoencode": (Autoencode, dict(num_decks=1), dict(num_decks=2), dict(num_decks=3)),
+    "CountRecall": (
+        CountRecall,
+        dict(num_decks=1, deck_type="colors"),
+        dict(num_decks=2, deck_type="suits"),
+        dict(num_decks=4, deck_type="ranks"),
+    ),
+    "HigherLower": (HigherLower, dict(num_decks=1), dict(num_decks=2), dict(num_decks=3)),
+    "Concentration": (
+        Concentration,
+        dict(num_decks=1, deck_type="colors"),
+        dict(num_decks=2, deck_type="colors"),
+        dict(num_decks=1, deck_type="ranks"),
+    ),
+    "MultiarmedBandit": (
+        MultiarmedBandit,
+        dict(num_bandits=10, episode_length=200),
+        dict(num_bandits=20, episode_length=400),
+        dict(num_bandits=30, episode_length=600),
     ),
     "PositionOnlyCartPole": (
         PositionOnlyCartPole,
