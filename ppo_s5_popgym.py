@@ -15,6 +15,7 @@ lr 5e-5, GAE lambda 1.0, 4 S5 layers of width 256). The README gives smaller set
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -688,6 +689,8 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+    # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = tyro.cli(Args)
     error = check_args(args)
     if error:

@@ -150,9 +150,7 @@ def test_smoke_run_writes_tensorboard_runs_summary_and_model(tmp_path):
 def test_ctrl_c_keeps_what_was_logged(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, *TINY_FLAGS, "--total-timesteps=100000000",
                              "--updates-per-chunk=1", f"--log-dir={tmp_path}"], cwd=ROOT,  # fmt: skip
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # as in a terminal: a background parent (nohup, CI) may have SIGINT ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     for line in proc.stdout:
         if line.startswith("step") or time.time() > deadline:
