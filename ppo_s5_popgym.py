@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
 import flax.linen as nn
@@ -123,6 +123,7 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3).
 # ---------------------------------------------------------------------------------------------
+@lru_cache  # called at every trace of every layer; the eigendecomposition is the slow part
 def hippo_n_diagonalised(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues and eigenvectors of the normal part of HiPPO-LegS (S5 section 4.1).
 
