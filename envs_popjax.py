@@ -636,6 +636,168 @@ class MineSweeper(PopGymEnvironment):
 
 
 # ---------------------------------------------------------------------------------------------
+# Labyrinths (popgym/core/maze.py, labyrinth_escape.py, labyrinth_explore.py; popgym makes its
+# mazes with mazelib). A maze of R x C cells lives on a (2R + 1) x (2C + 1) grid of popgym's cell
+# codes: cell (i, j) at (2i + 1, 2j + 1), the walls between and around them.
+# ---------------------------------------------------------------------------------------------
+FREE, OBSTACLE, START, GOAL = 0, 1, 2, 3  # popgym's Cell codes; its Discrete(5) also has HIDDEN = 4
+NUM_CELL_CODES = 5
+MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0))  # popgym's actions LEFT, RIGHT, UP, DOWN as (d_row, d_col)
+NO_ACTION = 4  # popgym's Actions.NONE, shown as the action in the reset observation
+
+
+def hunt_and_kill_maze(key: jax.Array, rows: int, cols: int) -> jax.Array:
+    """A maze as mazelib's HuntAndKill(hunt_order="random") makes it: int8 grid, 1 = wall, 0 = open.
+
+    mazelib opens a uniformly random cell and walks from it, each step into a uniformly chosen
+    unvisited neighbour (opening the wall between), until stuck. Then it hunts: it draws uniformly
+    random cells, at most (2R + 1)(2C + 1) draws in all, and walks again from any that is open
+    and has an unvisited neighbour (a frontier cell); other draws change nothing. So one hunt
+    here draws how many cells mazelib would draw (geometric, success rate |frontier| / RC) and
+    then a uniform frontier cell: the same distribution in exactly RC - 1 carving steps. If the
+    draws run out first, the maze keeps unvisited (solid) cells, as mazelib's does (very rarely).
+    Cells are boolean (R, C) masks throughout, the current cell a one-hot mask.
+    """
+    max_draws = (2 * rows + 1) * (2 * cols + 1)
+    u = jax.random.uniform(key, (3 * rows * cols,)).reshape(rows * cols, 3)
+    visited = pick_true(u[0, 0], jnp.ones((rows, cols), bool))
+    no_walls = jnp.zeros((rows, cols), bool)
+
+    def carve(carry, u):
+        visited, east, south, current, draws = carry  # east/south[i, j]: wall right of/below (i, j) open
+        frontier = visited & (neighbour_sum(~visited, MOVES) > 0)
+        stuck = ~jnp.any(current & frontier)
+        success = jnp.maximum(jnp.mean(frontier), 1 / (rows * cols))  # the floor only avoids 0/0 when done
+        hunt_draws = jnp.clip(1 + jnp.floor(jnp.log1p(-u[0]) / jnp.log1p(-success)), 1, max_draws + 1)
+        draws = draws + jnp.where(stuck, hunt_draws.astype(jnp.int32), 0)
+        current = jnp.where(stuck, pick_true(u[1], frontier) & (draws <= max_draws), current)
+        reached = pick_true(u[2], ~visited & (neighbour_sum(current, MOVES) > 0))
+        pair = current | reached  # two adjacent cells (or only `current` when nothing is left to do)
+        east = east | (pair & shifted(pair, 0, 1, False))
+        south = south | (pair & shifted(pair, 1, 0, False))
+        return (visited | reached, east, south, reached, draws), None
+
+    carry = (visited, no_walls, no_walls, visited, jnp.int32(0))
+    (visited, east, south, *_), _ = jax.lax.scan(carve, carry, u[1:])
+    walls = lambda is_open: (~is_open).astype(jnp.int8)  # noqa: E731
+    grid = jnp.ones((2 * rows + 1, 2 * cols + 1), jnp.int8).at[1::2, 1::2].set(walls(visited))
+    return grid.at[1::2, 2:-1:2].set(walls(east[:, :-1])).at[2:-1:2, 1::2].set(walls(south[:-1]))
+
+
+def maze_entrances(key: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """mazelib's Maze.generate_entrances(start_outer=True) as popgym calls it: (start, end).
+
+    A uniformly chosen side (north, south, west, east) gets the start on a uniformly chosen odd
+    row/column of the outer wall, the opposite side the end, drawn likewise and independently.
+    (mazelib redraws adjacent entrances; on opposite sides of a maze that never happens.)
+    """
+    u = jax.random.uniform(key, (3,))
+    side = jnp.floor(4 * u[0]).astype(jnp.int32)  # 0 north, 1 south, 2 west, 3 east
+    north_south = side < 2
+    along = 2 * jnp.floor(u[1:] * jnp.where(north_south, width // 2, height // 2)).astype(jnp.int32) + 1
+    last = jnp.where(north_south, height - 1, width - 1)  # index of the far edge
+    start_edge = jnp.where(side % 2 == 0, 0, last)  # north and west start on row/column 0
+    start = jnp.where(north_south, jnp.stack([start_edge, along[0]]), jnp.stack([along[0], start_edge]))
+    end = jnp.where(north_south, jnp.stack([last - start_edge, along[1]]), jnp.stack([along[1], last - start_edge]))
+    return start, end
+
+
+@struct.dataclass
+class LabyrinthState:
+    grid: jax.Array  # (2R + 1, 2C + 1) int8 cell codes, START/GOAL marked: popgym's env.maze.grid
+    position: jax.Array  # (row, col): popgym's env.position
+    explored: jax.Array  # (2R + 1, 2C + 1) bool: popgym's env.explored
+    time: jax.Array
+
+
+class Labyrinth(PopGymEnvironment):
+    """popgym/core/maze.py MazeEnv, shared by LabyrinthEscape and LabyrinthExplore.
+
+    `maze_dims` (even) = (2R, 2C): a hunt-and-kill maze of R x C cells on a (2R + 1) x (2C + 1)
+    grid; the agent starts on the outer wall (`maze_entrances`). Actions: 0 left, 1 right, 2 up,
+    3 down; a move into a wall or off the grid stays put. Observation: one-hot(5) of the 9 cell
+    codes of a 3 x 3 view, row by row, then one-hot(5) of the action just taken, blocked or not
+    (4 = none, at reset): 50 floats.
+    Off-grid view cells read as walls. popgym quirk kept: on row or column 0 its view starts at
+    the edge rather than one before, so there the agent sits in the view's first row/column.
+    Horizon quirk kept: popgym truncates when its step counter reaches `episode_length` - 1, so an
+    episode has at most 1023 steps (`max_steps_in_episode`), while each step costs
+    -1/`episode_length`.
+    """
+
+    obs_size, obs_low, obs_high, num_actions = 10 * NUM_CELL_CODES, 0.0, 1.0, 4
+    marks_goal = False  # whether the end entrance becomes a GOAL cell
+
+    def __init__(self, maze_dims: tuple[int, int] = (10, 10), episode_length: int = 1024):
+        if maze_dims[0] % 2 or maze_dims[1] % 2 or min(maze_dims) < 6:
+            raise ValueError(f"maze_dims must be even and at least 6, got {maze_dims}")
+        self.maze_dims = tuple(maze_dims)
+        self.max_episode_length = episode_length - 1
+        self.step_reward = -1.0 / episode_length
+
+    def reset_env(self, key, params):
+        key_maze, key_entrances = jax.random.split(key)
+        grid = hunt_and_kill_maze(key_maze, self.maze_dims[0] // 2, self.maze_dims[1] // 2)
+        start, end = maze_entrances(key_entrances, *grid.shape)
+        grid = grid.at[start[0], start[1]].set(START)
+        if self.marks_goal:
+            grid = grid.at[end[0], end[1]].set(GOAL)
+        explored = jnp.zeros(grid.shape, bool).at[start[0], start[1]].set(True)
+        state = LabyrinthState(grid=grid, position=start, explored=explored, time=jnp.int32(0))
+        return self.observe_view(state, NO_ACTION), state
+
+    def observe_view(self, state: LabyrinthState, action) -> jax.Array:
+        last = jnp.array(state.grid.shape) - 1
+        first = jnp.maximum(state.position - 1, 0)  # popgym: max(y - 1, 0), no centring at 0
+        rows, cols = first[0] + jnp.arange(3), first[1] + jnp.arange(3)
+        inside = (rows <= jnp.minimum(state.position[0] + 1, last[0]))[:, None] & (
+            cols <= jnp.minimum(state.position[1] + 1, last[1])
+        )[None, :]
+        view = jnp.where(inside, state.grid[jnp.minimum(rows, last[0])][:, jnp.minimum(cols, last[1])], OBSTACLE)
+        return jnp.concatenate([one_hot(view.ravel(), NUM_CELL_CODES).ravel(), one_hot(action, NUM_CELL_CODES)])
+
+    def moved(self, state: LabyrinthState, action: jax.Array) -> LabyrinthState:
+        target = jnp.clip(state.position + jnp.array(MOVES)[action], 0, jnp.array(state.grid.shape) - 1)
+        position = jnp.where(state.grid[target[0], target[1]] == OBSTACLE, state.position, target)
+        explored = state.explored.at[position[0], position[1]].set(True)
+        return LabyrinthState(grid=state.grid, position=position, explored=explored, time=state.time + 1)
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(4)
+
+
+class LabyrinthEscape(Labyrinth):
+    """popgym/envs/labyrinth_escape.py: reach the exit on the far side of the maze.
+
+    Every step pays -1/1024; stepping onto the GOAL cell pays +1 more and terminates.
+    """
+
+    marks_goal = True
+
+    def step_env(self, key, state, action, params):
+        state = self.moved(state, action)
+        escaped = state.grid[state.position[0], state.position[1]] == GOAL
+        reward = (self.step_reward + jnp.where(escaped, 1.0, 0.0)).astype(jnp.float32)
+        return self.observe_view(state, action), state, reward, escaped, {}
+
+
+class LabyrinthExplore(Labyrinth):
+    """popgym/envs/labyrinth_explore.py: visit every open cell of the maze.
+
+    Stepping onto a cell not visited before pays 1/(number of FREE cells, the start excluded),
+    so visiting them all earns 1; any other step pays -1/1024. Terminated once every non-wall
+    cell has been visited. There is no goal: the far entrance stays a wall.
+    """
+
+    def step_env(self, key, state, action, params):
+        moved = self.moved(state, action)
+        new_cell = ~state.explored[moved.position[0], moved.position[1]]
+        reward = jnp.where(new_cell, 1.0 / jnp.sum(moved.grid == FREE), self.step_reward).astype(jnp.float32)
+        explored_all = jnp.all(moved.explored == (moved.grid != OBSTACLE))
+        return self.observe_view(moved, action), moved, reward, explored_all, {}
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry: popgym's families and difficulty constants, and the aliases of earlier names.
 # ---------------------------------------------------------------------------------------------
 FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
@@ -685,6 +847,18 @@ FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
         dict(dims=(4, 4), num_mines=2),
         dict(dims=(6, 6), num_mines=6),
         dict(dims=(8, 8), num_mines=10),
+    ),
+    "LabyrinthEscape": (
+        LabyrinthEscape,
+        dict(maze_dims=(10, 10)),
+        dict(maze_dims=(14, 14)),
+        dict(maze_dims=(18, 18)),
+    ),
+    "LabyrinthExplore": (
+        LabyrinthExplore,
+        dict(maze_dims=(10, 10)),
+        dict(maze_dims=(14, 14)),
+        dict(maze_dims=(18, 18)),
     ),
 }
 DIFFICULTIES = ("Easy", "Medium", "Hard")

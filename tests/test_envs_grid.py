@@ -1,14 +1,20 @@
-"""Battleship and MineSweeper against popgym 1.0.7, the oracle.
+"""Battleship, MineSweeper, LabyrinthEscape and LabyrinthExplore against popgym 1.0.7, the oracle.
 
-Differential tests copy the hidden layout of a seeded popgym env (ships, mines) into our state,
-play the same actions in both (popgym's (row, col) = divmod(our flat action, C)) and require,
-step by step, the same encoded observation, rewards within 1e-6 and the same steps of termination
-and truncation. Action sequences are random and adversarial (repeats, mines, wins, the last step).
-Oracles score 1.0 and the worst policies reach popgym's lower bounds. Reset distributions are
-compared with popgym's own samples by tests that fail on a plausible wrong sampler.
+Differential tests copy the hidden layout of a seeded popgym env (ships, mines, maze and position)
+into our state, play the same actions in both (grid games: popgym's (row, col) = divmod(our flat
+action, C)) and require, step by step, the same encoded observation, rewards within 1e-6 and the
+same steps of termination and truncation. Action sequences are random and adversarial (repeats,
+mines, wins, walls, the last step). Oracles score 1.0 where a perfect policy exists and the worst
+policies reach popgym's lower bounds. Reset distributions (ships, mines, mazes with their
+entrances) are compared with popgym's own samples by tests shown to fail on plausible wrong
+samplers. The Labyrinth tests need mazelib (`pip install mazelib`, popgym's `navigation` extra).
 """
 
+import collections
+import copy
 import functools
+import random
+import warnings
 
 import gymnasium
 import jax
@@ -36,14 +42,19 @@ def ours(env_id):
 
 
 def popgym_env(env_id):
-    return getattr(popgym.envs, env_id)()
+    if env_id.startswith("Labyrinth"):
+        pytest.importorskip("mazelib")  # a guard only: CI installs it
+    with warnings.catch_warnings():  # popgym warns that MLPs solve its mazes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return getattr(popgym.envs, env_id)()
 
 
-def encode(obs, space) -> np.ndarray:
-    """DESIGN.md's observation encoding of a popgym observation."""
+def encode(observations: list, space) -> np.ndarray:
+    """DESIGN.md's encoding of a list of popgym observations: [step, one-hot features]."""
     if isinstance(space, gymnasium.spaces.Discrete):
-        return np.eye(space.n, dtype=np.float32)[obs]
-    return np.concatenate([np.eye(n, dtype=np.float32)[o] for o, n in zip(obs, space.nvec)])
+        return np.eye(space.n, dtype=np.float32)[np.array(observations)]
+    observations = np.array(observations).reshape(len(observations), len(space.nvec))
+    return np.concatenate([np.eye(n, dtype=np.float32)[observations[:, i]] for i, n in enumerate(space.nvec)], 1)
 
 
 def copied_state(env, pop):
@@ -56,7 +67,12 @@ def copied_state(env, pop):
         return E.MineSweeperState(
             mines=pop.hidden_grid == 1, viewed=pop.hidden_grid == 2, exploded=np.bool_(False), time=np.int32(pop.timestep)
         )
-    raise TypeError(type(env))
+    return E.LabyrinthState(
+        grid=pop.maze.grid.astype(np.int8),
+        position=np.array(pop.position, np.int32),
+        explored=pop.explored == 1,
+        time=np.int32(pop.curr_step),
+    )
 
 
 def popgym_action(env, action: int):
@@ -106,9 +122,12 @@ def play_popgym(pop, env, actions):
     return steps
 
 
+Episode = collections.namedtuple("Episode", "ret length terminated truncated")
+
+
 def compare_with_popgym(env_id, policies, seeds=(0, 1, 2)):
     """For every seed and policy(pop, rng) -> flat actions: play popgym and ours from the same layout
-    and require identical episodes. Returns {policy name: [popgym returns]}."""
+    and require identical episodes. Returns {policy name: [popgym's Episode for each seed]}."""
     env, params = ours(env_id)
     pop = popgym_env(env_id)
     episodes, states, action_lists = [], [], []
@@ -118,31 +137,37 @@ def compare_with_popgym(env_id, policies, seeds=(0, 1, 2)):
             obs0, _ = pop.reset(seed=seed)
             state = copied_state(env, pop)
             if reset_obs is None:  # labyrinths: the reset obs depends on the maze
-                np.testing.assert_array_equal(env.observe_view(state, E.NO_ACTION), encode(obs0, pop.observation_space))
+                np.testing.assert_array_equal(env.observe_view(state, E.NO_ACTION), encode([obs0], pop.observation_space)[0])
             else:
-                np.testing.assert_array_equal(reset_obs, encode(obs0, pop.observation_space))
+                np.testing.assert_array_equal(reset_obs, encode([obs0], pop.observation_space)[0])
             actions = np.asarray(policy(pop, np.random.default_rng(seed)), np.int32)
             states.append(state)
             action_lists.append(actions)
             episodes.append((policy.__name__, seed, play_popgym(pop, env, actions)))
     obs, rewards, terminated, truncated = run_ours(env_id, states, action_lists)
-    returns = {}
+    results = {}
     for i, (name, seed, steps) in enumerate(episodes):
         where = f"{env_id} {name} seed {seed}"
         assert steps[-1][2] or steps[-1][3], f"{where}: the action sequence ended before popgym's episode"
-        for t, (p_obs, p_reward, p_terminated, p_truncated) in enumerate(steps):
-            np.testing.assert_array_equal(obs[i, t], encode(p_obs, pop.observation_space), err_msg=f"{where} step {t}")
-            assert abs(rewards[i, t] - p_reward) < 1e-6, (where, t, rewards[i, t], p_reward)
-            assert (terminated[i, t], truncated[i, t]) == (p_terminated, p_truncated), (where, t)
-        returns.setdefault(name, []).append(sum(s[1] for s in steps))
-    return returns
+        p_obs, p_rewards, p_terminated, p_truncated = zip(*steps)
+        n = len(steps)
+        np.testing.assert_array_equal(obs[i, :n], encode(p_obs, pop.observation_space), err_msg=where)
+        np.testing.assert_allclose(rewards[i, :n], p_rewards, rtol=0, atol=1e-6, err_msg=where)
+        np.testing.assert_array_equal(terminated[i, :n], p_terminated, err_msg=where)
+        np.testing.assert_array_equal(truncated[i, :n], p_truncated, err_msg=where)
+        results.setdefault(name, []).append(Episode(sum(s[1] for s in steps), len(steps), *steps[-1][2:]))
+    return results
+
+
+def returns_of(results, name):
+    return [episode.ret for episode in results[name]]
 
 
 @functools.cache
-def own_resets(env_id, n=20000):
-    """(observations, states) of n resets of our env, as numpy arrays (one jit per env)."""
+def own_resets(env_id):
+    """(observations, states) of many resets of our env, as numpy arrays (one jit per env)."""
     env, params = ours(env_id)
-    keys = jax.random.split(jax.random.PRNGKey(7), n)
+    keys = jax.random.split(jax.random.PRNGKey(7), 4000 if env_id.startswith("Labyrinth") else 20000)
     return jax.tree.map(np.asarray, jax.jit(jax.vmap(lambda k: env.reset_env(k, params)))(keys))
 
 
@@ -250,10 +275,11 @@ BATTLESHIP_POLICIES = (
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_battleship_matches_popgym_step_by_step(level):
-    returns = compare_with_popgym("Battleship" + level, BATTLESHIP_POLICIES)
+    results = compare_with_popgym("Battleship" + level, BATTLESHIP_POLICIES)
     b2 = ours("Battleship" + level)[0].board_size ** 2
-    np.testing.assert_allclose(returns["all_ships"], 1.0, atol=1e-9)
-    np.testing.assert_allclose(returns["never_hit"], -b2 / (b2 - 12), atol=1e-9)
+    np.testing.assert_allclose(returns_of(results, "all_ships"), 1.0, atol=1e-9)
+    np.testing.assert_allclose(returns_of(results, "never_hit"), -b2 / (b2 - 12), atol=1e-9)
+    assert all(e.terminated and e.truncated and e.length == b2 for e in results["last_shot_sinks"])
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -343,9 +369,12 @@ MINESWEEPER_POLICIES = (
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_minesweeper_matches_popgym_step_by_step(level):
-    returns = compare_with_popgym("MineSweeper" + level, MINESWEEPER_POLICIES, seeds=(0, 1, 2, 3))
-    np.testing.assert_allclose(returns["clear_all"], 1.0, atol=1e-9)
-    np.testing.assert_allclose(returns["one_cell_repeats_then_mine"], -1.0, atol=1e-9)
+    results = compare_with_popgym("MineSweeper" + level, MINESWEEPER_POLICIES, seeds=(0, 1, 2, 3))
+    np.testing.assert_allclose(returns_of(results, "clear_all"), 1.0, atol=1e-9)
+    np.testing.assert_allclose(returns_of(results, "one_cell_repeats_then_mine"), -1.0, atol=1e-9)
+    length = ours("MineSweeper" + level)[1].max_steps_in_episode
+    assert all(e.truncated and not e.terminated and e.length == length for e in results["one_cell_forever"])
+    assert all(e.terminated and not e.truncated and e.length == length for e in results["mine_on_step_L"])
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -510,3 +539,311 @@ def test_minesweeper_mine_positions_match_popgym(level):
             expected_counts = np.r_[expected[keep], expected[~keep].sum()] * len(mines)
             p_value = stats.chisquare(observed[expected_counts > 0], expected_counts[expected_counts > 0]).pvalue
             assert p_value > 1e-3, (row, col, observed, expected_counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labyrinths: spaces, step-by-step equality with popgym, oracles, popgym's horizon and view.
+# ---------------------------------------------------------------------------------------------
+MAZE_FAMILIES = ("LabyrinthEscape", "LabyrinthExplore")
+UP, DOWN, LEFT, RIGHT = 2, 3, 0, 1
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("family", MAZE_FAMILIES)
+def test_labyrinth_spaces_match_popgym(family, level):
+    env, params = ours(family + level)
+    pop = popgym_env(family + level)
+    assert env.action_space(params).n == pop.action_space.n == 4
+    obs_size = int(pop.observation_space.nvec.sum())  # MultiDiscrete([5] * 9 + [5]) -> 50
+    assert env.observation_space(params).shape == (obs_size,) == own_resets(family + level)[0].shape[1:]
+    assert params.max_steps_in_episode == pop.max_episode_length - 1 == 1023  # popgym stops at step 1023
+    pop.reset(seed=0)
+    assert env.maze_dims == tuple(2 * d for d in pop.maze_dims) and pop.maze.grid.shape == own_resets(family + level)[1].grid.shape[1:]
+
+
+def passable(grid, cell) -> bool:
+    return 0 <= cell[0] < grid.shape[0] and 0 <= cell[1] < grid.shape[1] and grid[cell] != E.OBSTACLE
+
+
+def shortest_path(grid, start, goal) -> list[int]:
+    """Actions of a shortest walk from start to goal (breadth-first search)."""
+    previous = {tuple(start): None}
+    queue = collections.deque([tuple(start)])
+    while queue:
+        cell = queue.popleft()
+        for action, (dr, dc) in enumerate(E.MOVES):
+            nxt = (cell[0] + dr, cell[1] + dc)
+            if passable(grid, nxt) and nxt not in previous:
+                previous[nxt] = (cell, action)
+                queue.append(nxt)
+    actions, cell = [], tuple(goal)
+    while previous[cell] is not None:
+        cell, action = previous[cell]
+        actions.append(action)
+    return actions[::-1]
+
+
+def depth_first_tour(grid, start) -> list[int]:
+    """Actions of a depth-first walk from start that reaches every non-wall cell, backtracking
+    along the way, and stops on the last new cell."""
+    to_visit = int((grid != E.OBSTACLE).sum())
+    seen, path, actions = {tuple(start)}, [tuple(start)], []
+    while len(seen) < to_visit and path:
+        cell = path[-1]
+        for action, (dr, dc) in enumerate(E.MOVES):
+            nxt = (cell[0] + dr, cell[1] + dc)
+            if passable(grid, nxt) and nxt not in seen:
+                seen.add(nxt)
+                path.append(nxt)
+                actions.append(action)
+                break
+        else:  # a dead end: step back
+            path.pop()
+            if path:
+                back = (path[-1][0] - cell[0], path[-1][1] - cell[1])
+                actions.append(E.MOVES.index(back))
+    return actions
+
+
+def outward(pop) -> int:
+    """The move from the start entrance off the grid: always blocked."""
+    row, col = pop.position
+    height, width = pop.maze.grid.shape
+    return UP if row == 0 else DOWN if row == height - 1 else LEFT if col == 0 else RIGHT
+
+
+def random_moves(pop, rng):
+    return rng.integers(4, size=1023)
+
+
+def bump_into_the_edge(pop, rng):  # truncated on step 1023, never moving; the view from the edge
+    return np.full(1023, outward(pop))
+
+
+def to_the_goal(pop, rng):  # LabyrinthEscape's oracle
+    return shortest_path(pop.maze.grid, pop.position, pop.maze.end)
+
+
+def tour(pop, rng):  # LabyrinthExplore's oracle
+    return depth_first_tour(pop.maze.grid, pop.position)
+
+
+def oracle(pop, rng):
+    return to_the_goal(pop, rng) if isinstance(pop, popgym.envs.LabyrinthEscape) else tour(pop, rng)
+
+
+def wander_then_oracle(pop, rng):  # 200 random moves, then the oracle from wherever that led
+    wander = rng.integers(4, size=200)
+    clone = copy.deepcopy(pop)
+    for a in wander:
+        clone.step(int(a))
+    return np.r_[wander, oracle(clone, rng)]
+
+
+def oracle_on_the_last_step(pop, rng):  # wait at the edge, then finish on step 1023: terminated and truncated
+    finish = oracle(pop, rng)
+    return np.r_[np.full(1023 - len(finish), outward(pop)), finish]
+
+
+def oracle_one_step_too_late(pop, rng):  # truncated on step 1023, one step short
+    finish = oracle(pop, rng)
+    return np.r_[np.full(1024 - len(finish), outward(pop)), finish]
+
+
+LABYRINTH_POLICIES = (
+    random_moves,
+    bump_into_the_edge,
+    oracle,
+    wander_then_oracle,
+    oracle_on_the_last_step,
+    oracle_one_step_too_late,
+)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("family", MAZE_FAMILIES)
+def test_labyrinth_matches_popgym_step_by_step(family, level):
+    pop = popgym_env(family + level)
+    first_seed = {}  # the first seed whose start lies on each side (the view differs on rows/columns 0)
+    for seed in range(100):
+        pop.reset(seed=seed)
+        first_seed.setdefault(outward(pop), seed)
+        if len(first_seed) == 4:
+            break
+    assert len(first_seed) == 4
+    seeds = tuple(sorted(first_seed.values())) + (100,)
+    results = compare_with_popgym(family + level, LABYRINTH_POLICIES, seeds)
+    step = 1 / 1024
+    # the lowest return: 1023 steps (not 1024) of -1/1024
+    np.testing.assert_allclose(returns_of(results, "bump_into_the_edge"), -1023 * step, atol=1e-9)
+    assert all(e.truncated and not e.terminated and e.length == 1023 for e in results["bump_into_the_edge"])
+    assert all(e.terminated and e.truncated and e.length == 1023 for e in results["oracle_on_the_last_step"])
+    assert all(e.truncated and not e.terminated and e.length == 1023 for e in results["oracle_one_step_too_late"])
+    assert all(e.terminated for e in results["wander_then_oracle"])
+    for seed, ret in zip(seeds, returns_of(results, "oracle")):
+        pop.reset(seed=seed)
+        if family == "LabyrinthEscape":  # every step costs 1/1024, the goal pays 1
+            assert abs(ret - (1 - len(to_the_goal(pop, None)) * step)) < 1e-9
+        else:  # 1 for the new cells, 1/1024 for each step back
+            revisits = len(tour(pop, None)) - int((pop.maze.grid == E.FREE).sum())
+            assert abs(ret - (1 - revisits * step)) < 1e-9
+
+
+def test_labyrinth_view_on_row_or_column_0_is_popgyms_uncentred_view():
+    """popgym quirk (core/maze.py local_view): at row 0 the 3 x 3 view holds rows 0, 1 and a row of
+    walls, with the agent in its top row; at column 0 likewise. Elsewhere the agent is centred."""
+    env, _ = ours("LabyrinthEscapeEasy")
+    pop = popgym_env("LabyrinthEscapeEasy")
+    for seed in range(100):
+        obs0, _ = pop.reset(seed=seed)
+        if outward(pop) == UP:
+            break
+    view = np.asarray(env.observe_view(copied_state(env, pop), E.NO_ACTION))[:45].reshape(3, 3, 5).argmax(-1)
+    row, col = pop.position
+    np.testing.assert_array_equal(view, np.reshape(obs0[:9], (3, 3)))
+    np.testing.assert_array_equal(view[:2], pop.maze.grid[0:2, col - 1 : col + 2])
+    assert view[0, 1] == E.START and (view[2] == E.OBSTACLE).all()
+
+
+def test_labyrinth_auto_reset_through_env_step():
+    env, params = ours("LabyrinthExploreEasy")
+    params = params.replace(max_steps_in_episode=3)
+    obs, state = env.reset(KEY, params)
+    for t in range(3):
+        obs, state, reward, terminated, truncated, info = env.step(jax.random.PRNGKey(t), state, UP, params)
+    assert truncated and not terminated and int(state.time) == 0 and np.asarray(state.explored).sum() == 1
+    assert np.asarray(info["final_observation"])[45 + UP] == 1 and obs[45 + E.NO_ACTION] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Maze distribution: our generator against popgym's (mazelib's HuntAndKill + its entrances).
+# ---------------------------------------------------------------------------------------------
+def popgym_mazes(env_id, n):
+    """n of popgym's reset grids (START/GOAL marked) and start positions."""
+    pop = popgym_env(env_id)
+    pop.reset(seed=2024)  # seeds python's `random`, which mazelib draws from
+    grids, starts = [], []
+    for _ in range(n):
+        pop.reset()
+        grids.append(pop.maze.grid.copy())
+        starts.append(pop.position)
+    return np.stack(grids), np.array(starts)
+
+
+def mazelib_backtracker_mazes(cells, n, seed):
+    """A plausible wrong generator: mazelib's recursive backtracker, with popgym's entrances."""
+    from mazelib import Maze
+    from mazelib.generate.BacktrackingGenerator import BacktrackingGenerator
+
+    random.seed(seed)
+    np.random.seed(seed)
+    grids, starts = [], []
+    for _ in range(n):
+        maze = Maze()
+        maze.generator = BacktrackingGenerator(cells, cells)
+        maze.generate()
+        maze.generate_entrances(start_outer=True)
+        maze.grid[maze.start], maze.grid[maze.end] = E.START, E.GOAL
+        grids.append(maze.grid)
+        starts.append(maze.start)
+    return np.stack(grids), np.array(starts)
+
+
+def maze_statistics(grids, starts):
+    """Per grid cell: how often it is open; per maze: dead ends, and the start-to-goal distance."""
+    is_open = grids != E.OBSTACLE
+    n = len(grids)
+
+    def neighbours(mask):
+        out = np.zeros(mask.shape, int)
+        out[:, 1:] += mask[:, :-1]
+        out[:, :-1] += mask[:, 1:]
+        out[:, :, 1:] += mask[:, :, :-1]
+        out[:, :, :-1] += mask[:, :, 1:]
+        return out
+
+    dead_ends = ((neighbours(is_open) == 1) & is_open)[:, 1::2, 1::2].sum((1, 2))
+    # breadth-first search from every start at once
+    distance = np.full(grids.shape, -1)
+    front = np.zeros(grids.shape, bool)
+    front[np.arange(n), starts[:, 0], starts[:, 1]] = True
+    steps = 0
+    while front.any():
+        distance[front] = steps
+        front = (neighbours(front) > 0) & is_open & (distance < 0)
+        steps += 1
+    return {
+        "open": is_open.mean(0),
+        "n": n,
+        "dead_ends": dead_ends,
+        "path_length": distance[grids == E.GOAL],
+        "unreached": int(((distance < 0) & is_open).sum()),
+    }
+
+
+def maze_differences(a, b) -> list[str]:
+    """The checks on which two samples of maze statistics disagree (none: consistent)."""
+    problems = []
+    z = max_abs_z(a["open"], a["n"], b["open"], b["n"])
+    if z > 4.5:
+        problems.append(f"per-cell open frequency: max |z| = {z:.1f}")
+    for name in ("dead_ends", "path_length"):
+        p_value = stats.ks_2samp(a[name], b[name]).pvalue
+        if p_value < 1e-3:
+            problems.append(f"{name}: KS p = {p_value:.1e} (means {a[name].mean():.2f} vs {b[name].mean():.2f})")
+    return problems
+
+
+@functools.cache
+def popgym_maze_statistics(level):
+    return maze_statistics(*popgym_mazes("LabyrinthEscape" + level, 1500))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_maze_distribution_matches_popgym(level):
+    _, states = own_resets("LabyrinthEscape" + level)
+    ours_ = maze_statistics(states.grid, states.position)
+    theirs = popgym_maze_statistics(level)
+    assert ours_["unreached"] == theirs["unreached"] == 0  # perfect mazes: every open cell reachable
+    assert (ours_["path_length"] > 0).all() and len(ours_["path_length"]) == ours_["n"]  # one goal each
+    assert maze_differences(ours_, theirs) == []
+
+
+def test_maze_distribution_check_rejects_a_different_generator():
+    """The check above is not vacuous: it tells mazelib's recursive backtracker, whose mazes look
+    much alike, from popgym's hunt-and-kill at the same sample size."""
+    pytest.importorskip("mazelib")
+    wrong = maze_statistics(*mazelib_backtracker_mazes(9, 1500, seed=0))
+    assert maze_differences(wrong, popgym_maze_statistics("Hard")) != []
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_mazes_are_spanning_trees_with_entrances_on_opposite_sides(level):
+    for states in (own_resets("LabyrinthEscape" + level)[1], own_resets("LabyrinthExplore" + level)[1]):
+        cells = (states.grid.shape[1] // 2) ** 2
+        # 2 * cells - 1 open squares: the cells and the cells - 1 passages of a tree, plus START (and GOAL)
+        extra = 1 + (states.grid == E.GOAL).sum((1, 2))
+        np.testing.assert_array_equal((states.grid != E.OBSTACLE).sum((1, 2)), 2 * cells - 1 + extra)
+        start, size = states.position, states.grid.shape[1]
+        on_edge = (start == 0) | (start == size - 1)
+        assert (on_edge.sum(1) == 1).all() and (start % 2 == 1).sum(1).min() == 1  # odd, on one edge
+    escape, explore = own_resets("LabyrinthEscape" + level)[1], own_resets("LabyrinthExplore" + level)[1]
+    goal = escape.grid == E.GOAL
+    np.testing.assert_array_equal(goal.sum((1, 2)), 1)
+    goal_cell = np.argwhere(goal)[:, 1:]
+    np.testing.assert_array_equal(np.abs(goal_cell - escape.position).max(1), size - 1)  # the far side
+    # Explore draws the same maze from the same key and leaves the far entrance a wall
+    np.testing.assert_array_equal(np.where(goal, E.OBSTACLE, escape.grid), explore.grid)
+    np.testing.assert_array_equal(escape.position, explore.position)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_labyrinth_escape_oracle_on_our_mazes(level):
+    env_id = "LabyrinthEscape" + level
+    states = unstack(own_resets(env_id)[1], BATCH)
+    paths = [shortest_path(s.grid, s.position, np.argwhere(s.grid == E.GOAL)[0]) for s in states]
+    _, rewards, terminated, truncated = run_ours(env_id, states, paths)
+    for i, path in enumerate(paths):
+        assert terminated[i, len(path) - 1] and not (terminated | truncated)[i, : len(path) - 1].any()
+        assert not truncated[i, len(path) - 1]
+        assert abs(rewards[i, : len(path)].sum(dtype=np.float64) - (1 - len(path) / 1024)) < 1e-5
