@@ -408,6 +408,13 @@ class MultiarmedBandit(PopGymEnvironment):
 # ---------------------------------------------------------------------------------------------
 # CartPole (gymnasium's CartPoleEnv, Euler integration) with part of the state hidden.
 # ---------------------------------------------------------------------------------------------
+def add_clipped_noise(obs: jax.Array, key: jax.Array, sigma: float, low, high) -> jax.Array:
+    """popgym's noisy control envs: obs + N(0, sigma^2) per component, clipped to the bounds."""
+    if sigma == 0:
+        return obs
+    return jnp.clip(obs + sigma * jax.random.normal(key, obs.shape, jnp.float32), low, high)
+
+
 @struct.dataclass
 class CartPoleState:
     physics: jax.Array  # (x, x_dot, theta, theta_dot)
@@ -438,10 +445,7 @@ class PositionOnlyCartPole(PopGymEnvironment):
 
     def get_obs(self, state: CartPoleState, params=None, key=None) -> jax.Array:
         obs = state.physics[jnp.array(self.observed)].astype(jnp.float32)
-        if self.noise_sigma > 0:
-            noise = self.noise_sigma * jax.random.normal(key, obs.shape, jnp.float32)
-            obs = jnp.clip(obs + noise, self.obs_low, self.obs_high)
-        return obs
+        return add_clipped_noise(obs, key, self.noise_sigma, self.obs_low, self.obs_high)
 
     def reset_env(self, key, params):
         key_state, key_noise = jax.random.split(key)
@@ -474,6 +478,93 @@ class PositionOnlyCartPole(PopGymEnvironment):
 
 class NoisyPositionOnlyCartPole(PositionOnlyCartPole):
     """popgym/envs/noisy_position_only_cartpole.py: T = 200 at every difficulty, noise sigma varies."""
+
+    def __init__(self, noise_sigma: float = 0.1, max_episode_length: int = 200):
+        super().__init__(max_episode_length=max_episode_length, noise_sigma=noise_sigma)
+
+
+class VelocityOnlyCartPole(PositionOnlyCartPole):
+    """popgym/envs/velocity_only_cartpole.py: CartPole observing only (x_dot, theta_dot).
+
+    "Exactly as popgym" includes popgym's reset bug: its `reset` returns `[init_obs[0],
+    init_obs[2]]`, i.e. the *positions* (x, theta), while every `step` returns the velocities.
+    We keep that by default (`popgym_reset_obs=True`), so trajectories, and agents trained on
+    them, match popgym 1.0.7; `popgym_reset_obs=False` shows the velocities at reset too. Both
+    are inside the Box(-inf, inf, (2,)) popgym declares. Rewards, termination and truncation
+    (T = 200 / 400 / 600) as PositionOnlyCartPole. popgym registers the gym ids with a lower-case
+    p (`popgym-VelocityOnlyCartpoleEasy-v0`); `VelocityOnlyCartpole*` is an alias here.
+    """
+
+    observed = (1, 3)
+
+    def __init__(self, max_episode_length: int = 200, popgym_reset_obs: bool = True):
+        super().__init__(max_episode_length=max_episode_length)
+        self.popgym_reset_obs = popgym_reset_obs
+
+    def reset_env(self, key, params):
+        obs, state = super().reset_env(key, params)
+        if self.popgym_reset_obs:
+            obs = state.physics[jnp.array((0, 2))]
+        return obs, state
+
+
+@struct.dataclass
+class PendulumState:
+    physics: jax.Array  # (theta, theta_dot); theta is not wrapped, as in gymnasium
+    time: jax.Array
+
+
+class PositionOnlyPendulum(PopGymEnvironment):
+    """popgym/envs/position_only_pendulum.py: gymnasium's Pendulum (g = 10) observing (cos, sin)
+    of the angle only.
+
+    Action Box(1) in [-2, 2] (torque; clipped as gymnasium does). Reset theta ~ U(-pi, pi),
+    theta_dot ~ U(-1, 1). Gymnasium's reward r = -(angle^2 + 0.1 theta_dot^2 + 0.001 u^2), from
+    the state *before* the step, r in [-16.2736044, 0], becomes popgym's ((r + c) / c) / T with
+    c = 8.1368022, in [-1/T, 1/T]. Never terminates; truncated after T = `max_steps_in_episode`
+    steps (200 / 150 / 100). With `noise_sigma > 0` (popgym's NoisyPositionOnlyPendulum, T = 200
+    at every difficulty) N(0, sigma) noise is added to the observation at reset and every step,
+    then clipped to [-1, 1] (popjaxrl did not clip).
+    """
+
+    num_actions = 1
+    obs_size, obs_low, obs_high = 2, -1.0, 1.0
+    max_speed, max_torque, dt, gravity, mass, length = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0
+    reward_half_range = 16.2736044 / 2  # popgym: (high - low) / 2 with low = -16.2736044, high = 0
+
+    def __init__(self, max_episode_length: int = 200, noise_sigma: float = 0.0):
+        self.max_episode_length, self.noise_sigma = max_episode_length, noise_sigma
+
+    def get_obs(self, state: PendulumState, params=None, key=None) -> jax.Array:
+        theta = state.physics[0]
+        obs = jnp.stack([jnp.cos(theta), jnp.sin(theta)]).astype(jnp.float32)
+        return add_clipped_noise(obs, key, self.noise_sigma, self.obs_low, self.obs_high)
+
+    def reset_env(self, key, params):
+        key_state, key_noise = jax.random.split(key)
+        high = jnp.array([jnp.pi, 1.0], jnp.float32)
+        physics = jax.random.uniform(key_state, (2,), jnp.float32, -high, high)
+        state = PendulumState(physics=physics, time=jnp.int32(0))
+        return self.get_obs(state, key=key_noise), state
+
+    def step_env(self, key, state, action, params):
+        theta, theta_dot = state.physics
+        torque = jnp.clip(jnp.reshape(action, (-1,))[0], -self.max_torque, self.max_torque)
+        angle = jnp.mod(theta + jnp.pi, 2 * jnp.pi) - jnp.pi
+        reward = -(angle**2 + 0.1 * theta_dot**2 + 0.001 * torque**2)
+        reward = (reward + self.reward_half_range) / self.reward_half_range / params.max_steps_in_episode
+        theta_acc = 3 * self.gravity / (2 * self.length) * jnp.sin(theta) + 3.0 / (self.mass * self.length**2) * torque
+        theta_dot = jnp.clip(theta_dot + theta_acc * self.dt, -self.max_speed, self.max_speed)
+        physics = jnp.stack([theta + theta_dot * self.dt, theta_dot]).astype(state.physics.dtype)
+        state = PendulumState(physics=physics, time=state.time + 1)
+        return self.get_obs(state, key=key), state, reward.astype(jnp.float32), jnp.asarray(False), {}
+
+    def action_space(self, params=None) -> spaces.Box:
+        return spaces.Box(-self.max_torque, self.max_torque, (1,), jnp.float32)
+
+
+class NoisyPositionOnlyPendulum(PositionOnlyPendulum):
+    """popgym/envs/noisy_position_only_pendulum.py: T = 200 at every difficulty, noise sigma varies."""
 
     def __init__(self, noise_sigma: float = 0.1, max_episode_length: int = 200):
         super().__init__(max_episode_length=max_episode_length, noise_sigma=noise_sigma)
@@ -841,6 +932,24 @@ FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
         dict(noise_sigma=0.2),
         dict(noise_sigma=0.3),
     ),
+    "VelocityOnlyCartPole": (
+        VelocityOnlyCartPole,
+        dict(max_episode_length=200),
+        dict(max_episode_length=400),
+        dict(max_episode_length=600),
+    ),
+    "PositionOnlyPendulum": (
+        PositionOnlyPendulum,
+        dict(max_episode_length=200),
+        dict(max_episode_length=150),
+        dict(max_episode_length=100),
+    ),
+    "NoisyPositionOnlyPendulum": (
+        NoisyPositionOnlyPendulum,
+        dict(noise_sigma=0.1),
+        dict(noise_sigma=0.2),
+        dict(noise_sigma=0.3),
+    ),
     "Battleship": (Battleship, dict(board_size=8), dict(board_size=10), dict(board_size=12)),
     "MineSweeper": (
         MineSweeper,
@@ -868,6 +977,7 @@ FAMILY_ALIASES = {
     "CartPole": "PositionOnlyCartPole",
     "NoisyStatelessCartPole": "NoisyPositionOnlyCartPole",
     "NoisyCartPole": "NoisyPositionOnlyCartPole",
+    "VelocityOnlyCartpole": "VelocityOnlyCartPole",  # popgym's gym-id spelling
     "StatelessPendulum": "PositionOnlyPendulum",
     "Pendulum": "PositionOnlyPendulum",
     "NoisyStatelessPendulum": "NoisyPositionOnlyPendulum",
@@ -901,7 +1011,9 @@ def canonical_id(env_id: str) -> str:
         return env_id
     if env_id in ALIASES:
         return ALIASES[env_id]
-    close = difflib.get_close_matches(env_id, ENV_IDS, n=3, cutoff=0.5)
+    if memory_chain_id(env_id):  # bsuite's MemoryChain, outside the POPGym registry
+        return memory_chain_id(env_id)
+    close = difflib.get_close_matches(env_id, ENV_IDS + MEMORY_CHAIN_IDS, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"valid ids: {', '.join(CANONICAL_IDS)}"
     raise ValueError(f"unknown env id {env_id!r}; {hint}")
 
@@ -910,6 +1022,8 @@ def make(env_id: str, **overrides) -> tuple[environment.Environment, environment
     """Build `env_id` and its default params. `overrides` replace difficulty constants
     (constructor arguments such as `k` or `noise_sigma`) or fields of the env params."""
     env_id = canonical_id(env_id)
+    if memory_chain_id(env_id):
+        return make_memory_chain(env_id, **overrides)
     level = next(d for d in DIFFICULTIES if env_id.endswith(d))
     family = env_id[: -len(level)]
     env_class, *difficulty_kwargs = FAMILIES[family]
@@ -924,6 +1038,115 @@ def make(env_id: str, **overrides) -> tuple[environment.Environment, environment
         valid = sorted(constructor_args | set(params.__dataclass_fields__))
         raise ValueError(f"{env_id} has no setting {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
     return env, params.replace(**param_overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# bsuite's MemoryChain (bsuite/environments/memory_chain.py), kept out of the POPGym registry.
+# Ids: "MemoryChain" (gymnax's "MemoryChain-bsuite" is an alias) and "MemoryChain-{L}", which
+# fixes the memory length, for scripts that only take an env id.
+# ---------------------------------------------------------------------------------------------
+MEMORY_CHAIN_IDS: tuple[str, ...] = ("MemoryChain", "MemoryChain-bsuite")
+
+
+@struct.dataclass
+class MemoryChainParams:
+    memory_length: Any = 5  # L; an int, or a traced int32 when vmapping over lengths
+
+    @property
+    def max_steps_in_episode(self):  # every episode lasts exactly L + 1 steps
+        return self.memory_length + 1
+
+
+@struct.dataclass
+class MemoryChainState:
+    context: jax.Array  # [num_bits] bits in {0, 1}
+    query: jax.Array  # index of the bit asked for
+    time: jax.Array  # number of step() calls so far
+
+
+class MemoryChain(environment.Environment):
+    """bsuite's memory chain: remember the context bit shown at the start for L steps.
+
+    The observation at time t (t = 0 at reset) is
+    `[1 - t/L, query if t == L - 1 else 0, 2 * context - 1 (+-1) if t == 0 else 0]`, `num_bits + 2`
+    floats whatever L is, so L can be a traced param. As in bsuite, a step returns the observation
+    of the time *before* it: the context is shown at reset and by the first step, the query by step
+    L. Steps 1..L pay 0; step L + 1 pays +1 if the action is the bit `context[query]`, else -1, and
+    terminates. No truncation: gymnax 1.0.1's port also ends episodes at `max_steps_in_episode`
+    (default 1000), which would cut every L >= 1000.
+    """
+
+    def __init__(self, num_bits: int = 1):
+        super().__init__()
+        if num_bits < 1:
+            raise ValueError(f"num_bits must be >= 1, got {num_bits}")
+        self.num_bits = num_bits
+
+    @property
+    def default_params(self) -> MemoryChainParams:
+        return MemoryChainParams()
+
+    def get_obs(self, state: MemoryChainState, params: MemoryChainParams, key=None) -> jax.Array:
+        time_left = (params.memory_length - state.time) / params.memory_length  # 1 - t/L, one rounding
+        query = jnp.where(state.time == params.memory_length - 1, state.query, 0)
+        context = jnp.where(state.time == 0, 2 * state.context - 1, 0)
+        return jnp.concatenate([jnp.stack([time_left, query]), context]).astype(jnp.float32)
+
+    def reset_env(self, key, params):
+        key_context, key_query = jax.random.split(key)
+        state = MemoryChainState(
+            context=jax.random.bernoulli(key_context, 0.5, (self.num_bits,)).astype(jnp.int32),
+            query=jax.random.randint(key_query, (), 0, self.num_bits),
+            time=jnp.int32(0),
+        )
+        return self.get_obs(state, params), state
+
+    def step_env(self, key, state, action, params):
+        obs = self.get_obs(state, params)  # the pre-step observation, as bsuite returns it
+        last = state.time >= params.memory_length
+        correct = action == state.context[state.query]
+        reward = jnp.where(last, jnp.where(correct, 1.0, -1.0), 0.0).astype(jnp.float32)
+        return obs, state.replace(time=state.time + 1), reward, last, {}
+
+    def is_truncated(self, state, params) -> jax.Array:
+        return jnp.asarray(False)
+
+    @property
+    def num_actions(self) -> int:
+        return 2
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(2)
+
+    def observation_space(self, params) -> spaces.Box:
+        return spaces.Box(-1.0, max(1.0, self.num_bits - 1.0), (self.num_bits + 2,), jnp.float32)
+
+
+def memory_chain_id(env_id: str) -> str | None:
+    """"MemoryChain" or "MemoryChain-{L}" for a MemoryChain id, None for any other id."""
+    if env_id in MEMORY_CHAIN_IDS:
+        return "MemoryChain"
+    name, _, length = env_id.partition("-")
+    return f"MemoryChain-{int(length)}" if name == "MemoryChain" and length.isdigit() else None
+
+
+def make_memory_chain(env_id: str, **overrides) -> tuple[MemoryChain, MemoryChainParams]:
+    """`make` for the MemoryChain ids; overrides: `memory_length` (default 5) and `num_bits` (1)."""
+    name = memory_chain_id(env_id)
+    if name is None:
+        raise ValueError(f"not a MemoryChain id: {env_id!r}")
+    unknown = set(overrides) - {"memory_length", "num_bits"}
+    if unknown:
+        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; valid: memory_length, num_bits")
+    if name != "MemoryChain":
+        if "memory_length" in overrides:
+            raise ValueError(f"{env_id!r} already sets the memory length; use 'MemoryChain' with memory_length=")
+        overrides["memory_length"] = int(name.split("-")[1])
+    length = overrides.get("memory_length", 1)
+    if isinstance(length, (int, np.integer)) and length < 1:
+        raise ValueError(f"memory_length must be >= 1, got {length}")
+    env = MemoryChain(num_bits=overrides.pop("num_bits", 1))
+    return env, env.default_params.replace(**overrides)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,736 @@
+"""PPO with a resettable S5 memory on bsuite's MemoryChain, swept over memory lengths (the memory
+length experiment of Lu et al., "Structured State Space Models for In-Context Reinforcement
+Learning", NeurIPS 2023), in one file.
+
+The agent sees a context bit (+-1) at the start of an episode and must answer it L steps later;
+only that last step is rewarded (+1 right, -1 wrong). Every (memory length, seed) pair that shares
+a rollout length is one entry of a single vmapped program: the memory length is an env param, not
+a shape. Each pair gets its own TensorBoard run; the run folder also gets a summary table, JSON
+and a plot of success rate against memory length.
+
+    python ppo_s5_memory.py --num-seeds 4                               # bsuite's lengths 1..100
+    python ppo_s5_memory.py --memory-lengths 256 1024 4096 --num-envs 8 --total-timesteps 20000000
+    tensorboard --logdir runs
+
+CPU setting (measured on a shared 2-core CPU: 15 min wall, 4 seeds solve every L <= 64, none L = 128):
+    python ppo_s5_memory.py --memory-lengths 1 2 4 8 16 32 64 128 --total-timesteps 600000 --s5-scan sequential
+Success first stays >= 0.9 after ~30k steps (L <= 16), ~50k (L = 32), 125k-285k (L = 64). For large L,
+raise --total-timesteps (an update takes --num-envs x rollout steps, the rollout >= L + 1).
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache, partial
+from typing import Literal, NamedTuple
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from tensorboardX import SummaryWriter
+
+import envs_popjax
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# bsuite's memory_len sweep (bsuite/experiments/memory_len/sweep.py)
+BSUITE_MEMORY_LENGTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 17, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100)
+# bsuite's score: learned if (1 - success rate over training) / 0.5 (a random agent's error rate) < 0.75
+BSUITE_REGRET_THRESHOLD = 0.75
+# no verdict (solved or learned) from fewer episodes than this: random play passes 0.9 on 10 episodes 1% of the time
+MIN_VERDICT_EPISODES = 100
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the first run; run i of `--num-seeds` uses seed + i (the same seed for every length)"""
+    num_seeds: int = 4
+    """number of independent seeds per memory length"""
+    log_dir: str = "runs"
+    """folder under which the run folder is created"""
+    save_model: bool = False
+    """save the parameters of every (length, seed) and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
+    updates_per_chunk: int = 0
+    """PPO updates per jitted chunk between progress/TensorBoard writes (0: about 1/25 of a group's run)"""
+
+    # Algorithm specific arguments
+    memory_lengths: tuple[int, ...] = BSUITE_MEMORY_LENGTHS
+    """memory lengths L to sweep (an episode lasts L + 1 steps); any list, e.g. 256 1024 4096"""
+    num_bits: int = 1
+    """context bits (bsuite's memory_len uses 1; its memory_size experiment varies this)"""
+    total_timesteps: int = 1_000_000
+    """environment steps per (length, seed)"""
+    learning_rate: float = 1e-3
+    """Adam learning rate (1e-3 solved L = 32 on 4/4 seeds in 300k steps where 2.5e-4 solved 2/4)"""
+    num_envs: int = 16
+    """parallel environments per (length, seed)"""
+    num_steps: int = 0
+    """steps per env per rollout; 0: per length, the smallest power of two >= max(L + 1, 32), so a
+    whole episode fits in one training sequence (lengths with the same rollout are vmapped together)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero over training"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
+    num_minibatches: int = 4
+    """minibatches per epoch; each holds num_envs / num_minibatches whole sequences"""
+    update_epochs: int = 4
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """PPO ratio clipping coefficient"""
+    clip_vloss: bool = True
+    """clip the value loss like the policy ratio"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient norm clip"""
+    success_window: float = 0.1
+    """final fraction of the updates whose completed episodes give the final success rate"""
+    solve_threshold: float = 0.9
+    """a (length, seed) is solved if its final success rate is at least this (random play: 0.5)"""
+
+    # S5 memory (much smaller than the POPGym defaults: the task needs one bit of memory)
+    hidden_size: int = 32
+    """width of the encoder's first layer and of the actor and critic heads"""
+    d_model: int = 32
+    """width H of the encoder output and of every S5 layer"""
+    ssm_size: int = 32
+    """state size P of each S5 layer before conjugate symmetry halves it"""
+    n_layers: int = 2
+    """number of stacked S5 layers"""
+    s5_blocks: int = 1
+    """number of HiPPO-N blocks on the diagonal of the initial state matrix"""
+    conj_sym: bool = True
+    """keep one of each conjugate eigenvalue pair (P/2 complex states, output 2 Re(C x))"""
+    clip_eigs: bool = False
+    """clip Re(Lambda) below zero so every mode stays stable"""
+    dt_min: float = 0.001
+    """smallest initial step size of the zero-order-hold discretisation"""
+    dt_max: float = 0.1
+    """largest initial step size"""
+    activation: Literal["full_glu", "half_glu1", "half_glu2", "gelu"] = "full_glu"
+    """activation after each S5 layer"""
+    prenorm: bool = False
+    """LayerNorm before each S5 layer"""
+    postnorm: bool = False
+    """LayerNorm after each residual (its own parameters, separate from the prenorm's)"""
+    s5_scan: Literal["parallel", "sequential"] = "parallel"
+    """how the resettable recurrence is evaluated: associative scan (GPU) or lax.scan (same numbers)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3).
+# ---------------------------------------------------------------------------------------------
+@lru_cache  # called at every trace of every layer; the eigendecomposition is the slow part
+def hippo_n_diagonalised(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors of the normal part of HiPPO-LegS (S5 section 4.1).
+
+    HiPPO-LegS plus the rank-1 term p p^T (p_k = sqrt(k + 1/2)) is -I/2 + a skew-symmetric
+    matrix K, so its eigenvalues are -1/2 + i w with i w the eigenvalues of K.
+    """
+    q = np.sqrt(2 * np.arange(n) + 1.0)
+    hippo = -(np.tril(np.outer(q, q)) - np.diag(np.arange(n)))
+    p = np.sqrt(np.arange(n) + 0.5)
+    normal = hippo + np.outer(p, p)
+    skew = normal - np.diag(np.diag(normal))
+    w, eigenvectors = np.linalg.eigh(-1j * skew)  # -iK is Hermitian; ascending w
+    return np.diag(normal).mean() + 1j * w, eigenvectors
+
+
+def block_diagonal(*blocks: np.ndarray) -> np.ndarray:
+    rows, cols = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
+    out = np.zeros((rows, cols), blocks[0].dtype)
+    r = c = 0
+    for b in blocks:
+        out[r : r + b.shape[0], c : c + b.shape[1]] = b
+        r, c = r + b.shape[0], c + b.shape[1]
+    return out
+
+
+def reset_binary_operator(earlier, later):
+    """Compose two affine maps x -> A x + b, unless the later one resets (c): then it alone counts.
+
+    (A_i, b_i, c_i) . (A_j, b_j, c_j) = (c_j ? A_j : A_j A_i, c_j ? b_j : A_j b_i + b_j, c_i | c_j)
+    """
+    a_i, b_i, c_i = earlier
+    a_j, b_j, c_j = later
+    return jnp.where(c_j, a_j, a_j * a_i), jnp.where(c_j, b_j, a_j * b_i + b_j), c_i | c_j
+
+
+def resettable_parallel_scan(lambda_bar, bu, resets, h0):
+    """x_t = Bu_t if resets[t] else lambda_bar * x_{t-1} + Bu_t, with x_{-1} = h0, for all t at once.
+
+    The carried state enters as an extra first element (1, h0, no reset). bu: [T, ..., P],
+    resets: [T, ...] bool, h0: [..., P]. Returns x: [T, ..., P].
+    """
+    a = jnp.broadcast_to(lambda_bar, (bu.shape[0] + 1,) + bu.shape[1:]).at[0].set(1.0)
+    b = jnp.concatenate([h0[None], bu])
+    c = jnp.concatenate([jnp.zeros_like(resets[:1]), resets])[..., None]
+    _, x, _ = jax.lax.associative_scan(reset_binary_operator, (a, b, c))
+    return x[1:]
+
+
+def resettable_sequential_scan(lambda_bar, bu, resets, h0):
+    """The same recurrence as `resettable_parallel_scan`, one step at a time (lax.scan)."""
+
+    def step(h, inputs):
+        bu_t, reset_t = inputs
+        h = jnp.where(reset_t[..., None], bu_t, lambda_bar * h + bu_t)
+        return h, h
+
+    return jax.lax.scan(step, h0, (bu, resets))[1]
+
+
+class S5SSM(nn.Module):
+    """One S5 state-space layer: complex diagonal Lambda, B, C, real D, learnable step, ZOH."""
+
+    d_model: int
+    ssm_size: int
+    blocks: int = 1
+    conj_sym: bool = True
+    clip_eigs: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    scan: str = "parallel"
+
+    @nn.compact
+    def __call__(self, h0, u, resets):
+        if self.ssm_size % self.blocks or (self.conj_sym and (self.ssm_size // self.blocks) % 2):
+            raise ValueError("ssm_size / blocks must be an integer, and even with conj_sym")
+        block_size = self.ssm_size // self.blocks
+        eigenvalues, eigenvectors = hippo_n_diagonalised(block_size)
+        if self.conj_sym:  # eigenvalues come in conjugate pairs: keep one of each (S5 app. C.1)
+            eigenvalues, eigenvectors = eigenvalues[: block_size // 2], eigenvectors[:, : block_size // 2]
+        eigenvalues = np.tile(eigenvalues, self.blocks)
+        v = block_diagonal(*[eigenvectors] * self.blocks)  # [P, P_kept]
+        v_inv = v.conj().T
+        n_states = eigenvalues.shape[0]
+
+        lambda_re = self.param("lambda_re", lambda _: jnp.asarray(eigenvalues.real, jnp.float32))
+        lambda_im = self.param("lambda_im", lambda _: jnp.asarray(eigenvalues.imag, jnp.float32))
+
+        def init_b(key):  # B~ = V^-1 B with B lecun-normal, stored as (real, imag)
+            b = jnp.asarray(v_inv) @ nn.initializers.lecun_normal()(key, (self.ssm_size, self.d_model))
+            return jnp.stack([b.real, b.imag], -1).astype(jnp.float32)
+
+        def init_c(key):  # C~ = C V with C lecun-normal
+            c = nn.initializers.lecun_normal()(key, (self.d_model, self.ssm_size, 2))
+            c = (c[..., 0] + 1j * c[..., 1]) @ jnp.asarray(v)
+            return jnp.stack([c.real, c.imag], -1).astype(jnp.float32)
+
+        b_param = self.param("B", init_b)
+        c_param = self.param("C", init_c)
+        d = self.param("D", nn.initializers.normal(stddev=1.0), (self.d_model,))
+        log_step = self.param(
+            "log_step",
+            lambda key: jax.random.uniform(key, (n_states,), minval=math.log(self.dt_min), maxval=math.log(self.dt_max)),
+        )
+
+        if self.clip_eigs:
+            lambda_re = jnp.minimum(lambda_re, -1e-4)
+        lam = lambda_re + 1j * lambda_im
+        b_tilde = b_param[..., 0] + 1j * b_param[..., 1]
+        c_tilde = c_param[..., 0] + 1j * c_param[..., 1]
+        # Zero-order hold: lambda_bar = exp(lambda dt), B_bar = (lambda_bar - 1) / lambda * B~.
+        lambda_bar = jnp.exp(lam * jnp.exp(log_step))
+        b_bar = ((lambda_bar - 1) / lam)[:, None] * b_tilde
+
+        bu = u.astype(jnp.complex64) @ b_bar.T
+        scan = resettable_parallel_scan if self.scan == "parallel" else resettable_sequential_scan
+        x = scan(lambda_bar, bu, resets, h0)
+        y = (x @ c_tilde.T).real * (2.0 if self.conj_sym else 1.0) + d * u
+        return x[-1], y
+
+
+class S5Block(nn.Module):
+    """S5 -> activation -> residual, with optional LayerNorms before and after."""
+
+    ssm: dict
+    activation: str = "full_glu"
+    prenorm: bool = False
+    postnorm: bool = False
+
+    @nn.compact
+    def __call__(self, h0, x, resets):
+        skip = x
+        if self.prenorm:
+            x = nn.LayerNorm(name="prenorm")(x)
+        h, x = S5SSM(**self.ssm)(h0, x, resets)
+        width = x.shape[-1]
+        if self.activation == "full_glu":
+            x = nn.gelu(x)
+            x = nn.Dense(width)(x) * nn.sigmoid(nn.Dense(width)(x))
+        elif self.activation == "half_glu1":
+            x = nn.gelu(x)
+            x = x * nn.sigmoid(nn.Dense(width)(x))
+        elif self.activation == "half_glu2":
+            x = x * nn.sigmoid(nn.Dense(width)(nn.gelu(x)))
+        else:
+            x = nn.gelu(x)
+        x = skip + x
+        if self.postnorm:
+            x = nn.LayerNorm(name="postnorm")(x)
+        return h, x
+
+
+class S5Memory(nn.Module):
+    """A stack of resettable S5 layers: `(carry, x[T, B, H], resets[T, B]) -> (carry, y[T, B, H])`.
+
+    `resets[t, b] = True` means x[t, b] is the first input of a new episode: that layer's state is
+    cleared before x[t, b] is consumed. The carry is a tuple of [B, P_kept] complex64 arrays, one
+    per layer; make it with `S5Memory.initialize_carry`.
+    """
+
+    d_model: int = 256
+    ssm_size: int = 256
+    n_layers: int = 4
+    blocks: int = 1
+    conj_sym: bool = True
+    clip_eigs: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    activation: str = "full_glu"
+    prenorm: bool = False
+    postnorm: bool = False
+    scan: str = "parallel"
+
+    @nn.compact
+    def __call__(self, carry, x, resets):
+        ssm = dict(
+            d_model=self.d_model, ssm_size=self.ssm_size, blocks=self.blocks, conj_sym=self.conj_sym,
+            clip_eigs=self.clip_eigs, dt_min=self.dt_min, dt_max=self.dt_max, scan=self.scan,
+        )  # fmt: skip
+        new_carry = []
+        for h0 in carry:
+            h, x = S5Block(ssm, self.activation, self.prenorm, self.postnorm)(h0, x, resets)
+            new_carry.append(h)
+        return tuple(new_carry), x
+
+    @staticmethod
+    def initialize_carry(batch_size: int, ssm_size: int, n_layers: int, conj_sym: bool = True):
+        n_states = ssm_size // 2 if conj_sym else ssm_size
+        return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(n_layers))
+
+
+# ---------------------------------------------------------------------------------------------
+# Actor-critic: shared encoder and S5 trunk, separate one-layer actor and critic heads.
+# ---------------------------------------------------------------------------------------------
+class ActorCritic(nn.Module):
+    action_dim: int
+    hidden_size: int
+    memory: S5Memory
+
+    @nn.compact
+    def __call__(self, carry, obs, resets):
+        dense = lambda n, scale=math.sqrt(2): nn.Dense(n, kernel_init=nn.initializers.orthogonal(scale))  # noqa: E731
+        x = nn.leaky_relu(dense(self.hidden_size)(obs))
+        x = nn.leaky_relu(dense(self.memory.d_model)(x))
+        carry, x = self.memory(carry, x, resets)
+        logits = dense(self.action_dim, 0.01)(nn.leaky_relu(dense(self.hidden_size, 2.0)(x)))
+        value = dense(1, 1.0)(nn.leaky_relu(dense(self.hidden_size, 2.0)(x)))[..., 0]
+        return carry, logits, value
+
+
+def log_prob_of(logits, action):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
+
+
+def entropy_of(logits):
+    log_p = jax.nn.log_softmax(logits)
+    return -jnp.sum(jnp.exp(log_p) * log_p, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO
+# ---------------------------------------------------------------------------------------------
+class Transition(NamedTuple):
+    obs: jax.Array
+    done: jax.Array  # the flag *before* the step: obs is the first of an episode (drives resets)
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array  # nonzero only on an episode's last step: +1 right, -1 wrong
+    episode_done: jax.Array  # an episode ended at this step
+
+
+class RunnerState(NamedTuple):
+    train_state: TrainState
+    env_params: envs_popjax.MemoryChainParams  # holds this run's memory length
+    env_state: object
+    obs: jax.Array
+    done: jax.Array
+    carry: tuple
+    key: jax.Array
+
+
+def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda):
+    """GAE over [T, ...] arrays. dones[t] = obs t starts an episode, so step t is bootstrapped
+    unless the *next* flag (dones[t + 1], or last_done) is set. Returns (advantages, returns)."""
+
+    def backward(carry, step):
+        gae, next_value, next_done = carry
+        reward, value, done = step
+        not_end = 1.0 - next_done
+        delta = reward + gamma * next_value * not_end - value
+        gae = delta + gamma * gae_lambda * not_end * gae
+        return (gae, value, done.astype(value.dtype)), gae
+
+    init = (jnp.zeros_like(last_value), last_value, last_done.astype(last_value.dtype))
+    _, advantages = jax.lax.scan(backward, init, (rewards, values, dones), reverse=True)
+    return advantages, advantages + values
+
+
+def rollout_length(args: Args, memory_length: int) -> int:
+    """Steps per env per rollout for a length: --num-steps, or the smallest power of two that is
+    >= max(L + 1, 32). Episodes of L + 1 steps then fit whole in a training sequence."""
+    return args.num_steps or max(32, 1 << memory_length.bit_length())
+
+
+def make_train(args: Args, num_steps: int):
+    """Returns `(init, update_chunk, num_updates)` for one (length, seed) with rollouts of
+    `num_steps`: `init(key, memory_length) -> RunnerState` and
+    `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`, both pure."""
+    env, env_params = envs_popjax.make("MemoryChain", num_bits=args.num_bits)
+    env = envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env))
+    memory = S5Memory(
+        d_model=args.d_model, ssm_size=args.ssm_size, n_layers=args.n_layers, blocks=args.s5_blocks,
+        conj_sym=args.conj_sym, clip_eigs=args.clip_eigs, dt_min=args.dt_min, dt_max=args.dt_max,
+        activation=args.activation, prenorm=args.prenorm, postnorm=args.postnorm, scan=args.s5_scan,
+    )  # fmt: skip
+    network = ActorCritic(env.action_space(env_params).n, args.hidden_size, memory)
+    obs_size = env.observation_space(env_params).shape[0]
+    new_carry = partial(S5Memory.initialize_carry, ssm_size=args.ssm_size, n_layers=args.n_layers, conj_sym=args.conj_sym)
+    num_updates = args.total_timesteps // (args.num_envs * num_steps)
+
+    def learning_rate(count):  # CleanRL's linear annealing, once per update
+        frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / num_updates
+        return args.learning_rate * frac if args.anneal_lr else args.learning_rate
+
+    optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
+
+    def init(key, memory_length) -> RunnerState:
+        key, key_params, key_env = jax.random.split(key, 3)
+        params = env_params.replace(memory_length=memory_length)
+        dummy_obs = jnp.zeros((1, args.num_envs, obs_size))
+        net_params = network.init(key_params, new_carry(args.num_envs), dummy_obs, jnp.ones((1, args.num_envs), bool))
+        train_state = TrainState.create(apply_fn=network.apply, params=net_params, tx=optimizer)
+        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(key_env, args.num_envs), params)
+        done = jnp.ones(args.num_envs, bool)  # the first observation starts an episode
+        return RunnerState(train_state, params, env_state, obs, done, new_carry(args.num_envs), key)
+
+    def env_step(runner: RunnerState, _):
+        key, key_action, key_env = jax.random.split(runner.key, 3)
+        carry, logits, value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
+        action = jax.random.categorical(key_action, logits[0])
+        env_keys = jax.random.split(key_env, args.num_envs)
+        obs, env_state, reward, terminated, truncated, info = jax.vmap(env.step, (0, 0, 0, None))(
+            env_keys, runner.env_state, action, runner.env_params
+        )
+        done = terminated | truncated
+        transition = Transition(
+            runner.obs, runner.done, action, log_prob_of(logits[0], action), value[0], reward, info["returned_episode"]
+        )
+        return runner._replace(env_state=env_state, obs=obs, done=done, carry=carry, key=key), transition
+
+    def ppo_loss(params, carry, batch: Transition, advantages, returns):
+        _, logits, value = network.apply(params, carry, batch.obs, batch.done)
+        log_ratio = log_prob_of(logits, batch.action) - batch.log_prob
+        ratio = jnp.exp(log_ratio)
+        if args.norm_adv:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        pg_loss = jnp.maximum(
+            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+        ).mean()
+        if args.clip_vloss:
+            value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
+            v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+        else:
+            v_loss = 0.5 * ((value - returns) ** 2).mean()
+        entropy = entropy_of(logits).mean()
+        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+        stats = dict(
+            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
+            old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
+            approx_kl=((ratio - 1) - log_ratio).mean(),
+            clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
+        )  # fmt: skip
+        return loss, stats
+
+    def update_step(runner: RunnerState, _):
+        initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
+        runner, batch = jax.lax.scan(env_step, runner, None, num_steps)
+        _, _, last_value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
+        advantages, returns = compute_gae(
+            batch.reward, batch.value, batch.done, last_value[0], runner.done, args.gamma, args.gae_lambda
+        )
+
+        def epoch(train_state, key):
+            # Minibatches split the envs: each keeps whole sequences and its own starting carry.
+            perm = jax.random.permutation(key, args.num_envs)
+
+            def split_envs(x, env_axis):  # [..., num_envs, ...] -> [num_minibatches, ..., envs_per_mb, ...]
+                x = jnp.take(x, perm, env_axis)
+                x = x.reshape(x.shape[:env_axis] + (args.num_minibatches, -1) + x.shape[env_axis + 1 :])
+                return jnp.moveaxis(x, env_axis, 0)
+
+            minibatches = (
+                jax.tree.map(lambda x: split_envs(x, 0), initial_carry),
+                jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)),
+            )
+
+            def minibatch_step(train_state, minibatch):
+                carry, (mb, mb_adv, mb_ret) = minibatch
+                grads, stats = jax.grad(ppo_loss, has_aux=True)(train_state.params, carry, mb, mb_adv, mb_ret)
+                return train_state.apply_gradients(grads=grads), stats
+
+            return jax.lax.scan(minibatch_step, train_state, minibatches)
+
+        key, key_epochs = jax.random.split(runner.key)
+        train_state, stats = jax.lax.scan(epoch, runner.train_state, jax.random.split(key_epochs, args.update_epochs))
+        runner = runner._replace(train_state=train_state, key=key)
+
+        var_returns = jnp.var(returns)
+        metrics = {k: v.mean() for k, v in stats.items()}
+        metrics.update(
+            explained_variance=jnp.where(var_returns == 0, jnp.nan, 1 - jnp.var(returns - batch.value) / var_returns),
+            episodes=batch.episode_done.sum(),  # episodes completed in this rollout
+            successes=(batch.episode_done & (batch.reward > 0)).sum(),  # ... and answered right
+            learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
+        )
+        return runner, metrics
+
+    def update_chunk(runner: RunnerState, num_updates: int):
+        return jax.lax.scan(update_step, runner, None, num_updates)
+
+    return init, update_chunk, num_updates
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: input checks, (length, seed) groups, logging, summary table / JSON / plot
+# ---------------------------------------------------------------------------------------------
+def check_args(args: Args) -> str | None:
+    """Return a one-line message saying what to change, or None if the settings can run."""
+    if not args.memory_lengths:
+        return "--memory-lengths is empty: give at least one length, e.g. --memory-lengths 1 2 4 8"
+    if min(args.memory_lengths) < 1:
+        return f"--memory-lengths must all be >= 1 (an episode lasts L + 1 steps), got {min(args.memory_lengths)}"
+    positive = ("num_seeds", "num_bits", "total_timesteps", "num_envs", "num_minibatches", "update_epochs",
+                "hidden_size", "d_model", "ssm_size", "n_layers", "s5_blocks", "learning_rate", "dt_min", "dt_max")  # fmt: skip
+    for name in positive + ("num_steps", "updates_per_chunk"):
+        value = getattr(args, name)
+        if value < 0 or (value == 0 and name in positive):
+            return f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, got {value}"
+    if not (0 < args.success_window <= 1 and 0 <= args.solve_threshold <= 1):
+        return f"--success-window {args.success_window} must be in (0, 1], --solve-threshold {args.solve_threshold} in [0, 1]"
+    if args.num_envs % args.num_minibatches:
+        return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
+                "(minibatches split the envs into whole sequences)")  # fmt: skip
+    longest = max(rollout_length(args, length) for length in args.memory_lengths)
+    if args.total_timesteps < args.num_envs * longest:
+        return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes --num-envs x "
+                f"rollout steps = {args.num_envs} x {longest} = {args.num_envs * longest} steps")  # fmt: skip
+    if args.ssm_size % args.s5_blocks or (args.conj_sym and (args.ssm_size // args.s5_blocks) % 2):
+        return (f"--ssm-size {args.ssm_size} must split into --s5-blocks {args.s5_blocks} equal blocks"
+                + (" of even size (conjugate symmetry keeps half of each)" if args.conj_sym else ""))  # fmt: skip
+    if args.dt_min > args.dt_max:
+        return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
+    return None
+
+
+def default_chunk(num_updates: int) -> int:
+    """About 1/25 of the updates, preferring a divisor of num_updates (one compile instead of two)."""
+    target = max(1, num_updates // 25)
+    return next((d for d in range(target, 2 * target + 1) if num_updates % d == 0), target)
+
+
+def run_group(args: Args, num_steps: int, pairs: list, writers: dict, history: dict, clock: dict, runners: dict):
+    """Train all (length, seed) `pairs` sharing rollouts of `num_steps` as one vmapped program, sharded
+    over the devices. Appends (global_step, episodes, successes) per update to `history[pair]`."""
+    init, update_chunk, num_updates = make_train(args, num_steps)
+    batch_size, chunk = args.num_envs * num_steps, args.updates_per_chunk or default_chunk(num_updates)
+    devices = jax.devices()[: math.gcd(len(pairs), jax.device_count())]
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("pair",)), jax.sharding.PartitionSpec("pair"))
+    keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array([s for _, s in pairs])), sharding)
+    lengths = jax.device_put(jnp.array([length for length, _ in pairs], jnp.int32), sharding)
+    print(f"rollouts of {num_steps} steps for lengths {sorted({L for L, _ in pairs})}: {len(pairs)} (length, seed) pairs "
+          f"on {len(devices)} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} steps")  # fmt: skip
+    start = time.time()
+    # every leaf carries the leading pair axis, sharded; parameters are initialised outside the training jit
+    runner = jax.block_until_ready(jax.jit(jax.vmap(init), out_shardings=sharding)(keys, lengths))
+    compiled = {}
+    for n in sorted({min(chunk, num_updates), num_updates % chunk} - {0}):  # at most two chunk lengths
+        chunk_fn = jax.vmap(partial(update_chunk, num_updates=n))
+        compiled[n] = jax.jit(chunk_fn, in_shardings=sharding, out_shardings=sharding).lower(runner).compile()
+    clock["compile_seconds"] += time.time() - start
+    print(f"initialised and compiled in {time.time() - start:.1f} s")
+    done_updates, run_s = 0, 0.0
+    while done_updates < num_updates:
+        n = min(chunk, num_updates - done_updates)
+        t = time.time()
+        runner, metrics = compiled[n](runner)
+        metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [pairs, n]
+        run_s += time.time() - t
+        clock["run_seconds"] += time.time() - t
+        clock["env_steps"] += n * batch_size * len(pairs)
+        runners[num_steps] = runner
+        for u in range(n):
+            step = (done_updates + u + 1) * batch_size
+            for i, pair in enumerate(pairs):
+                m = {k: float(v[i, u]) for k, v in metrics.items()}
+                episodes, successes = int(m.pop("episodes")), int(m.pop("successes"))
+                history[pair].append((step, episodes, successes))
+                if episodes:  # episodes completed in this rollout; the return is 2 * success_rate - 1
+                    m.update(success_rate=successes / episodes, episodic_return=(2 * successes - episodes) / episodes)
+                for name, value in m.items():
+                    section = "charts" if name in ("success_rate", "episodic_return", "learning_rate") else "losses"
+                    writers[pair].add_scalar(f"{section}/{name}", value, step)
+        done_updates += n
+        sps = n * batch_size / (time.time() - t)
+        for pair in pairs:
+            writers[pair].add_scalar("charts/SPS", sps, done_updates * batch_size)
+            writers[pair].flush()
+        episodes, successes = metrics["episodes"][:, -1].sum(), metrics["successes"][:, -1].sum()
+        print(f"step {done_updates * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS {sps * len(pairs):,.0f} (all "
+              f"pairs) | success {successes / max(episodes, 1):.3f} (all pairs) | ETA {run_s / done_updates * (num_updates - done_updates):.0f} s", flush=True)  # fmt: skip
+
+
+def summarize(args: Args, history: dict, clock: dict) -> dict:
+    """Final success rate and verdicts per (length, seed), then per length over seeds."""
+    per_run, per_length = {}, {}
+    for (length, seed), rows in history.items():
+        if not rows:
+            continue
+        rows = np.array(rows)  # [updates, (global_step, episodes, successes)]
+        recent = rows[-math.ceil(args.success_window * len(rows)) :]
+        final = float(recent[:, 2].sum() / recent[:, 1].sum()) if recent[:, 1].sum() else None
+        overall = float(rows[:, 2].sum() / rows[:, 1].sum()) if rows[:, 1].sum() else None
+        regret_ratio = None if overall is None else (1 - overall) / 0.5  # bsuite: error rate / random's
+        per_run[f"len_{length}_seed_{seed}"] = run = {
+            "memory_length": length, "seed": seed, "updates": len(rows), "global_step": int(rows[-1, 0]),
+            "episodes": int(rows[:, 1].sum()), "final_episodes": int(recent[:, 1].sum()), "final_success_rate": final,
+            "training_success_rate": overall, "bsuite_regret_ratio": regret_ratio,
+            "bsuite_learned": bool(rows[:, 1].sum() >= MIN_VERDICT_EPISODES and regret_ratio < BSUITE_REGRET_THRESHOLD),
+            "solved": bool(recent[:, 1].sum() >= MIN_VERDICT_EPISODES and final >= args.solve_threshold),
+        }  # fmt: skip
+        per_length.setdefault(length, []).append(run)
+    lengths = {}
+    for length, runs in sorted(per_length.items()):
+        rates = [r["final_success_rate"] for r in runs if r["final_success_rate"] is not None]
+        lengths[str(length)] = {
+            "rollout_steps": rollout_length(args, length), "seeds": len(runs), "final_success_rates": rates,
+            "final_success_rate": {"mean": float(np.mean(rates)), "std": float(np.std(rates))} if rates else None,
+            "solved_seeds": sum(r["solved"] for r in runs), "bsuite_learned_seeds": sum(r["bsuite_learned"] for r in runs),
+        }  # fmt: skip
+    all_solved = [int(k) for k, v in lengths.items() if v["solved_seeds"] == v["seeds"] == args.num_seeds]
+    return {
+        "solve_rule": f"final success rate (completed episodes of the last {args.success_window:.0%} of updates, "
+        f"at least {MIN_VERDICT_EPISODES}) >= {args.solve_threshold}",
+        "bsuite_rule": f"bsuite's score: (1 - success rate over all training episodes) / 0.5 < {BSUITE_REGRET_THRESHOLD}",
+        "largest_length_solved_by_all_seeds": max(all_solved, default=None),
+        "compile_seconds": clock["compile_seconds"], "run_seconds": clock["run_seconds"],
+        "sps": clock["env_steps"] / clock["run_seconds"] if clock["run_seconds"] > 0 else None,
+        "per_length": lengths, "per_run": per_run,
+    }  # fmt: skip
+
+
+def summary_table(args: Args, summary: dict) -> str:
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["| memory length | rollout | final success per seed | mean +- std | solved | bsuite learned |", "|-:|-:|-|-|-|-|"]
+    for length, row in summary["per_length"].items():
+        rate = row["final_success_rate"] or {"mean": None, "std": None}
+        lines.append(f"| {length} | {row['rollout_steps']} | {' '.join(map(fmt, row['final_success_rates']))} | "
+                     f"{fmt(rate['mean'])} +- {fmt(rate['std'])} | {row['solved_seeds']}/{row['seeds']} | "
+                     f"{row['bsuite_learned_seeds']}/{row['seeds']} |")  # fmt: skip
+    return "\n".join(lines + ["", f"solved: {summary['solve_rule']}", f"bsuite learned: {summary['bsuite_rule']}",
+                              f"largest memory length solved by all {args.num_seeds} seed(s): "
+                              f"{summary['largest_length_solved_by_all_seeds']}"])  # fmt: skip
+
+
+def plot_success(args: Args, summary: dict, path: str):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [(int(L), rate) for L, row in summary["per_length"].items() for rate in row["final_success_rates"]]
+    ax.scatter(*zip(*rows) if rows else ([], []), s=12, alpha=0.4, label="seeds")
+    means = [(int(L), row["final_success_rate"]["mean"]) for L, row in summary["per_length"].items() if row["final_success_rates"]]
+    ax.plot(*zip(*means) if means else ([], []), "o-", color="C1", label=f"mean over {args.num_seeds} seed(s)")
+    ax.axhline(args.solve_threshold, color="C2", ls="--", lw=1, label=f"solved (>= {args.solve_threshold})")
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="random")
+    ax.set(xscale="log", ylim=(0, 1.02), xlabel="memory length L", ylabel="final success rate",
+           title=f"PPO + S5 on bsuite MemoryChain, {args.total_timesteps:,} steps per run")  # fmt: skip
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    lengths, seeds = sorted(set(args.memory_lengths)), [args.seed + i for i in range(args.num_seeds)]
+    groups = {}  # rollout length -> the memory lengths trained together in one vmapped program
+    for length in lengths:
+        groups.setdefault(rollout_length(args, length), []).append(length)
+    if args.num_steps and args.num_steps <= max(lengths):
+        print(f"note: --num-steps {args.num_steps} < L + 1 for some lengths: their episodes span rollouts and no "
+              "gradient flows from the answer back to the context", file=sys.stderr)  # fmt: skip
+    run_name = f"MemoryChain__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.log_dir, run_name)
+    writers = {(L, s): SummaryWriter(os.path.join(run_dir, f"len_{L}_seed_{s}")) for L in lengths for s in seeds}
+    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    for (length, _), writer in writers.items():
+        writer.add_text("hyperparameters", f"{table}\n|memory_length|{length}|\n|rollout_steps|{rollout_length(args, length)}|")
+    print(f"{run_name}: {len(lengths)} memory length(s) x {args.num_seeds} seed(s), {len(groups)} rollout length(s)")
+    history, clock, runners = {pair: [] for pair in writers}, {"compile_seconds": 0.0, "run_seconds": 0.0, "env_steps": 0}, {}
+    try:
+        for num_steps, group in groups.items():
+            run_group(args, num_steps, [(L, s) for L in group for s in seeds], writers, history, clock, runners)
+    except KeyboardInterrupt:
+        print("\ninterrupted; writing what was logged", file=sys.stderr)
+    finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
+        summary = summarize(args, history, clock)
+        text = summary_table(args, summary)
+        print(f"{text}\ncompile {clock['compile_seconds']:.1f} s, run {clock['run_seconds']:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
+        with open(os.path.join(run_dir, "summary.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"args": asdict(args), **summary}, f, indent=2)
+        plot_success(args, summary, os.path.join(run_dir, "success_vs_length.png"))
+        if args.save_model:  # {"len_{L}_seed_{S}": params} for every (length, seed) trained
+            models = {}
+            for num_steps, runner in runners.items():
+                params = jax.device_get(runner.train_state.params)
+                for i, (L, s) in enumerate((L, s) for L in groups[num_steps] for s in seeds):
+                    models[f"len_{L}_seed_{s}"] = jax.tree.map(lambda x: x[i], params)
+            with open(os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
+                f.write(flax.serialization.to_bytes([asdict(args), models]))
+        for writer in writers.values():
+            writer.close()
+        print(f"results in {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = tyro.cli(Args)
+    error = check_args(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main(args)

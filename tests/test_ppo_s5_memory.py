@@ -1,0 +1,233 @@
+"""bsuite's MemoryChain in envs_popjax, and ppo_s5_memory.py end to end.
+
+The env is checked step by step against bsuite's definition (bsuite/environments/memory_chain.py,
+restated below in plain Python): observation layout, the context only at the start, the query at
+t = L - 1, reward only on step L + 1, episodes of L + 1 steps, terminated and never truncated,
+auto-reset. Then the id forms of `make`, a smoke sweep over two lengths, and the input checks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import envs_popjax as ep
+import ppo_s5_memory as mem
+
+pytestmark = pytest.mark.timeout(600)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class BsuiteMemoryChain:
+    """bsuite's MemoryChain in plain Python, for a given context and query."""
+
+    def __init__(self, memory_length: int, context, query: int):
+        self.memory_length, self.context, self.query, self.t = memory_length, np.asarray(context), int(query), 0
+
+    def observation(self) -> np.ndarray:
+        obs = np.zeros(len(self.context) + 2, np.float32)
+        obs[0] = 1 - self.t / self.memory_length
+        if self.t == self.memory_length - 1:
+            obs[1] = self.query
+        if self.t == 0:
+            obs[2:] = 2 * self.context - 1
+        return obs
+
+    def step(self, action: int):
+        obs = self.observation()  # bsuite returns the observation of the pre-step time
+        self.t += 1
+        if self.t - 1 < self.memory_length:
+            return obs, 0.0, False
+        return obs, 1.0 if action == self.context[self.query] else -1.0, True
+
+
+_ROLLOUTS = {}
+
+
+def rollout(env, params, key, actions):
+    """Reset, then step through `actions` in one jitted scan (memory_length stays a traced param)."""
+    if env.num_bits not in _ROLLOUTS:  # one compile per observation shape
+
+        def run(params, key, actions):
+            obs0, state0 = env.reset(key, params)
+
+            def body(state, inputs):
+                step_key, action = inputs
+                obs, state, reward, terminated, truncated, info = env.step(step_key, state, action, params)
+                out = (info["final_observation"], obs, reward, terminated, truncated, state.context, state.query, state.time)
+                return state, out
+
+            _, outs = jax.lax.scan(body, state0, (jax.random.split(key, actions.shape[0]), actions))
+            return obs0, state0, outs
+
+        _ROLLOUTS[env.num_bits] = jax.jit(run)
+    obs0, state0, outs = _ROLLOUTS[env.num_bits](params, key, actions)
+    return np.asarray(obs0), state0, [np.asarray(x) for x in outs]
+
+
+@pytest.mark.parametrize("num_bits", [1, 3])
+@pytest.mark.parametrize("memory_length", [1, 2, 3, 10])
+def test_steps_match_bsuite_definition(memory_length, num_bits):
+    env, params = ep.make("MemoryChain", memory_length=memory_length, num_bits=num_bits)
+    episodes = 5
+    actions = jnp.asarray(np.random.default_rng(memory_length).integers(0, 2, episodes * (memory_length + 1)), jnp.int32)
+    obs0, state0, (final_obs, obs, reward, terminated, truncated, context, query, time) = rollout(
+        env, params, jax.random.key(num_bits), actions
+    )
+    ref = BsuiteMemoryChain(memory_length, np.asarray(state0.context), int(state0.query))
+    np.testing.assert_allclose(obs0, ref.observation())
+    assert not truncated.any()
+    for t in range(len(actions)):
+        ref_obs, ref_reward, ref_done = ref.step(int(actions[t]))
+        np.testing.assert_allclose(final_obs[t], ref_obs, rtol=1e-6, err_msg=f"step {t + 1}")
+        assert reward[t] == ref_reward and terminated[t] == ref_done, f"step {t + 1}"
+        if ref_done:  # auto-reset: the returned observation starts the next episode
+            ref = BsuiteMemoryChain(memory_length, context[t], query[t])
+            assert time[t] == 0
+            ref_obs = ref.observation()
+        np.testing.assert_allclose(obs[t], ref_obs, rtol=1e-6, err_msg=f"step {t + 1}")
+    assert terminated.sum() == episodes and (np.flatnonzero(terminated) + 1 == (memory_length + 1) * np.arange(1, 6)).all()
+
+
+def test_observation_layout_and_context_only_at_start():
+    L = 6
+    env, params = ep.make("MemoryChain", memory_length=L, num_bits=3)
+    obs0, state0, (final_obs, obs, reward, terminated, *_) = rollout(env, params, jax.random.key(3), jnp.zeros(L + 1, jnp.int32))
+    seen = np.concatenate([obs0[None], final_obs[:L]])  # what the agent sees before each of its L + 1 actions
+    assert seen.shape == (L + 1, 5) and seen.dtype == np.float32
+    np.testing.assert_allclose(seen[:, 0], [1, 1] + [1 - t / L for t in range(1, L)], rtol=1e-6)
+    context = 2 * np.asarray(state0.context) - 1
+    np.testing.assert_array_equal(seen[0, 2:], context)
+    np.testing.assert_array_equal(seen[1, 2:], context)  # the first step returns the t = 0 observation again
+    assert not seen[2:, 2:].any()
+    assert (seen[:, 1] != 0).sum() <= 1 and seen[L, 1] == state0.query  # the query, shown before the answer
+    assert not reward[:L].any() and abs(reward[L]) == 1 and terminated[L] and not terminated[:L].any()
+
+
+def test_oracle_scores_one_and_lengths_vmap_without_truncation():
+    """The answer context[query] always earns +1 (its opposite -1), for lengths vmapped as a traced
+    param; L = 1500 is not cut at gymnax's max_steps_in_episode = 1000."""
+    env = ep.EpisodeStatsWrapper(ep.PreviousActionWrapper(ep.make("MemoryChain")[0]))
+    lengths = jnp.array([1, 7, 1500])
+
+    def run(length, flip, key):
+        params = ep.make("MemoryChain", memory_length=length)[1]
+        obs, state = env.reset(key, params)
+
+        def body(state, step_key):
+            inner = state.env_state.env_state
+            action = inner.context[inner.query] ^ flip
+            obs, state, reward, terminated, truncated, info = env.step(step_key, state, action, params)
+            return state, (reward, terminated, truncated, info["returned_episode"], info["returned_episode_length"])
+
+        return jax.lax.scan(body, state, jax.random.split(key, 3002))[1]
+
+    for flip, expected in ((0, 1.0), (1, -1.0)):
+        reward, terminated, truncated, ended, length = jax.jit(jax.vmap(run, (0, None, None)))(lengths, flip, jax.random.key(0))
+        assert not truncated.any() and (terminated == ended).all()
+        for i, L in enumerate(np.asarray(lengths)):
+            assert int(terminated[i].sum()) == 3002 // (L + 1)
+            np.testing.assert_array_equal(reward[i][terminated[i]], expected)
+            assert not reward[i][~terminated[i]].any()
+            assert (length[i][terminated[i]] == L + 1).all()
+
+
+def test_make_ids_overrides_and_errors():
+    assert ep.canonical_id("MemoryChain-bsuite") == "MemoryChain" and ep.canonical_id("MemoryChain-30") == "MemoryChain-30"
+    assert not any(i.startswith("MemoryChain") for i in ep.ENV_IDS)  # ENV_IDS stays POPGym's
+    assert ep.make("MemoryChain")[1].memory_length == 5  # gymnax's default
+    assert ep.make("MemoryChain-bsuite", memory_length=12)[1].memory_length == 12
+    env, params = ep.make("MemoryChain-30")
+    assert params.memory_length == 30 and params.max_steps_in_episode == 31 and env.num_bits == 1
+    env, params = ep.make("MemoryChain", memory_length=4, num_bits=3)
+    assert env.observation_space(params).shape == (5,) and env.action_space(params).n == 2
+    wrapped = ep.PreviousActionWrapper(env)
+    assert wrapped.observation_space(params).shape == (5 + 2 + 1,)
+    with pytest.raises(ValueError, match="did you mean MemoryChain"):
+        ep.make("MemoryChian")
+    with pytest.raises(ValueError, match="did you mean RepeatPreviousEasy"):
+        ep.make("RepeatPreviousEasi")
+    with pytest.raises(ValueError, match="memory_length must be >= 1"):
+        ep.make("MemoryChain", memory_length=0)
+    with pytest.raises(ValueError, match="memory_length must be >= 1"):
+        ep.make("MemoryChain-0")
+    with pytest.raises(ValueError, match="already sets the memory length"):
+        ep.make("MemoryChain-3", memory_length=4)
+    with pytest.raises(ValueError, match="valid: memory_length, num_bits"):
+        ep.make("MemoryChain", k=3)
+
+
+def test_rollout_lengths_and_chunks():
+    args = mem.Args()
+    assert [mem.rollout_length(args, L) for L in (1, 30, 31, 32, 63, 100, 4096)] == [32, 32, 32, 64, 64, 128, 8192]
+    assert mem.rollout_length(mem.Args(num_steps=16), 100) == 16
+    assert mem.default_chunk(390) == 15 and mem.default_chunk(3) == 1 and mem.default_chunk(101) == 4
+
+
+def test_summary_verdicts():
+    """Final success over the last 10% of updates; no verdict from fewer than MIN_VERDICT_EPISODES."""
+    args = mem.Args(memory_lengths=(4, 8), num_seeds=2, success_window=0.1)
+    learned = [(i, 20, 10) for i in range(1, 91)] + [(i, 20, 20) for i in range(91, 101)]  # 50% then 100%
+    history = {(4, 1): learned, (4, 2): learned, (8, 1): learned, (8, 2): [(i, 1, 1) for i in range(1, 101)]}
+    clock = {"compile_seconds": 1.0, "run_seconds": 2.0, "env_steps": 4}
+    summary = mem.summarize(args, history, clock)
+    run = summary["per_run"]["len_4_seed_1"]
+    assert run["final_success_rate"] == 1.0 and run["final_episodes"] == 200 and run["solved"]
+    assert run["training_success_rate"] == 0.55 and abs(run["bsuite_regret_ratio"] - 0.9) < 1e-12 and not run["bsuite_learned"]
+    few = summary["per_run"]["len_8_seed_2"]
+    assert few["final_success_rate"] == 1.0 and few["final_episodes"] == 10 and not few["solved"]
+    assert summary["per_length"]["8"]["solved_seeds"] == 1 and summary["largest_length_solved_by_all_seeds"] == 4
+    json.dumps(summary)
+    assert "| 4 | 32 | 1.000 1.000 | 1.000 +- 0.000 | 2/2 | 0/2 |" in mem.summary_table(args, summary)
+
+
+def run_script(*flags, **kwargs):
+    return subprocess.run([sys.executable, "ppo_s5_memory.py", *flags], cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def test_smoke_sweep_writes_table_plot_json_and_tensorboard(tmp_path):
+    """Two lengths with different rollouts (32 and 64 steps: two vmapped groups), 2 seeds, tiny budget."""
+    tiny = ["--num-seeds", "2", "--total-timesteps", "1024", "--num-envs", "4", "--num-minibatches", "2",
+            "--update-epochs", "1", "--d-model", "8", "--ssm-size", "8", "--hidden-size", "8", "--n-layers", "1"]  # fmt: skip
+    result = run_script("--memory-lengths", "40", "3", *tiny, "--log-dir", str(tmp_path), timeout=570)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 3 | 32 |" in result.stdout and "| 40 | 64 |" in result.stdout
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "summary.md").read_text().splitlines()[2].startswith("| 3 | 32 |")
+    assert (run_dir / "success_vs_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(summary["per_length"]) == ["3", "40"] and len(summary["per_run"]) == 4
+    for L, row in summary["per_length"].items():
+        assert row["seeds"] == 2 and len(row["final_success_rates"]) == 2
+        assert all(0 <= rate <= 1 for rate in row["final_success_rates"])
+    run = summary["per_run"]["len_40_seed_2"]
+    assert run["updates"] == 1024 // (4 * 64) and run["global_step"] == 1024 and run["episodes"] > 0
+    assert summary["args"]["memory_lengths"] == [40, 3]
+    for L in (3, 40):
+        for seed in (1, 2):
+            events = EventAccumulator(str(run_dir / f"len_{L}_seed_{seed}"))
+            events.Reload()
+            assert {"charts/success_rate", "charts/episodic_return", "charts/SPS", "losses/value_loss"} <= set(events.Tags()["scalars"])
+            assert events.Scalars("charts/success_rate")[-1].step == 1024
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--memory-lengths", "4", "0"], "--memory-lengths must all be >= 1"),
+        (["--memory-lengths"], "--memory-lengths is empty"),
+        (["--num-envs", "6", "--num-minibatches", "4"], "must be divisible by --num-minibatches"),
+        (["--memory-lengths", "100", "--total-timesteps", "1000"], "gives zero updates"),
+    ],
+)
+def test_bad_inputs_fail_before_compiling(flags, message, tmp_path):
+    result = run_script(*flags, "--log-dir", str(tmp_path), timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
+    assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
