@@ -49,7 +49,7 @@ class Args:
     save_model: bool = False
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
-    """PPO updates per jitted chunk between progress/TensorBoard writes (0: about 1/25 of the run)"""
+    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count near 1/25 of it)"""
 
     # Algorithm specific arguments (defaults: the paper's POPGym settings)
     env_id: str = "RepeatPreviousEasy"
@@ -600,7 +600,8 @@ def derive_sizes(args: Args) -> Args:
 
 def main(args: Args) -> dict:
     derive_sizes(args)
-    chunk = args.updates_per_chunk or max(1, args.num_updates // 25)
+    # default: the largest divisor of num_updates up to 1/25 of it, so one program is compiled
+    chunk = args.updates_per_chunk or max(d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.log_dir, run_name)
     seeds = [args.seed + i for i in range(args.num_seeds)]
