@@ -626,12 +626,11 @@ def main(args: Args) -> dict:
             compiled[n] = jax.jit(chunk_fn, in_shardings=sharding, out_shardings=sharding).lower(runner).compile()
         return compiled[n]
 
-    compiled_chunk(min(chunk, args.num_updates))
-    compile_s = time.time() - start
-    print(f"compiled in {compile_s:.1f} s")
-
-    history, mmer, steps_done, run_s = [], np.full(args.num_seeds, -np.inf), 0, 0.0
+    history, mmer, steps_done, run_s, compile_s = [], np.full(args.num_seeds, -np.inf), 0, 0.0, 0.0
     try:
+        compiled_chunk(min(chunk, args.num_updates))
+        compile_s = time.time() - start
+        print(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
             n = min(chunk, args.num_updates - len(history))
             if n not in compiled:
@@ -665,8 +664,9 @@ def main(args: Args) -> dict:
             eta = run_s / len(history) * (args.num_updates - len(history))
             last = history[-1]["episodic_return"]
             mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
+            mean_mmer = mmer[np.isfinite(mmer)].mean() if np.isfinite(mmer).any() else float("nan")
             print(f"step {steps_done:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                  f"(all seeds) | return {mean_ret:+.3f} | mmer {np.mean(np.where(np.isinf(mmer), np.nan, mmer)):+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
+                  f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
