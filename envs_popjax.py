@@ -86,7 +86,15 @@ class CardSequenceState:
     time: jax.Array  # number of step() calls so far; the current observation is cards[time]
 
 
-class RepeatPrevious(PopGymEnvironment):
+class CardSequenceGame(PopGymEnvironment):
+    """A game over one shuffled deck shown card by card; subclasses define obs and reward."""
+
+    def reset_env(self, key, params):
+        state = CardSequenceState(cards=shuffled_cards(key, self.num_decks), time=jnp.int32(0))
+        return self.get_obs(state), state
+
+
+class RepeatPrevious(CardSequenceGame):
     """popgym/envs/repeat_previous.py: name the suit of the card shown k observations ago.
 
     Observation n (n = 0 at reset) is the suit of `cards[n]`. The action taken after seeing it
@@ -110,10 +118,6 @@ class RepeatPrevious(PopGymEnvironment):
 
     def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
         return one_hot(card_suit(state.cards[state.time]), 4)
-
-    def reset_env(self, key, params):
-        state = CardSequenceState(cards=shuffled_cards(key, self.num_decks), time=jnp.int32(0))
-        return self.get_obs(state), state
 
     def step_env(self, key, state, action, params):
         target = self.target_index(state.time)
@@ -147,7 +151,7 @@ def signed_reward(correct: jax.Array, scale) -> jax.Array:
     return (jnp.where(correct, 1.0, -1.0) * scale).astype(jnp.float32)
 
 
-class Autoencode(PopGymEnvironment):
+class Autoencode(CardSequenceGame):
     """popgym/envs/autoencode.py: watch N cards, then name their suits in reverse order.
 
     Obs (mode, suit) -> one-hot(2) ++ one-hot(4), mode WATCH = 1, PLAY = 0. Reset shows
@@ -172,10 +176,6 @@ class Autoencode(PopGymEnvironment):
         suit = jnp.where(state.time <= last, card_suit(state.cards[jnp.minimum(state.time, last)]), 0)
         return jnp.concatenate([one_hot(watching.astype(jnp.int32), 2), one_hot(suit, 4)])
 
-    def reset_env(self, key, params):
-        state = CardSequenceState(cards=shuffled_cards(key, self.num_decks), time=jnp.int32(0))
-        return self.get_obs(state), state
-
     def step_env(self, key, state, action, params):
         last = self.num_cards - 1
         playing = state.time >= last  # the obs acted on carried the PLAY flag
@@ -190,7 +190,7 @@ class Autoencode(PopGymEnvironment):
         return spaces.Discrete(4)
 
 
-class HigherLower(PopGymEnvironment):
+class HigherLower(CardSequenceGame):
     """popgym/envs/higher_lower.py: guess whether the next card ranks higher (action 0) or lower (1).
 
     Obs is one-hot(13) of the rank of cards[time]. Step t compares cards[t + 1] with cards[t]:
@@ -208,10 +208,6 @@ class HigherLower(PopGymEnvironment):
 
     def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
         return one_hot(card_rank(state.cards[state.time]), 13)
-
-    def reset_env(self, key, params):
-        state = CardSequenceState(cards=shuffled_cards(key, self.num_decks), time=jnp.int32(0))
-        return self.get_obs(state), state
 
     def step_env(self, key, state, action, params):
         current = card_rank(state.cards[state.time])
@@ -1011,8 +1007,8 @@ def canonical_id(env_id: str) -> str:
         return env_id
     if env_id in ALIASES:
         return ALIASES[env_id]
-    if memory_chain_id(env_id):  # bsuite's MemoryChain, outside the POPGym registry
-        return memory_chain_id(env_id)
+    if name := memory_chain_id(env_id):  # bsuite's MemoryChain, outside the POPGym registry
+        return name
     close = difflib.get_close_matches(env_id, ENV_IDS + MEMORY_CHAIN_IDS, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"valid ids: {', '.join(CANONICAL_IDS)}"
     raise ValueError(f"unknown env id {env_id!r}; {hint}")
