@@ -1243,3 +1243,278 @@ class EpisodeStatsWrapper(GymnaxWrapper):
             "returned_episode_length": state.returned_episode_length,
         }
         return obs, state, reward, terminated, truncated, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-environment meta-RL (Lu et al. 2023, section 5.3; used by ppo_s5_metarl.py).
+# Continuous-control envs from gymnax and brax, hidden behind random linear projections of their
+# observations and actions. A *trial* is `episodes_per_trial` episodes of one env with one pair of
+# projections; the agent's memory (and the PPO `done`) resets only between trials.
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class MetaEnvSpec:
+    """One env of the meta-RL pool.
+
+    `reward_scale` is the size of a typical per-step reward of the env (a fixed, rough constant);
+    the meta-env divides every reward by `reward_scale * episode_length`, so a typical *episode*
+    return is O(1) (|return| <~ 1) whatever the env and the chosen episode length, and no env
+    dominates the PPO loss. Fixed constants rather than statistics of random rollouts: random
+    policies score ~0 on sparse tasks, and rollouts at construction would cost a brax compile.
+    `episode_length` is the default inner-episode time limit (brax's 1000 is long for a CPU).
+    `backend` pins the brax backend for envs that support only one (brax's swimmer).
+    """
+
+    reward_scale: float = struct.field(pytree_node=False)
+    episode_length: int = struct.field(pytree_node=False)
+    backend: str | None = struct.field(pytree_node=False, default=None)
+
+
+META_ENVS: dict[str, MetaEnvSpec] = {
+    # gymnax 1.0.1's Box-action envs (10-300x cheaper than brax on CPU). Per-step rewards:
+    # Pendulum's cost lies in [-16.3, 0]; MountainCarContinuous pays -0.1 a^2 per step and +100 at
+    # the goal (scaled: 0.5 at 200 steps); PointRobot pays 1 per step inside the goal radius;
+    # Reacher and Swimmer pay in [0, 1].
+    "gymnax/Pendulum-v1": MetaEnvSpec(16.3, 100),
+    "gymnax/MountainCarContinuous-v0": MetaEnvSpec(1.0, 200),
+    "gymnax/PointRobot-misc": MetaEnvSpec(1.0, 100),
+    "gymnax/Reacher-misc": MetaEnvSpec(1.0, 100),
+    "gymnax/Swimmer-misc": MetaEnvSpec(1.0, 100),
+    # brax 0.14 (per-step reward ~ healthy bonus + forward speed - control cost).
+    "brax/inverted_pendulum": MetaEnvSpec(1.0, 200),
+    "brax/inverted_double_pendulum": MetaEnvSpec(10.0, 200),
+    "brax/reacher": MetaEnvSpec(1.0, 100),
+    "brax/pusher": MetaEnvSpec(1.0, 200),
+    "brax/hopper": MetaEnvSpec(3.0, 200),
+    "brax/walker2d": MetaEnvSpec(3.0, 200),
+    "brax/halfcheetah": MetaEnvSpec(5.0, 200),
+    "brax/ant": MetaEnvSpec(3.0, 200),
+    "brax/humanoid": MetaEnvSpec(5.0, 200),
+    "brax/swimmer": MetaEnvSpec(0.3, 200, backend="generalized"),  # brax supports no other backend
+}
+META_ENV_IDS: tuple[str, ...] = tuple(META_ENVS)
+BRAX_BACKENDS = ("spring", "positional", "generalized", "mjx")
+
+
+def meta_env_id(env_id: str) -> str:
+    """`gymnax/Pendulum-v1` / `brax/hopper`; plain names (`Pendulum-v1`, `hopper`) resolve to them.
+    Raises ValueError naming the closest valid ids."""
+    if env_id in META_ENVS:
+        return env_id
+    matches = [i for i in META_ENV_IDS if i.split("/", 1)[1] == env_id]
+    if len(matches) == 1:
+        return matches[0]
+    close = difflib.get_close_matches(env_id, META_ENV_IDS + tuple(i.split("/", 1)[1] for i in META_ENV_IDS), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid ids: {', '.join(META_ENV_IDS)}"
+    raise ValueError(f"unknown meta-RL env id {env_id!r}; {hint}")
+
+
+def check_meta_env_sets(train_ids, heldout_ids) -> tuple[list[str], list[str]]:
+    """Canonical train and held-out ids; ValueError if an id is unknown, repeated, or in both sets."""
+    train, heldout = [meta_env_id(i) for i in train_ids], [meta_env_id(i) for i in heldout_ids]
+    if not train:
+        raise ValueError("the training set is empty")
+    for name, ids in (("training", train), ("held-out", heldout)):
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"the {name} set names an env twice: {', '.join(ids)}")
+    overlap = sorted(set(train) & set(heldout))
+    if overlap:
+        raise ValueError(f"held-out envs must not be trained on; in both sets: {', '.join(overlap)}")
+    return train, heldout
+
+
+class GymnaxInnerEnv:
+    """A gymnax env without auto-reset or time limit: `reset(key) -> (obs, state)`,
+    `step(key, state, action) -> (obs, state, reward, terminated)`."""
+
+    def __init__(self, name: str, episode_length: int):
+        import gymnax
+
+        self.env, params = gymnax.make(name)
+        self.params = params.replace(max_steps_in_episode=episode_length)  # PointRobot shows time / limit
+        space = self.env.action_space(self.params)
+        self.obs_size = math.prod(self.env.observation_space(self.params).shape)
+        self.action_size = math.prod(space.shape)
+        self.low = np.broadcast_to(np.asarray(space.low, np.float32), (self.action_size,))
+        self.high = np.broadcast_to(np.asarray(space.high, np.float32), (self.action_size,))
+
+    def reset(self, key):
+        obs, state = self.env.reset_env(key, self.params)
+        return jnp.reshape(obs, (-1,)).astype(jnp.float32), state
+
+    def step(self, key, state, action):
+        obs, state, reward, terminated, _ = self.env.step_env(key, state, action, self.params)
+        obs = jnp.reshape(obs, (-1,)).astype(jnp.float32)
+        return obs, state, jnp.reshape(reward, ()).astype(jnp.float32), jnp.reshape(terminated, ()).astype(bool)
+
+
+class BraxInnerEnv:
+    """A brax env (no auto-reset, no time limit) with GymnaxInnerEnv's interface; actions in [-1, 1]."""
+
+    def __init__(self, name: str, backend: str):
+        from brax import envs as brax_envs  # imported here: brax (and MuJoCo) load slowly
+
+        self.env = brax_envs.get_environment(name, backend=backend)
+        self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
+        self.low, self.high = -np.ones(self.action_size, np.float32), np.ones(self.action_size, np.float32)
+
+    @staticmethod
+    def _typed(state):  # some envs return Python floats: make the pytrees of reset and step alike
+        return state.replace(reward=jnp.asarray(state.reward, jnp.float32), done=jnp.asarray(state.done, jnp.float32))
+
+    def reset(self, key):
+        state = self._typed(self.env.reset(key))
+        return state.obs, state
+
+    def step(self, key, state, action):
+        state = self._typed(self.env.step(state, action))
+        return state.obs, state, state.reward, state.done > 0.5
+
+
+@struct.dataclass
+class MetaEnvState:
+    env_state: Any
+    w_obs: jax.Array  # [obs_size, env obs size]: agent obs = w_obs @ env obs
+    w_act: jax.Array  # [env action size, action_size]: env action = clip(mid + w_act @ a, low, high)
+    prev_action: jax.Array  # the agent's (clipped) action of the previous step; 0 at a trial start
+    prev_reward: jax.Array  # the scaled reward of the previous step; 0 at a trial start
+    first: jax.Array  # 1.0 on the first observation of every episode of the trial
+    episode: jax.Array  # index of the current episode within the trial, 0-based
+    time: jax.Array  # steps taken in the current episode
+    episode_return: jax.Array  # scaled return of the current episode so far
+
+
+class MetaEnv:
+    """One env of the pool behind random projections; trials of `episodes_per_trial` episodes.
+
+    Agent observation (`obs_size + action_size + 2` floats), in this order:
+      `[W_obs @ o (obs_size), previous action (action_size), previous reward (1), first (1)]`
+    with o the env's observation, the previous action the agent's action clipped to [-1, 1], the
+    previous reward scaled (see `MetaEnvSpec`), and `first` = 1 on the first step of every episode
+    of the trial (0 otherwise). At a trial start the previous action and reward are 0; at an
+    episode start inside a trial they are those of the previous episode's last step (RL^2's
+    inputs: the agent can see how the last episode ended).
+
+    Projections, drawn afresh at every trial start and kept for the whole trial:
+    `W_obs[i, j] ~ N(0, 1 / env_obs_size)` (each projected feature has the scale of an env feature)
+    and `W_act[k, j] ~ N(0, 1 / action_size) * (high_k - low_k) / 2`; the env receives
+    `clip((low + high) / 2 + W_act @ clip(a, -1, 1), low, high)`, so the agent acts in
+    Box(-1, 1, (action_size,)) whatever the env's bounds.
+
+    An episode ends when the env terminates or after `episode_length` steps; the env is then reset
+    (same projections). After `episodes_per_trial` episodes the trial ends: `step` returns
+    `done = True` (the only done the agent's memory sees) and the state is that of `reset`.
+
+    `reset(key) -> (obs, state)`; `step(key, state, action) -> (obs, state, reward, done, info)`,
+    reward scaled; info: `episode_done` (an episode ended at this step), `episode_return` (its
+    scaled return, valid where episode_done), `episode_index` (its index in the trial),
+    `raw_reward`. Pure functions of their inputs: jit- and vmap-able.
+    """
+
+    def __init__(self, env_id: str, obs_size: int = 16, action_size: int = 2, episodes_per_trial: int = 4,
+                 episode_length: int | None = None, brax_backend: str = "spring"):  # fmt: skip
+        self.env_id = meta_env_id(env_id)
+        spec = META_ENVS[self.env_id]
+        if brax_backend not in BRAX_BACKENDS:
+            raise ValueError(f"unknown brax backend {brax_backend!r}; valid: {', '.join(BRAX_BACKENDS)}")
+        for name, value in (("obs_size", obs_size), ("action_size", action_size),
+                            ("episodes_per_trial", episodes_per_trial), ("episode_length", episode_length or 1)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.obs_size, self.action_size = obs_size, action_size
+        self.episodes_per_trial = episodes_per_trial
+        self.episode_length = episode_length or spec.episode_length
+        self.reward_divisor = spec.reward_scale * self.episode_length
+        family, name = self.env_id.split("/", 1)
+        if family == "gymnax":
+            self.env = GymnaxInnerEnv(name, self.episode_length)
+        else:
+            self.env = BraxInnerEnv(name, spec.backend or brax_backend)
+        self.mid = jnp.asarray((self.env.low + self.env.high) / 2)
+        self.half = jnp.asarray((self.env.high - self.env.low) / 2)
+
+    @property
+    def agent_obs_size(self) -> int:
+        return self.obs_size + self.action_size + 2
+
+    def sample_projections(self, key):
+        key_obs, key_act = jax.random.split(key)
+        w_obs = jax.random.normal(key_obs, (self.obs_size, self.env.obs_size)) / math.sqrt(self.env.obs_size)
+        w_act = jax.random.normal(key_act, (self.env.action_size, self.action_size)) / math.sqrt(self.action_size)
+        return w_obs, w_act * self.half[:, None]
+
+    def observe(self, env_obs, state: MetaEnvState) -> jax.Array:
+        return jnp.concatenate([state.w_obs @ env_obs, state.prev_action, state.prev_reward[None], state.first[None]])
+
+    def new_trial(self, key) -> tuple[jax.Array, MetaEnvState]:
+        """The env's first observation (unprojected) and the state of a fresh trial."""
+        key_proj, key_env = jax.random.split(key)
+        w_obs, w_act = self.sample_projections(key_proj)
+        env_obs, env_state = self.env.reset(key_env)
+        zero = jnp.float32(0.0)
+        state = MetaEnvState(env_state, w_obs, w_act, jnp.zeros(self.action_size), zero, jnp.float32(1.0),
+                             jnp.int32(0), jnp.int32(0), zero)  # fmt: skip
+        return env_obs, state
+
+    def reset(self, key):
+        env_obs, state = self.new_trial(key)
+        return self.observe(env_obs, state), state
+
+    def env_action(self, state: MetaEnvState, action: jax.Array) -> jax.Array:
+        return jnp.clip(self.mid + state.w_act @ jnp.clip(action, -1.0, 1.0), self.env.low, self.env.high)
+
+    def step(self, key, state: MetaEnvState, action: jax.Array):
+        key_step, key_reset = jax.random.split(key)
+        action = jnp.clip(action, -1.0, 1.0)
+        env_obs, env_state, raw_reward, terminated = self.env.step(key_step, state.env_state, self.env_action(state, action))
+        reward = raw_reward / self.reward_divisor
+        time = state.time + 1
+        episode_done = terminated | (time >= self.episode_length)
+        trial_done = episode_done & (state.episode + 1 >= self.episodes_per_trial)
+        episode_return = state.episode_return + reward
+        # One reset serves both boundaries: a new episode takes its env state, a new trial all of it.
+        fresh_obs, fresh = self.new_trial(key_reset)
+        select = lambda cond, new, old: jax.tree.map(lambda x, y: jax.lax.select(cond, x, y), new, old)  # noqa: E731
+        continuing = MetaEnvState(
+            env_state=select(episode_done, fresh.env_state, env_state), w_obs=state.w_obs, w_act=state.w_act,
+            prev_action=action.astype(jnp.float32), prev_reward=reward, first=episode_done.astype(jnp.float32),
+            episode=state.episode + episode_done.astype(jnp.int32), time=jnp.where(episode_done, 0, time),
+            episode_return=jnp.where(episode_done, 0.0, episode_return),
+        )  # fmt: skip
+        state = select(trial_done, fresh, continuing)
+        obs = self.observe(jnp.where(episode_done, fresh_obs, env_obs), state)
+        info = {"episode_done": episode_done, "episode_return": episode_return, "episode_index": continuing.episode
+                - episode_done.astype(jnp.int32), "raw_reward": raw_reward}  # fmt: skip
+        return obs, state, reward, trial_done, info
+
+
+class MetaEnvPool:
+    """`num_envs` parallel slots split evenly over `envs` (slot i holds `envs[i // (num_envs // len(envs))]`):
+    brax and gymnax state pytrees differ per env, so each group is vmapped on its own and the
+    groups are concatenated along the batch axis. Projections still change at every trial.
+
+    `reset(key) -> (obs[N, D], states)`, `step(key, states, actions[N, A]) -> (obs, states, reward[N],
+    done[N], info)`; `states` is a tuple with one batched MetaEnvState per env.
+    """
+
+    def __init__(self, envs: list[MetaEnv], num_envs: int):
+        if num_envs % len(envs):
+            raise ValueError(f"num_envs {num_envs} must be divisible by the number of envs {len(envs)} "
+                             "(every env gets the same number of slots)")  # fmt: skip
+        if len({(e.agent_obs_size, e.action_size) for e in envs}) != 1:
+            raise ValueError("all envs of a pool need the same obs_size and action_size")
+        self.envs, self.num_envs, self.per_env = envs, num_envs, num_envs // len(envs)
+        self.agent_obs_size, self.action_size = envs[0].agent_obs_size, envs[0].action_size
+
+    def groups(self, x):
+        return [x[g * self.per_env : (g + 1) * self.per_env] for g in range(len(self.envs))]
+
+    def reset(self, key):
+        out = [jax.vmap(env.reset)(k) for env, k in zip(self.envs, self.groups(jax.random.split(key, self.num_envs)))]
+        return jnp.concatenate([o for o, _ in out]), tuple(s for _, s in out)
+
+    def step(self, key, states, actions):
+        keys = self.groups(jax.random.split(key, self.num_envs))
+        out = [jax.vmap(env.step)(k, s, a) for env, k, s, a in zip(self.envs, keys, states, self.groups(actions))]
+        obs, states, reward, done, info = zip(*out)
+        concat = lambda *xs: jnp.concatenate(xs)  # noqa: E731
+        return concat(*obs), tuple(states), concat(*reward), concat(*done), jax.tree.map(concat, *info)

@@ -1,0 +1,809 @@
+"""Multi-environment meta-RL with a resettable S5 memory (Lu et al., "Structured State Space Models
+for In-Context Reinforcement Learning", NeurIPS 2023, section 5.3), PPO in one file.
+
+A *trial* samples one continuous-control env of the training set and fresh random linear
+projections of its observations and actions, and lasts `--episodes-per-trial` episodes. The agent
+sees the projected observation, its previous action, the previous (scaled) reward and an
+episode-boundary flag (`envs_popjax.MetaEnv` documents the layout, the projection distribution and
+the reward scaling). Its S5 memory is reset only between trials, so it can learn *in context*:
+identify the env and the projections during the first episodes and do better in later ones. That is
+RL^2's meta-episode: PPO's `done` is the trial boundary, and GAE bootstraps across the episode
+boundaries inside a trial (they are only an input flag) and is masked at trial boundaries only.
+
+Every `--eval-every` updates and at the end, the policy runs one trial on fresh projections of every
+training env and every held-out env (never trained on); the mean return of each episode index of
+the trial is the in-context learning curve (TensorBoard `eval/{train,heldout}/{env}/episode_{k}`,
+and summary.json).
+
+CPU setting (the defaults: gymnax envs, 50-step episodes, 4 episodes per trial, a small S5):
+
+    python ppo_s5_metarl.py --num-seeds 4
+    tensorboard --logdir runs
+
+Paper-scale setting (brax envs on a GPU; the paper used DMControl, whose meta-RL hyperparameters
+were not published, so these are our choice at POPGym scale):
+
+    python ppo_s5_metarl.py --num-seeds 8 --brax-backend mjx --episode-length 200 \
+        --train-envs brax/hopper brax/walker2d brax/halfcheetah brax/ant brax/reacher brax/inverted_pendulum \
+        --heldout-envs brax/inverted_double_pendulum brax/pusher brax/swimmer \
+        --obs-size 32 --action-size 8 --num-envs 384 --num-steps 800 --num-minibatches 8 --update-epochs 10 \
+        --d-model 256 --ssm-size 256 --n-layers 4 --learning-rate 1e-4 --total-timesteps 500000000
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache, partial
+from typing import Literal, NamedTuple
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from tensorboardX import SummaryWriter
+
+import envs_popjax
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the first run; run i of `--num-seeds` uses seed + i"""
+    num_seeds: int = 1
+    """number of independent seeds, vmapped and sharded over all visible devices"""
+    log_dir: str = "runs"
+    """folder under which the run folder is created"""
+    save_model: bool = False
+    """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
+    updates_per_chunk: int = 0
+    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count and of --eval-every near 1/25 of the updates)"""
+
+    # Meta-RL environment (defaults: the CPU setting)
+    train_envs: tuple[str, ...] = ("gymnax/Pendulum-v1", "gymnax/Reacher-misc", "gymnax/PointRobot-misc",
+                                   "gymnax/MountainCarContinuous-v0")  # fmt: skip
+    """envs trials are sampled from in training (envs_popjax.META_ENV_IDS; plain names like `hopper` work)"""
+    heldout_envs: tuple[str, ...] = ("gymnax/Swimmer-misc",)
+    """envs only evaluated, never trained on; must not overlap --train-envs"""
+    episodes_per_trial: int = 4
+    """episodes of one env with one pair of projections between two memory resets"""
+    episode_length: int = 50
+    """time limit of every episode in steps (0: each env's default in envs_popjax.META_ENVS)"""
+    obs_size: int = 16
+    """size of the projected observation the agent sees"""
+    action_size: int = 2
+    """size of the agent's action, in [-1, 1], projected to each env's action"""
+    brax_backend: Literal["spring", "positional", "generalized", "mjx"] = "spring"
+    """physics backend of brax envs (spring is the fastest on CPU; mjx is brax's default, for GPUs)"""
+    eval_every: int = 25
+    """evaluate on every train and held-out env every this many updates (0: only at the end)"""
+    eval_trials: int = 32
+    """trials per env in each evaluation (fresh projections; the same keys at every evaluation)"""
+
+    # Algorithm specific arguments
+    total_timesteps: int = 5_000_000
+    """total environment steps per seed"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    num_envs: int = 32
+    """parallel environments per seed, split evenly over --train-envs"""
+    num_steps: int = 200
+    """steps per environment per rollout (the length of each training sequence)"""
+    anneal_lr: bool = False
+    """anneal the learning rate linearly to zero over training"""
+    gamma: float = 0.99
+    """discount factor (over the whole trial: inner episode ends are not terminal)"""
+    gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
+    num_minibatches: int = 4
+    """minibatches per epoch; each holds num_envs / num_minibatches whole sequences"""
+    update_epochs: int = 4
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """PPO ratio clipping coefficient"""
+    clip_vloss: bool = True
+    """clip the value loss like the policy ratio"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient norm clip"""
+
+    # S5 memory
+    d_model: int = 64
+    """width H of the encoder output and of every S5 layer"""
+    ssm_size: int = 64
+    """state size P of each S5 layer before conjugate symmetry halves it"""
+    n_layers: int = 2
+    """number of stacked S5 layers"""
+    s5_blocks: int = 1
+    """number of HiPPO-N blocks on the diagonal of the initial state matrix"""
+    conj_sym: bool = True
+    """keep one of each conjugate eigenvalue pair (P/2 complex states, output 2 Re(C x))"""
+    clip_eigs: bool = False
+    """clip Re(Lambda) below zero so every mode stays stable (the paper: off)"""
+    dt_min: float = 0.001
+    """smallest initial step size of the zero-order-hold discretisation"""
+    dt_max: float = 0.1
+    """largest initial step size"""
+    activation: Literal["full_glu", "half_glu1", "half_glu2", "gelu"] = "full_glu"
+    """activation after each S5 layer"""
+    prenorm: bool = False
+    """LayerNorm before each S5 layer"""
+    postnorm: bool = False
+    """LayerNorm after each residual (its own parameters, separate from the prenorm's)"""
+    s5_scan: Literal["parallel", "sequential"] = "sequential"
+    """how the resettable recurrence is evaluated: associative scan (GPU) or lax.scan (faster on CPU, same numbers)"""
+
+    # to be filled in at runtime
+    batch_size: int = 0
+    """environment steps per update (num_envs * num_steps)"""
+    minibatch_size: int = 0
+    """transitions per minibatch"""
+    num_updates: int = 0
+    """PPO updates per seed (total_timesteps // batch_size)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3).
+# ---------------------------------------------------------------------------------------------
+@lru_cache  # called at every trace of every layer; the eigendecomposition is the slow part
+def hippo_n_diagonalised(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors of the normal part of HiPPO-LegS (S5 section 4.1).
+
+    HiPPO-LegS plus the rank-1 term p p^T (p_k = sqrt(k + 1/2)) is -I/2 + a skew-symmetric
+    matrix K, so its eigenvalues are -1/2 + i w with i w the eigenvalues of K.
+    """
+    q = np.sqrt(2 * np.arange(n) + 1.0)
+    hippo = -(np.tril(np.outer(q, q)) - np.diag(np.arange(n)))
+    p = np.sqrt(np.arange(n) + 0.5)
+    normal = hippo + np.outer(p, p)
+    skew = normal - np.diag(np.diag(normal))
+    w, eigenvectors = np.linalg.eigh(-1j * skew)  # -iK is Hermitian; ascending w
+    return np.diag(normal).mean() + 1j * w, eigenvectors
+
+
+def block_diagonal(*blocks: np.ndarray) -> np.ndarray:
+    rows, cols = sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)
+    out = np.zeros((rows, cols), blocks[0].dtype)
+    r = c = 0
+    for b in blocks:
+        out[r : r + b.shape[0], c : c + b.shape[1]] = b
+        r, c = r + b.shape[0], c + b.shape[1]
+    return out
+
+
+def reset_binary_operator(earlier, later):
+    """Compose two affine maps x -> A x + b, unless the later one resets (c): then it alone counts.
+
+    (A_i, b_i, c_i) . (A_j, b_j, c_j) = (c_j ? A_j : A_j A_i, c_j ? b_j : A_j b_i + b_j, c_i | c_j)
+    """
+    a_i, b_i, c_i = earlier
+    a_j, b_j, c_j = later
+    return jnp.where(c_j, a_j, a_j * a_i), jnp.where(c_j, b_j, a_j * b_i + b_j), c_i | c_j
+
+
+def resettable_parallel_scan(lambda_bar, bu, resets, h0):
+    """x_t = Bu_t if resets[t] else lambda_bar * x_{t-1} + Bu_t, with x_{-1} = h0, for all t at once.
+
+    The carried state enters as an extra first element (1, h0, no reset). bu: [T, ..., P],
+    resets: [T, ...] bool, h0: [..., P]. Returns x: [T, ..., P].
+    """
+    a = jnp.broadcast_to(lambda_bar, (bu.shape[0] + 1,) + bu.shape[1:]).at[0].set(1.0)
+    b = jnp.concatenate([h0[None], bu])
+    c = jnp.concatenate([jnp.zeros_like(resets[:1]), resets])[..., None]
+    _, x, _ = jax.lax.associative_scan(reset_binary_operator, (a, b, c))
+    return x[1:]
+
+
+def resettable_sequential_scan(lambda_bar, bu, resets, h0):
+    """The same recurrence as `resettable_parallel_scan`, one step at a time (lax.scan)."""
+
+    def step(h, inputs):
+        bu_t, reset_t = inputs
+        h = jnp.where(reset_t[..., None], bu_t, lambda_bar * h + bu_t)
+        return h, h
+
+    return jax.lax.scan(step, h0, (bu, resets))[1]
+
+
+class S5SSM(nn.Module):
+    """One S5 state-space layer: complex diagonal Lambda, B, C, real D, learnable step, ZOH."""
+
+    d_model: int
+    ssm_size: int
+    blocks: int = 1
+    conj_sym: bool = True
+    clip_eigs: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    scan: str = "parallel"
+
+    @nn.compact
+    def __call__(self, h0, u, resets):
+        if self.ssm_size % self.blocks or (self.conj_sym and (self.ssm_size // self.blocks) % 2):
+            raise ValueError("ssm_size / blocks must be an integer, and even with conj_sym")
+        block_size = self.ssm_size // self.blocks
+        eigenvalues, eigenvectors = hippo_n_diagonalised(block_size)
+        if self.conj_sym:  # eigenvalues come in conjugate pairs: keep one of each (S5 app. C.1)
+            eigenvalues, eigenvectors = eigenvalues[: block_size // 2], eigenvectors[:, : block_size // 2]
+        eigenvalues = np.tile(eigenvalues, self.blocks)
+        v = block_diagonal(*[eigenvectors] * self.blocks)  # [P, P_kept]
+        v_inv = v.conj().T
+        n_states = eigenvalues.shape[0]
+
+        lambda_re = self.param("lambda_re", lambda _: jnp.asarray(eigenvalues.real, jnp.float32))
+        lambda_im = self.param("lambda_im", lambda _: jnp.asarray(eigenvalues.imag, jnp.float32))
+
+        def init_b(key):  # B~ = V^-1 B with B lecun-normal, stored as (real, imag)
+            b = jnp.asarray(v_inv) @ nn.initializers.lecun_normal()(key, (self.ssm_size, self.d_model))
+            return jnp.stack([b.real, b.imag], -1).astype(jnp.float32)
+
+        def init_c(key):  # C~ = C V with C lecun-normal
+            c = nn.initializers.lecun_normal()(key, (self.d_model, self.ssm_size, 2))
+            c = (c[..., 0] + 1j * c[..., 1]) @ jnp.asarray(v)
+            return jnp.stack([c.real, c.imag], -1).astype(jnp.float32)
+
+        b_param = self.param("B", init_b)
+        c_param = self.param("C", init_c)
+        d = self.param("D", nn.initializers.normal(stddev=1.0), (self.d_model,))
+        log_step = self.param(
+            "log_step",
+            lambda key: jax.random.uniform(key, (n_states,), minval=math.log(self.dt_min), maxval=math.log(self.dt_max)),
+        )
+
+        if self.clip_eigs:
+            lambda_re = jnp.minimum(lambda_re, -1e-4)
+        lam = lambda_re + 1j * lambda_im
+        b_tilde = b_param[..., 0] + 1j * b_param[..., 1]
+        c_tilde = c_param[..., 0] + 1j * c_param[..., 1]
+        # Zero-order hold: lambda_bar = exp(lambda dt), B_bar = (lambda_bar - 1) / lambda * B~.
+        lambda_bar = jnp.exp(lam * jnp.exp(log_step))
+        b_bar = ((lambda_bar - 1) / lam)[:, None] * b_tilde
+
+        bu = u.astype(jnp.complex64) @ b_bar.T
+        scan = resettable_parallel_scan if self.scan == "parallel" else resettable_sequential_scan
+        x = scan(lambda_bar, bu, resets, h0)
+        y = (x @ c_tilde.T).real * (2.0 if self.conj_sym else 1.0) + d * u
+        return x[-1], y
+
+
+class S5Block(nn.Module):
+    """S5 -> activation -> residual, with optional LayerNorms before and after."""
+
+    ssm: dict
+    activation: str = "full_glu"
+    prenorm: bool = False
+    postnorm: bool = False
+
+    @nn.compact
+    def __call__(self, h0, x, resets):
+        skip = x
+        if self.prenorm:
+            x = nn.LayerNorm(name="prenorm")(x)
+        h, x = S5SSM(**self.ssm)(h0, x, resets)
+        width = x.shape[-1]
+        if self.activation == "full_glu":
+            x = nn.gelu(x)
+            x = nn.Dense(width)(x) * nn.sigmoid(nn.Dense(width)(x))
+        elif self.activation == "half_glu1":
+            x = nn.gelu(x)
+            x = x * nn.sigmoid(nn.Dense(width)(x))
+        elif self.activation == "half_glu2":
+            x = x * nn.sigmoid(nn.Dense(width)(nn.gelu(x)))
+        else:
+            x = nn.gelu(x)
+        x = skip + x
+        if self.postnorm:
+            x = nn.LayerNorm(name="postnorm")(x)
+        return h, x
+
+
+class S5Memory(nn.Module):
+    """A stack of resettable S5 layers: `(carry, x[T, B, H], resets[T, B]) -> (carry, y[T, B, H])`.
+
+    `resets[t, b] = True` means x[t, b] is the first input of a new episode: that layer's state is
+    cleared before x[t, b] is consumed. The carry is a tuple of [B, P_kept] complex64 arrays, one
+    per layer; make it with `S5Memory.initialize_carry`.
+    """
+
+    d_model: int = 256
+    ssm_size: int = 256
+    n_layers: int = 4
+    blocks: int = 1
+    conj_sym: bool = True
+    clip_eigs: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    activation: str = "full_glu"
+    prenorm: bool = False
+    postnorm: bool = False
+    scan: str = "parallel"
+
+    @nn.compact
+    def __call__(self, carry, x, resets):
+        ssm = dict(
+            d_model=self.d_model, ssm_size=self.ssm_size, blocks=self.blocks, conj_sym=self.conj_sym,
+            clip_eigs=self.clip_eigs, dt_min=self.dt_min, dt_max=self.dt_max, scan=self.scan,
+        )  # fmt: skip
+        new_carry = []
+        for h0 in carry:
+            h, x = S5Block(ssm, self.activation, self.prenorm, self.postnorm)(h0, x, resets)
+            new_carry.append(h)
+        return tuple(new_carry), x
+
+    @staticmethod
+    def initialize_carry(batch_size: int, ssm_size: int, n_layers: int, conj_sym: bool = True):
+        n_states = ssm_size // 2 if conj_sym else ssm_size
+        return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(n_layers))
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Actor-critic: shared encoder and S5 trunk, separate actor and critic heads (paper, app. B),
+# a diagonal Gaussian policy over the agent's fixed-size action.
+# ---------------------------------------------------------------------------------------------
+class ActorCritic(nn.Module):
+    action_dim: int
+    memory: S5Memory
+
+    @nn.compact
+    def __call__(self, carry, obs, resets):
+        dense = lambda n, scale=math.sqrt(2): nn.Dense(n, kernel_init=nn.initializers.orthogonal(scale))  # noqa: E731
+        x = nn.leaky_relu(dense(128)(obs))
+        x = nn.leaky_relu(dense(self.memory.d_model)(x))
+        carry, x = self.memory(carry, x, resets)
+        actor = nn.leaky_relu(dense(128, 2.0)(nn.leaky_relu(dense(128, 2.0)(x))))
+        mean = dense(self.action_dim, 0.01)(actor)
+        critic = nn.leaky_relu(dense(128, 2.0)(nn.leaky_relu(dense(128, 2.0)(x))))
+        value = dense(1, 1.0)(critic)[..., 0]
+        log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))  # state-independent
+        return carry, (mean, jnp.broadcast_to(log_std, mean.shape)), value
+
+
+def gaussian_sample(key, policy):
+    mean, log_std = policy
+    return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+
+
+def gaussian_log_prob(policy, action):
+    mean, log_std = policy
+    z = (action - mean) / jnp.exp(log_std)
+    return jnp.sum(-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi), -1)
+
+
+def gaussian_entropy(policy):
+    return jnp.sum(policy[1] + 0.5 * math.log(2 * math.pi * math.e), -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO
+# ---------------------------------------------------------------------------------------------
+class Transition(NamedTuple):
+    obs: jax.Array
+    done: jax.Array  # the flag *before* the step: obs is the first of a trial (drives resets)
+    action: jax.Array  # the unclipped Gaussian sample (the env clips it to [-1, 1])
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array  # scaled (envs_popjax.MetaEnvSpec)
+    episode_done: jax.Array  # an inner episode ended at this step (for the logged returns)
+    episode_return: jax.Array  # its scaled return
+    episode_index: jax.Array  # its index within the trial
+
+
+class RunnerState(NamedTuple):
+    train_state: TrainState
+    env_state: object
+    obs: jax.Array
+    done: jax.Array
+    carry: tuple
+    key: jax.Array
+
+
+def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda):
+    """GAE over [T, ...] arrays. dones[t] = obs t starts a trial, so step t is bootstrapped
+    unless the *next* flag (dones[t + 1], or last_done) is set. Inner episode ends are not dones:
+    the trial is one meta-episode (RL^2). Returns (advantages, returns)."""
+
+    def backward(carry, step):
+        gae, next_value, next_done = carry
+        reward, value, done = step
+        not_end = 1.0 - next_done
+        delta = reward + gamma * next_value * not_end - value
+        gae = delta + gamma * gae_lambda * not_end * gae
+        return (gae, value, done.astype(value.dtype)), gae
+
+    init = (jnp.zeros_like(last_value), last_value, last_done.astype(last_value.dtype))
+    _, advantages = jax.lax.scan(backward, init, (rewards, values, dones), reverse=True)
+    return advantages, advantages + values
+
+
+def make_envs(args: Args, env_ids) -> list[envs_popjax.MetaEnv]:
+    return [envs_popjax.MetaEnv(i, args.obs_size, args.action_size, args.episodes_per_trial,
+                                args.episode_length or None, args.brax_backend) for i in env_ids]  # fmt: skip
+
+
+def build_network(args: Args) -> ActorCritic:
+    memory = S5Memory(
+        d_model=args.d_model, ssm_size=args.ssm_size, n_layers=args.n_layers, blocks=args.s5_blocks,
+        conj_sym=args.conj_sym, clip_eigs=args.clip_eigs, dt_min=args.dt_min, dt_max=args.dt_max,
+        activation=args.activation, prenorm=args.prenorm, postnorm=args.postnorm, scan=args.s5_scan,
+    )  # fmt: skip
+    return ActorCritic(args.action_size, memory)
+
+
+def make_train(args: Args):
+    """Returns `(init, update_chunk, evaluate)`, pure functions of one seed: `init(key) -> RunnerState`,
+    `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])` and
+    `evaluate(params, key) -> {"{train|heldout}/{env id}": mean return per episode index}`."""
+    train_ids, heldout_ids = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
+    train_envs = make_envs(args, train_ids)
+    pool = envs_popjax.MetaEnvPool(train_envs, args.num_envs)
+    eval_envs = [("train", env) for env in train_envs] + [("heldout", env) for env in make_envs(args, heldout_ids)]
+    network = build_network(args)
+    new_carry = partial(S5Memory.initialize_carry, ssm_size=args.ssm_size, n_layers=args.n_layers, conj_sym=args.conj_sym)
+    num_episodes = args.episodes_per_trial
+
+    def learning_rate(count):  # CleanRL's linear annealing, once per update
+        frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / args.num_updates
+        return args.learning_rate * frac if args.anneal_lr else args.learning_rate
+
+    optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
+
+    def init(key) -> RunnerState:
+        key, key_params, key_env = jax.random.split(key, 3)
+        dummy_obs = jnp.zeros((1, args.num_envs, pool.agent_obs_size))
+        params = network.init(key_params, new_carry(args.num_envs), dummy_obs, jnp.ones((1, args.num_envs), bool))
+        train_state = TrainState.create(apply_fn=network.apply, params=params, tx=optimizer)
+        obs, env_state = pool.reset(key_env)
+        done = jnp.ones(args.num_envs, bool)  # the first observation starts a trial
+        return RunnerState(train_state, env_state, obs, done, new_carry(args.num_envs), key)
+
+    def act(params, carry, obs, done, key):  # one step of the recurrent policy on a batch
+        carry, policy, value = network.apply(params, carry, obs[None], done[None])
+        policy = jax.tree.map(lambda p: p[0], policy)
+        action = gaussian_sample(key, policy)
+        return carry, action, gaussian_log_prob(policy, action), value[0]
+
+    def env_step(runner: RunnerState, _):
+        key, key_action, key_env = jax.random.split(runner.key, 3)
+        carry, action, log_prob, value = act(runner.train_state.params, runner.carry, runner.obs, runner.done, key_action)
+        obs, env_state, reward, done, info = pool.step(key_env, runner.env_state, action)  # done: trial ended
+        transition = Transition(
+            runner.obs, runner.done, action, log_prob, value, reward, info["episode_done"],
+            info["episode_return"], info["episode_index"],
+        )  # fmt: skip
+        return RunnerState(runner.train_state, env_state, obs, done, carry, key), transition
+
+    def ppo_loss(params, carry, batch: Transition, advantages, returns):
+        _, policy, value = network.apply(params, carry, batch.obs, batch.done)
+        log_prob = gaussian_log_prob(policy, batch.action)
+        log_ratio = log_prob - batch.log_prob
+        ratio = jnp.exp(log_ratio)
+        if args.norm_adv:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        pg_loss = jnp.maximum(
+            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+        ).mean()
+        if args.clip_vloss:
+            value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
+            v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+        else:
+            v_loss = 0.5 * ((value - returns) ** 2).mean()
+        entropy = gaussian_entropy(policy).mean()
+        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+        stats = dict(
+            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
+            old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
+            approx_kl=((ratio - 1) - log_ratio).mean(),
+            clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
+        )  # fmt: skip
+        return loss, stats
+
+    def update_step(runner: RunnerState, _):
+        initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
+        runner, batch = jax.lax.scan(env_step, runner, None, args.num_steps)
+        _, _, last_value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
+        advantages, returns = compute_gae(
+            batch.reward, batch.value, batch.done, last_value[0], runner.done, args.gamma, args.gae_lambda
+        )
+
+        def epoch(train_state, key):
+            # Minibatches split the envs: each keeps whole sequences and its own starting carry.
+            perm = jax.random.permutation(key, args.num_envs)
+
+            def split_envs(x, env_axis):  # [..., num_envs, ...] -> [num_minibatches, ..., envs_per_mb, ...]
+                x = jnp.take(x, perm, env_axis)
+                x = x.reshape(x.shape[:env_axis] + (args.num_minibatches, -1) + x.shape[env_axis + 1 :])
+                return jnp.moveaxis(x, env_axis, 0)
+
+            minibatches = (
+                jax.tree.map(lambda x: split_envs(x, 0), initial_carry),
+                jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)),
+            )
+
+            def minibatch_step(train_state, minibatch):
+                carry, (mb, mb_adv, mb_ret) = minibatch
+                grads, stats = jax.grad(ppo_loss, has_aux=True)(train_state.params, carry, mb, mb_adv, mb_ret)
+                return train_state.apply_gradients(grads=grads), stats
+
+            return jax.lax.scan(minibatch_step, train_state, minibatches)
+
+        key, key_epochs = jax.random.split(runner.key)
+        train_state, stats = jax.lax.scan(epoch, runner.train_state, jax.random.split(key_epochs, args.update_epochs))
+        runner = runner._replace(train_state=train_state, key=key)
+
+        def mean_return(mask):  # mean scaled return of the inner episodes selected by mask (NaN if none)
+            n = mask.sum()
+            return (batch.episode_return * mask).sum() / jnp.where(n, n, jnp.nan)
+
+        var_returns = jnp.var(returns)
+        metrics = {k: v.mean() for k, v in stats.items()}
+        metrics.update(
+            explained_variance=jnp.where(var_returns == 0, jnp.nan, 1 - jnp.var(returns - batch.value) / var_returns),
+            episodes=batch.episode_done.sum(),
+            episodic_return=mean_return(batch.episode_done),
+            first_episode_return=mean_return(batch.episode_done & (batch.episode_index == 0)),
+            last_episode_return=mean_return(batch.episode_done & (batch.episode_index == num_episodes - 1)),
+            learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
+        )
+        return runner, metrics
+
+    def update_chunk(runner: RunnerState, num_updates: int):
+        return jax.lax.scan(update_step, runner, None, num_updates)
+
+    def evaluate(params, key) -> dict[str, jax.Array]:
+        """One trial on each of `eval_trials` fresh projections of every train and held-out env,
+        acting with the stochastic policy from a zero memory. An env's keys are `key` folded with its
+        registry index, so every evaluation of a run, and every run with the same seed, sees the
+        same projections and starts (the curves over training compare like with like)."""
+        results = {}
+        for split, env in eval_envs:
+            n = args.eval_trials
+            key_reset, key_run = jax.random.split(jax.random.fold_in(key, envs_popjax.META_ENV_IDS.index(env.env_id)))
+            obs, state = jax.vmap(env.reset)(jax.random.split(key_reset, n))
+
+            def step(carry, key, env=env):
+                memory, obs, done, state, active, returns = carry
+                key_action, key_env = jax.random.split(key)
+                memory, action, _, _ = act(params, memory, obs, done, key_action)
+                obs, state, _, done, info = jax.vmap(env.step)(jax.random.split(key_env, n), state, action)
+                counted = (active & info["episode_done"])[:, None] * jax.nn.one_hot(info["episode_index"], num_episodes)
+                returns = returns + counted * info["episode_return"][:, None]
+                return (memory, obs, done, state, active & ~done, returns), None
+
+            init = (new_carry(n), obs, jnp.ones(n, bool), state, jnp.ones(n, bool), jnp.zeros((n, num_episodes)))
+            # a trial lasts at most episodes_per_trial * episode_length steps; later steps are masked
+            (*_, returns), _ = jax.lax.scan(step, init, jax.random.split(key_run, num_episodes * env.episode_length))
+            results[f"{split}/{env.env_id}"] = returns.mean(0)
+        return results
+
+    return init, update_chunk, evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: input checks, seeds and devices, evaluation and logging
+# ---------------------------------------------------------------------------------------------
+def check_args(args: Args) -> str | None:
+    """Return a one-line message saying what to change, or None if the settings can run."""
+    try:
+        train, _ = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
+    except ValueError as error:
+        return f"--train-envs/--heldout-envs: {error}"
+    positive = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                "episodes_per_trial", "obs_size", "action_size", "eval_trials", "d_model", "ssm_size", "n_layers",
+                "s5_blocks", "learning_rate", "dt_min", "dt_max")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    for name in ("updates_per_chunk", "eval_every", "episode_length"):
+        if getattr(args, name) < 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+    if args.num_envs % len(train):
+        return (f"--num-envs {args.num_envs} must be divisible by the {len(train)} --train-envs "
+                "(every training env gets the same number of parallel slots)")  # fmt: skip
+    if args.num_envs % args.num_minibatches:
+        return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
+                "(minibatches split the envs into whole sequences)")  # fmt: skip
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes "
+                f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")  # fmt: skip
+    if args.updates_per_chunk and args.eval_every and args.eval_every % args.updates_per_chunk:
+        return f"--eval-every {args.eval_every} must be a multiple of --updates-per-chunk {args.updates_per_chunk}"
+    block = args.ssm_size // args.s5_blocks
+    if args.ssm_size % args.s5_blocks or (args.conj_sym and block % 2):
+        return (f"--ssm-size {args.ssm_size} must split into --s5-blocks {args.s5_blocks} equal blocks"
+                + (" of even size (conjugate symmetry keeps half of each)" if args.conj_sym else ""))  # fmt: skip
+    if args.dt_min > args.dt_max:
+        return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
+    return None
+
+
+def seed_sharding(num_seeds: int):
+    """Shard the leading seed axis over as many devices as divide the number of seeds."""
+    devices = jax.devices()
+    n = math.gcd(num_seeds, len(devices))
+    mesh = jax.sharding.Mesh(np.array(devices[:n]), ("seed",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def derive_sizes(args: Args) -> Args:
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_updates = args.total_timesteps // args.batch_size
+    return args
+
+
+def default_chunk(args: Args) -> int:
+    """The largest divisor of the update count (and of --eval-every) up to 1/25 of the updates."""
+    whole = math.gcd(args.num_updates, args.eval_every) if args.eval_every else args.num_updates
+    return max(d for d in range(1, max(1, args.num_updates // 25) + 1) if whole % d == 0)
+
+
+def mean_std(values) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def eval_summary(seeds: list[int], update: int, step: int, results: dict) -> dict:
+    """One evaluation: per seed and env the mean return of each episode index, and across seeds the
+    first and last episode's return averaged over the envs of each split."""
+    record = {"update": update, "global_step": step,
+              "per_seed": {str(s): {k: v[i].tolist() for k, v in results.items()} for i, s in enumerate(seeds)}}  # fmt: skip
+    for split in ("train", "heldout"):
+        curves = np.array([v for k, v in results.items() if k.startswith(split + "/")])  # [envs, seeds, episodes]
+        if curves.size:
+            record[split] = {
+                "episode_returns": {k.split("/", 1)[1]: mean_std_list(v) for k, v in results.items() if k.startswith(split)},
+                "first_episode": mean_std(curves[:, :, 0].mean(0)), "last_episode": mean_std(curves[:, :, -1].mean(0)),
+                "improvement": mean_std((curves[:, :, -1] - curves[:, :, 0]).mean(0)),
+            }  # fmt: skip
+    return record
+
+
+def mean_std_list(curves) -> dict:  # [seeds, episodes] -> mean and std over seeds per episode index
+    return {"mean": np.mean(curves, 0).tolist(), "std": np.std(curves, 0).tolist()}
+
+
+def log_eval(writers, results: dict, step: int):
+    for i, writer in enumerate(writers):
+        for split in ("train", "heldout"):
+            curves = [v[i] for k, v in results.items() if k.startswith(split + "/")]
+            for name, curve in ((k.split("/", 1)[1], v[i]) for k, v in results.items() if k.startswith(split + "/")):
+                for k, value in enumerate(curve):
+                    writer.add_scalar(f"eval/{split}/{name}/episode_{k + 1}", value, step)
+            if curves:
+                writer.add_scalar(f"eval/{split}/first_episode", np.mean([c[0] for c in curves]), step)
+                writer.add_scalar(f"eval/{split}/last_episode", np.mean([c[-1] for c in curves]), step)
+        writer.flush()
+
+
+def main(args: Args) -> dict:
+    derive_sizes(args)
+    chunk = args.updates_per_chunk or default_chunk(args)
+    run_name = f"metarl__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.log_dir, run_name)
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}")) for s in seeds]
+    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    for writer in writers:
+        writer.add_text("hyperparameters", table)
+
+    init, update_chunk, evaluate = make_train(args)
+    sharding = seed_sharding(args.num_seeds)
+    keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
+    eval_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(keys)  # fixed: every evaluation sees the same trials
+    print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
+          f"{args.num_updates} updates of {args.batch_size} steps; train {', '.join(args.train_envs)}; "
+          f"held-out {', '.join(args.heldout_envs) or 'none'}")  # fmt: skip
+    start = time.time()
+    # every leaf carries the leading seed axis, sharded; parameters are initialised outside the training jit
+    runner = jax.jit(jax.vmap(init), out_shardings=sharding)(keys)
+    evaluate_seeds = jax.jit(jax.vmap(evaluate), in_shardings=sharding, out_shardings=sharding)
+    compiled = {}
+
+    def compiled_chunk(n):  # one compile per distinct chunk length (at most two)
+        if n not in compiled:
+            chunk_fn = jax.vmap(partial(update_chunk, num_updates=n))
+            compiled[n] = jax.jit(chunk_fn, in_shardings=sharding, out_shardings=sharding).lower(runner).compile()
+        return compiled[n]
+
+    def run_eval():
+        t = time.time()
+        results = jax.tree.map(np.asarray, evaluate_seeds(runner.train_state.params, eval_keys))
+        log_eval(writers, results, steps_done)
+        evals.append(eval_summary(seeds, len(history), steps_done, results))
+        line = " | ".join(f"{s} episode 1 {evals[-1][s]['first_episode']['mean']:+.3f} -> {args.episodes_per_trial} "
+                          f"{evals[-1][s]['last_episode']['mean']:+.3f}" for s in ("train", "heldout") if s in evals[-1])  # fmt: skip
+        print(f"eval at update {len(history)}: {line} ({time.time() - t:.1f} s)", flush=True)
+
+    history, evals, steps_done, run_s, compile_s = [], [], 0, 0.0, 0.0
+    try:
+        compiled_chunk(min(chunk, args.num_updates))
+        compile_s = time.time() - start
+        print(f"compiled in {compile_s:.1f} s")
+        run_eval()
+        while len(history) < args.num_updates:
+            n = min(chunk, args.num_updates - len(history))
+            if n not in compiled:
+                t = time.time()
+                compiled_chunk(n)
+                compile_s += time.time() - t
+            t = time.time()
+            runner, metrics = compiled_chunk(n)(runner)
+            metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [seeds, n]
+            elapsed = time.time() - t
+            run_s += elapsed
+            sps = n * args.batch_size / elapsed
+            for u in range(n):
+                steps_done += args.batch_size
+                update = {k: v[:, u] for k, v in metrics.items()}
+                history.append(update)
+                for i, writer in enumerate(writers):
+                    for name in ("episodic_return", "first_episode_return", "last_episode_return"):
+                        if not np.isnan(update[name][i]):
+                            writer.add_scalar(f"charts/{name}", update[name][i], steps_done)
+                    writer.add_scalar("charts/learning_rate", update["learning_rate"][i], steps_done)
+                    for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
+                                 "explained_variance"):  # fmt: skip
+                        writer.add_scalar(f"losses/{name}", update[name][i], steps_done)
+            for writer in writers:
+                writer.add_scalar("charts/SPS", sps, steps_done)
+                writer.flush()
+            eta = run_s / len(history) * (args.num_updates - len(history))
+            last = history[-1]["episodic_return"]
+            mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
+            print(f"step {steps_done:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+                  f"(all seeds) | episode return {mean_ret:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
+            if (args.eval_every and len(history) % args.eval_every == 0) or len(history) == args.num_updates:
+                run_eval()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
+    finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
+        returns = np.array([h["episodic_return"] for h in history]).reshape(len(history), args.num_seeds)
+        summary = {"train_envs": list(args.train_envs), "heldout_envs": list(args.heldout_envs),
+                   "updates": len(history), "global_step": steps_done, "compile_seconds": compile_s,
+                   "run_seconds": run_s, "sps": steps_done * args.num_seeds / run_s if run_s > 0 else None,
+                   "final_episodic_return": {str(s): float(returns[-1, i]) for i, s in enumerate(seeds)} if history else None,
+                   "final_eval": evals[-1] if evals else None, "evals": evals}  # fmt: skip
+        for split in ("train", "heldout"):
+            if evals and split in evals[-1]:
+                r = evals[-1][split]
+                print(f"final eval, {split} envs over {args.num_seeds} seed(s): episode 1 {r['first_episode']['mean']:+.4f} "
+                      f"+- {r['first_episode']['std']:.4f}, episode {args.episodes_per_trial} "
+                      f"{r['last_episode']['mean']:+.4f} +- {r['last_episode']['std']:.4f}")  # fmt: skip
+        print(f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"args": asdict(args), **summary}, f, indent=2)
+        if args.save_model:
+            path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+            with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
+                f.write(flax.serialization.to_bytes([asdict(args), jax.device_get(runner.train_state.params)]))
+            print(f"model saved to {path}")
+        for writer in writers:
+            writer.close()
+        print(f"results in {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = tyro.cli(Args)
+    error = check_args(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main(args)

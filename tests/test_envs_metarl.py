@@ -1,0 +1,168 @@
+"""envs_popjax's meta-RL section: projections, trial/episode boundaries, observation layout, reward
+scaling, the env registry and train/held-out checks, the slot pool, and a brax env end to end."""
+
+import math
+
+import gymnax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs_popjax
+from envs_popjax import MetaEnv, MetaEnvPool
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def rollout(env, key, actions):
+    """Step `env` from reset(key) with the given actions; returns per-step (state before, obs, reward, done, info)."""
+
+    def step(carry, inputs):
+        obs, state = carry
+        key, action = inputs
+        obs2, state2, reward, done, info = env.step(key, state, action)
+        return (obs2, state2), (state, obs2, reward, done, info)
+
+    key_reset, key_steps = jax.random.split(key)
+    obs0, state0 = env.reset(key_reset)
+    keys = jax.random.split(key_steps, len(actions))
+    (_, last_state), out = jax.jit(lambda: jax.lax.scan(step, (obs0, state0), (keys, actions)))()
+    return obs0, out, last_state
+
+
+def test_projections_change_at_trial_boundaries_and_only_there():
+    env = MetaEnv("Pendulum-v1", episodes_per_trial=3, episode_length=4)  # Pendulum never terminates
+    T = 40
+    actions = jax.random.uniform(jax.random.key(1), (T, 2), minval=-1.5, maxval=1.5)
+    _, (before, obs, _, done, info), last = rollout(env, jax.random.key(0), actions)
+    w_obs_after = np.concatenate([np.asarray(before.w_obs[1:]), np.asarray(last.w_obs)[None]])
+    changed = np.any(w_obs_after != np.asarray(before.w_obs), axis=(1, 2))
+    w_act_after = np.concatenate([np.asarray(before.w_act[1:]), np.asarray(last.w_act)[None]])
+    changed_act = np.any(w_act_after != np.asarray(before.w_act), axis=(1, 2))
+    trial_end = (np.arange(T) + 1) % 12 == 0  # 3 episodes x 4 steps
+    np.testing.assert_array_equal(np.asarray(done), trial_end)  # the PPO done: trial ends only
+    np.testing.assert_array_equal(changed, trial_end)
+    np.testing.assert_array_equal(changed_act, trial_end)
+    # the episode-boundary flag (last obs entry) is 1 after every episode end, inner ones included
+    np.testing.assert_array_equal(np.asarray(obs[:, -1]), ((np.arange(T) + 1) % 4 == 0).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(info["episode_done"]), (np.arange(T) + 1) % 4 == 0)
+    np.testing.assert_array_equal(np.asarray(info["episode_index"]), (np.arange(T) // 4) % 3)
+    # projections of different trials are different draws with the documented scale (obs: 3 -> 16)
+    w = np.asarray(before.w_obs[::12])
+    assert len({w_.tobytes() for w_ in w}) == len(w)
+    assert abs(np.std(w) * math.sqrt(3) - 1) < 0.25
+
+
+def test_observation_layout_matches_hand_computation():
+    """[W_obs o, previous action (clipped), previous scaled reward, first flag], checked against gymnax's
+    Pendulum stepped by hand with the env action clip(W_act clip(a, -1, 1), -2, 2)."""
+    T_ep, K = 2, 2
+    env = MetaEnv("gymnax/Pendulum-v1", obs_size=5, action_size=3, episodes_per_trial=K, episode_length=T_ep)
+    pendulum, params = gymnax.make("Pendulum-v1")
+    params = params.replace(max_steps_in_episode=T_ep)
+    divisor = 16.3 * T_ep
+    key = jax.random.key(3)
+    obs, state = env.reset(key)
+    key_proj, key_env = jax.random.split(key)
+    key_obs, key_act = jax.random.split(key_proj)
+    w_obs = np.asarray(jax.random.normal(key_obs, (5, 3))) / math.sqrt(3)
+    w_act = np.asarray(jax.random.normal(key_act, (1, 3))) / math.sqrt(3) * 2.0  # half range of [-2, 2]
+    np.testing.assert_allclose(state.w_obs, w_obs, rtol=1e-6)
+    np.testing.assert_allclose(state.w_act, w_act, rtol=1e-6)
+    o, s = pendulum.reset_env(key_env, params)
+    np.testing.assert_allclose(obs, np.concatenate([w_obs @ np.asarray(o), [0, 0, 0], [0], [1]]), rtol=1e-5, atol=1e-6)
+
+    actions = np.array([[1.7, -0.3, 0.2], [0.5, 0.5, -2.0], [-0.9, 0.1, 0.4], [0.3, 0.3, 0.3]], np.float32)
+    for t, a in enumerate(actions):
+        key_t = jax.random.key(100 + t)
+        obs, state, reward, done, info = env.step(key_t, state, jnp.asarray(a))
+        key_step, key_reset = jax.random.split(key_t)
+        a_clip = np.clip(a, -1, 1)
+        env_action = np.clip(w_act @ a_clip, -2, 2)
+        o, s, raw, _, _ = pendulum.step_env(key_step, s, jnp.asarray(env_action, jnp.float32), params)
+        np.testing.assert_allclose(info["raw_reward"], raw, rtol=1e-5)
+        np.testing.assert_allclose(reward, float(raw) / divisor, rtol=1e-5)
+        episode_end, trial_end = (t + 1) % T_ep == 0, (t + 1) % (T_ep * K) == 0
+        assert bool(done) == trial_end
+        if episode_end:  # the env restarts from the reset drawn with this step's reset key
+            key_proj, key_env = jax.random.split(key_reset)
+            o, s = pendulum.reset_env(key_env, params)
+        if trial_end:  # fresh projections; previous action and reward zeroed
+            key_obs, key_act = jax.random.split(key_proj)
+            w_obs = np.asarray(jax.random.normal(key_obs, (5, 3))) / math.sqrt(3)
+            w_act = np.asarray(jax.random.normal(key_act, (1, 3))) / math.sqrt(3) * 2.0
+            expected = np.concatenate([w_obs @ np.asarray(o), [0, 0, 0], [0], [1]])
+        else:  # inside a trial the previous action/reward cross episode boundaries (RL^2)
+            expected = np.concatenate([w_obs @ np.asarray(o), a_clip, [float(raw) / divisor], [float(episode_end)]])
+        np.testing.assert_allclose(obs, expected, rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+        assert obs.shape == (env.agent_obs_size,) == (5 + 3 + 2,)
+
+
+@pytest.mark.parametrize("env_id, length", [("Reacher-misc", 7), ("gymnax/PointRobot-misc", 0), ("Pendulum-v1", 0)])
+def test_reward_scaling_divides_by_reward_scale_times_episode_length(env_id, length):
+    env = MetaEnv(env_id, episodes_per_trial=2, episode_length=length or None)
+    spec = envs_popjax.META_ENVS[envs_popjax.meta_env_id(env_id)]
+    assert env.episode_length == (length or spec.episode_length)
+    actions = jax.random.uniform(jax.random.key(2), (env.episode_length + 5, 2), minval=-1, maxval=1)
+    _, (_, _, reward, _, info), _ = rollout(env, jax.random.key(1), actions)
+    np.testing.assert_allclose(reward, info["raw_reward"] / (spec.reward_scale * env.episode_length), rtol=1e-6)
+    # episode returns are sums of scaled rewards: O(1) at any episode length
+    ends = np.flatnonzero(np.asarray(info["episode_done"]))
+    first = np.asarray(reward[: ends[0] + 1]).sum()
+    np.testing.assert_allclose(info["episode_return"][ends[0]], first, rtol=1e-5, atol=1e-7)
+    assert abs(first) <= 1.0
+
+
+def test_registry_ids_and_train_heldout_sets():
+    assert envs_popjax.meta_env_id("hopper") == "brax/hopper"
+    assert envs_popjax.meta_env_id("Pendulum-v1") == "gymnax/Pendulum-v1"
+    with pytest.raises(ValueError, match="gymnax/Pendulum-v1"):
+        envs_popjax.meta_env_id("Pendulm-v1")
+    with pytest.raises(ValueError, match="in both sets: gymnax/Pendulum-v1, gymnax/Reacher-misc"):
+        envs_popjax.check_meta_env_sets(["Pendulum-v1", "gymnax/Reacher-misc"], ["Reacher-misc", "gymnax/Pendulum-v1"])
+    with pytest.raises(ValueError, match="twice"):
+        envs_popjax.check_meta_env_sets(["Pendulum-v1", "gymnax/Pendulum-v1"], [])
+    train, heldout = envs_popjax.check_meta_env_sets(["Pendulum-v1"], ["Swimmer-misc"])
+    assert train == ["gymnax/Pendulum-v1"] and heldout == ["gymnax/Swimmer-misc"]
+    gymnax_box = [i for i in gymnax.registered_envs if i.endswith(("-misc", "v1", "v0"))]
+    for env_id in envs_popjax.META_ENV_IDS:
+        family, name = env_id.split("/")
+        assert family in ("gymnax", "brax") and (family == "brax" or name in gymnax_box)
+
+
+def test_pool_gives_each_env_an_equal_block_of_slots():
+    envs = [MetaEnv("Pendulum-v1", episode_length=3), MetaEnv("Reacher-misc", episode_length=5)]
+    with pytest.raises(ValueError, match="divisible"):
+        MetaEnvPool(envs, 5)
+    pool = MetaEnvPool(envs, 4)
+    obs, states = jax.jit(pool.reset)(jax.random.key(0))
+    assert obs.shape == (4, pool.agent_obs_size)
+    assert states[0].w_obs.shape == (2, 16, 3) and states[1].w_obs.shape == (2, 16, 8)  # Pendulum, Reacher
+    step = jax.jit(pool.step)
+    key = jax.random.key(1)
+    first_flags = []
+    for _ in range(6):
+        key, k = jax.random.split(key)
+        obs, states, reward, done, info = step(k, states, jnp.zeros((4, 2)))
+        first_flags.append(np.asarray(obs[:, -1]))
+    # slots 0-1 hold Pendulum (3-step episodes), slots 2-3 Reacher (5-step episodes)
+    np.testing.assert_array_equal(np.array(first_flags)[:, 0], [0, 0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(np.array(first_flags)[:, 2], [0, 0, 0, 0, 1, 0])
+
+
+@pytest.mark.timeout(600)
+def test_brax_inverted_pendulum_through_the_meta_env():
+    env = MetaEnv("brax/inverted_pendulum", episodes_per_trial=2, episode_length=10, brax_backend="spring")
+    assert env.env.env.backend == "spring"
+    T = 30
+    actions = jax.random.uniform(jax.random.key(1), (T, 2), minval=-1, maxval=1)
+    obs0, (before, obs, reward, done, info), _ = rollout(env, jax.random.key(0), actions)
+    assert obs0.shape == obs.shape[1:] == (16 + 2 + 2,) and np.isfinite(obs).all()
+    # the pole pays 1 per step alive: scaled by 1 / (1.0 * 10)
+    np.testing.assert_allclose(reward, info["raw_reward"] / 10.0, rtol=1e-6)
+    lengths = np.diff(np.concatenate([[-1], np.flatnonzero(np.asarray(info["episode_done"]))]))
+    assert (lengths <= 10).all() and len(lengths) >= 3
+    # the PPO done is raised after every second episode only
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(done)), np.flatnonzero(np.asarray(info["episode_done"]))[1::2])
+    np.testing.assert_array_equal(np.asarray(obs[:, -1]), np.asarray(info["episode_done"], np.float32))
