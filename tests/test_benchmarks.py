@@ -1,0 +1,99 @@
+"""Smoke tests of benchmarks/bench_memory_layers.py, bench_end_to_end.py and bench_learning.py:
+each script's --quick mode in a subprocess into a temporary results folder; JSON fields, tables and
+PNGs checked. Numbers are not asserted beyond being positive (speed is reported, never tested)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run_bench(name, *flags, cwd):
+    script = os.path.join(ROOT, "benchmarks", f"{name}.py")
+    return subprocess.run([sys.executable, script, *flags], cwd=cwd, capture_output=True, text=True, timeout=280)
+
+
+def check_machine(machine):
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["jax"] and machine["jax_devices"]
+    assert len(machine["load_average_at_start"]) == 3 and len(machine["load_average_at_end"]) == 3
+
+
+def test_memory_layers_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("bench_memory_layers", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_memory_layers_quick.json").read_text())
+    check_machine(report["machine"])
+    assert report["args"]["quick"] and report["args"]["d_model"] == 16
+    assert report["memory_source"] in ("compiled_bytes.total", "device_peak_bytes")
+    assert set(report["results"]) == {"s5_parallel", "s5_sequential", "lstm", "attention"}
+    for name, points in report["results"].items():
+        assert [p["length"] for p in points] == [64, 128], name
+        for p in points:
+            assert p["status"] == "ok" and p["time_s"] > 0 and p["peak_bytes"] > 0 and p["n_params"] > 0
+            assert p["compiled_bytes"]["total"] > 0
+    # the two S5 series are one module with two scans: same parameters
+    assert report["results"]["s5_parallel"][0]["n_params"] == report["results"]["s5_sequential"][0]["n_params"]
+    table = (out / "bench_memory_layers_quick.md").read_text()
+    assert "| 64 |" in table and "| 128 |" in table and "s5_parallel time" in table and "attention memory" in table
+    assert (out / "bench_memory_layers_quick.png").stat().st_size > 1000
+
+
+def test_end_to_end_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("bench_end_to_end", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_end_to_end_smoke.json").read_text())
+    check_machine(report["machine"])
+    assert report["settings"]["preset"] == "smoke" and report["settings"]["env_id"] == "RepeatPreviousEasy"
+    assert [(r["round"], r["model"]) for r in report["runs"]] == [(1, "S5"), (1, "LSTM")]  # alternating
+    for r in report["runs"]:
+        assert r["compile_s"] > 0 and r["sps"] > 0 and r["first_update_ready_s"] >= r["compile_s"]
+        assert len(r["update_times_s"]) == report["settings"]["warmup_updates"] + report["settings"]["updates"]
+        assert len(r["load_average_before"]) == 3 and len(r["load_average_after"]) == 3
+    # both scripts got the same PPO settings
+    s5, lstm = report["script_args"]["S5"], report["script_args"]["LSTM"]
+    for key in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "learning_rate", "env_id", "seed"):
+        assert s5[key] == lstm[key], key
+    summary = report["summary"]
+    assert summary["ratio_sps"] == pytest.approx(summary["S5"]["sps"] / summary["LSTM"]["sps"])
+    table = (out / "bench_end_to_end_smoke.md").read_text()
+    assert "| 1 | S5 |" in table and "| 1 | LSTM |" in table and "S5/LSTM" in table
+
+
+def test_learning_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("bench_learning", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_learning_quick.json").read_text())
+    check_machine(report["machine"])
+    assert report["settings"]["seeds"] == [1, 2]
+    assert list(report["results"]) == ["RepeatPreviousEasy"]
+    for model in ("S5", "LSTM"):
+        r = report["results"]["RepeatPreviousEasy"][model]
+        assert set(r["per_seed"]) == {"1", "2"} and r["global_step"] == report["settings"]["total_timesteps"]
+        mmers = [v["mmer"] for v in r["per_seed"].values()]
+        assert r["mmer"]["mean"] == pytest.approx(sum(mmers) / 2)
+        # the curves read back from TensorBoard agree with the summary's MMER
+        for seed, (steps, returns) in r["curves"].items():
+            assert steps and max(returns) == pytest.approx(r["per_seed"][seed]["mmer"], abs=1e-6)
+        assert len(r["curve_mean"]["steps"]) == len(r["curve_mean"]["mean"]) and not math.isnan(r["curve_mean"]["mean"][-1])
+        assert os.path.isdir(r["run_dir"])
+    table = (out / "bench_learning_quick.md").read_text()
+    assert "| RepeatPreviousEasy |" in table and "S5 MMER" in table and "LSTM MMER" in table
+    assert (out / "bench_learning_quick.png").stat().st_size > 1000
+
+
+def test_bad_inputs_fail_before_compiling(tmp_path):
+    proc = run_bench("bench_learning", "--quick", "--env-ids", "RepeatPreviousEasyy", "--out-dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode != 0 and "RepeatPreviousEasy" in proc.stderr
+    proc = run_bench("bench_memory_layers", "--quick", "--series", "lstm", "mamba", "--out-dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode != 0 and "mamba" in proc.stderr
+    assert not any(tmp_path.iterdir())
