@@ -145,6 +145,8 @@ class AttentionMemory(nn.Module):
 def build_layer(name: str, args: Args):
     """(module, initial carry) for one series."""
     if name in ("s5_parallel", "s5_sequential"):
+        if name == "s5_sequential" and "scan" not in S5Memory.__dataclass_fields__:
+            raise ValueError("this ppo_s5_popgym.S5Memory has no `scan` option")
         module = S5Memory(
             d_model=args.d_model, ssm_size=args.ssm_size, n_layers=args.n_layers,
             scan="parallel" if name == "s5_parallel" else "sequential",
@@ -221,6 +223,15 @@ def measure_point(name: str, length: int, args: Args) -> dict:
     return point
 
 
+def scaling_exponent(points: list[dict], key: str, last: int = 3) -> float | None:
+    """Slope of log(key) against log(length) over the last `last` measured points (1: linear, 2: quadratic)."""
+    timed = [p for p in points if p.get(key)][-last:]
+    if len(timed) < 2:
+        return None
+    slope = np.polyfit(np.log2([p["length"] for p in timed]), np.log2([p[key] for p in timed]), 1)[0]
+    return float(slope)
+
+
 def lengths(args: Args) -> list[int]:
     out, n = [], args.min_length
     while n <= args.max_length:
@@ -273,6 +284,10 @@ def markdown(results: dict, args: Args, machine: dict, memory_source: str) -> st
                 cells_t.append(fmt_time(p["time_s"]) + (" (cap)" if p["status"] != "ok" else ""))
                 cells_m.append(fmt_bytes(p["peak_bytes"]))
         lines.append(f"| {length} | " + " | ".join(cells_t) + " | " + " | ".join(cells_m) + " |")
+    slopes = [scaling_exponent(results[n], "time_s") for n in names] + [scaling_exponent(results[n], "peak_bytes") for n in names]
+    lines.append("| slope, last 3 lengths | " + " | ".join("-" if e is None else f"{e:.2f}" for e in slopes) + " |")
+    lines += ["", "Slope: of log(time) and log(memory) against log(length) over each series' last three "
+              "measured lengths (1 = linear, 2 = quadratic)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -349,6 +364,10 @@ def main(args: Args) -> dict:
         "machine": machine, "args": dataclasses.asdict(args), "unix_time": time.time(),
         "memory_source": "device_peak_bytes" if on_gpu else "compiled_bytes.total", "memory_note": memory_source,
         "results": results,
+        "scaling_exponent_last3": {
+            n: {"time": scaling_exponent(pts, "time_s"), "memory": scaling_exponent(pts, "peak_bytes")}
+            for n, pts in results.items()
+        },
     }  # fmt: skip
     out = write_results(args.out_dir, out_name, report, table)
     plot(results, args, machine, out / f"{out_name}.png", "device peak" if on_gpu else "compiled")
