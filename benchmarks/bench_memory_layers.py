@@ -11,11 +11,12 @@ Series (each maps `(carry, x[T, B, H], resets[T, B]) -> (carry, y[T, B, H])`):
   causal attention (O(T^2) in time and memory per layer).
 
 For each series and each length T = min_length, 2 min_length, ... max_length: the loss is the mean
-square of the output, `jax.value_and_grad` over the parameters is jitted and compiled ahead of time
-(compile excluded), run once untimed, then `--repeats` timed runs each ending in
-`block_until_ready`; the median is reported. A series stops at the first length that does not fit
-(compiled memory above `--max-memory-gb`, or the allocator fails) or whose time exceeds
-`--time-cap` seconds (that point is kept, measured once).
+square of the output; `jax.value_and_grad` over the parameters and the input is jitted and
+compiled ahead of time (compile excluded), run once untimed, then `--repeats` timed runs each
+ending in `block_until_ready`; the median is reported. A series stops at the first length that
+does not fit (compiled memory above `--max-memory-gb`, or the allocator fails) or whose time
+exceeds `--time-cap` seconds (that point is kept; if the untimed run alone exceeded the cap, its
+time is the one reported).
 
 Peak memory per point: on GPU `device.memory_stats()["peak_bytes_in_use"]` (a process-wide high
 water mark, so lengths run in increasing order); everywhere the compiled executable's
@@ -24,9 +25,9 @@ The JSON says which one each number is.
 
 Run from the repository root:
 
-    python benchmarks/bench_memory_layers.py                   # defaults: batch 1, width 256, 4 layers (about 10 min, 2 cores)
-    python benchmarks/bench_memory_layers.py --batch-size 8 --figure   # also writes the PNG to benchmarks/figures/
-    python benchmarks/bench_memory_layers.py --quick           # smoke test: width 16, 2 lengths, seconds
+    python benchmarks/bench_memory_layers.py              # batch 1, width 256, 4 layers: about 10 min on 2 cores
+    python benchmarks/bench_memory_layers.py --figure     # also writes the PNG to benchmarks/figures/
+    python benchmarks/bench_memory_layers.py --quick      # smoke test: width 16, lengths 64 and 128, seconds
 
 Writes `{out_dir}/{out_name}.json` (machine, settings, every point), `{out_name}.md` (the table)
 and `{out_name}.png` (log-log time and memory against length, one line per series); `--figure`
@@ -171,7 +172,7 @@ def compiled_bytes(compiled) -> dict | None:
         return None
     fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes")
     raw = {f: int(getattr(stats, f)) for f in fields}
-    raw["total"] = raw["temp_size_in_bytes"] + raw["argument_size_in_bytes"] + raw["output_size_in_bytes"] - raw["alias_size_in_bytes"]
+    raw["total"] = sum(raw[f] for f in fields[:3]) - raw["alias_size_in_bytes"]  # aliased outputs reuse inputs
     return raw
 
 
@@ -196,7 +197,8 @@ def measure_point(name: str, length: int, args: Args) -> dict:
     point = {"length": length, "n_params": int(n_params)}
     t = time.perf_counter()
     try:
-        compiled = jax.jit(jax.value_and_grad(loss)).lower(params, carry, x, resets).compile()
+        # gradients for the parameters and the input (in a network the memory sits after an encoder)
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).lower(params, carry, x, resets).compile()
     except Exception as error:  # noqa: BLE001 (XLA reports OOM at compile time on some backends)
         return {**point, "status": "does not fit", "error": str(error).splitlines()[0][:300]}
     point["compile_s"] = time.perf_counter() - t
@@ -257,12 +259,25 @@ def fmt_bytes(b: int | None) -> str:
     return f"{b / 2**20:.0f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
+def point_memory(p: dict) -> int | None:
+    return p.get("peak_bytes") or (p.get("compiled_bytes") or {}).get("total")
+
+
+def point_cells(p: dict | None) -> tuple[str, str]:
+    """(time, memory) table cells of one point; a stopped point shows why instead of a time."""
+    if p is None:
+        return "", ""
+    if "time_s" not in p:
+        return p["status"], fmt_bytes(point_memory(p))
+    return fmt_time(p["time_s"]) + (" (cap)" if p["status"] != "ok" else ""), fmt_bytes(point_memory(p))
+
+
 def markdown(results: dict, args: Args, machine: dict, memory_source: str) -> str:
     all_lengths = sorted({p["length"] for pts in results.values() for p in pts})
     names = list(results)
     params = {n: next((p["n_params"] for p in results[n]), None) for n in names}
     lines = [
-        f"Forward+backward (value_and_grad of mean(y^2) over the parameters) per batch of "
+        f"Forward+backward (value_and_grad of mean(y^2) over the parameters and the input) per batch of "
         f"{args.batch_size} sequences, width {args.d_model}: S5 {args.n_layers} layers, P={args.ssm_size}; "
         f"LSTM 1 cell; attention {args.n_layers} blocks, {args.n_heads} heads, MLP x{args.mlp_ratio}. "
         f"jit, compile excluded, median of {args.repeats}. Memory: {memory_source}. {machine_line(machine)}",
@@ -273,18 +288,9 @@ def markdown(results: dict, args: Args, machine: dict, memory_source: str) -> st
         "|---:|" + "---:|" * (2 * len(names)),
     ]
     for length in all_lengths:
-        cells_t, cells_m = [], []
-        for n in names:
-            p = next((p for p in results[n] if p["length"] == length), None)
-            if p is None:
-                cells_t.append(""), cells_m.append("")
-            elif "time_s" not in p:
-                cells_t.append(p["status"]), cells_m.append(fmt_bytes((p.get("compiled_bytes") or {}).get("total")))
-            else:
-                cells_t.append(fmt_time(p["time_s"]) + (" (cap)" if p["status"] != "ok" else ""))
-                cells_m.append(fmt_bytes(p["peak_bytes"]))
-        lines.append(f"| {length} | " + " | ".join(cells_t) + " | " + " | ".join(cells_m) + " |")
-    slopes = [scaling_exponent(results[n], "time_s") for n in names] + [scaling_exponent(results[n], "peak_bytes") for n in names]
+        cells = [point_cells(next((p for p in results[n] if p["length"] == length), None)) for n in names]
+        lines.append(f"| {length} | " + " | ".join(c[0] for c in cells) + " | " + " | ".join(c[1] for c in cells) + " |")
+    slopes = [scaling_exponent(results[n], key) for key in ("time_s", "peak_bytes") for n in names]
     lines.append("| slope, last 3 lengths | " + " | ".join("-" if e is None else f"{e:.2f}" for e in slopes) + " |")
     lines += ["", "Slope: of log(time) and log(memory) against log(length) over each series' last three "
               "measured lengths (1 = linear, 2 = quadratic)."]  # fmt: skip
@@ -352,9 +358,8 @@ def main(args: Args) -> dict:
             point["load_average"] = load_average()
             results[name].append(point)
             print(f"{name:>14} T={length:>6}: {point['status']:>18}  {fmt_time(point.get('time_s')):>10}  "
-                  f"{fmt_bytes(point.get('peak_bytes') or (point.get('compiled_bytes') or {}).get('total')):>9}  "
-                  f"(compile {point.get('compile_s', float('nan')):.1f} s, load {point['load_average'][0] if point['load_average'] else '?'})",
-                  flush=True)  # fmt: skip
+                  f"{fmt_bytes(point_memory(point)):>9}  (compile {point.get('compile_s', float('nan')):.1f} s, "
+                  f"load {point['load_average']})", flush=True)  # fmt: skip
             if point["status"] != "ok":
                 break
     machine["load_average_at_end"] = load_average()
