@@ -97,3 +97,27 @@ def test_bad_inputs_fail_before_compiling(tmp_path):
     proc = run_bench("bench_memory_layers", "--quick", "--series", "lstm", "mamba", "--out-dir", str(tmp_path), cwd=tmp_path)
     assert proc.returncode != 0 and "mamba" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_attention_resets_are_episode_masks():
+    """The benchmark's attention with resets equals running each episode on its own."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_memory_layers import AttentionMemory
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    module = AttentionMemory(n_layers=2, n_heads=2)
+    x = jax.random.normal(jax.random.key(0), (12, 2, 8))  # [T, B, H]
+    resets = np.zeros((12, 2), bool)
+    resets[[0, 5, 9], 0] = True  # env 0: episodes [0, 5), [5, 9), [9, 12)
+    resets[0, 1] = True  # env 1: one episode
+    params = module.init(jax.random.key(1), None, x, resets)
+    _, y = module.apply(params, None, x, resets)
+    for start, stop in ((0, 5), (5, 9), (9, 12)):
+        _, alone = module.apply(params, None, x[start:stop, :1], resets[start:stop, :1])
+        np.testing.assert_allclose(y[start:stop, :1], alone, rtol=1e-5, atol=1e-5)
+    _, causal = module.apply(params, None, x[:7, 1:], resets[:7, 1:])  # no position sees the future
+    np.testing.assert_allclose(y[:7, 1:], causal, rtol=1e-5, atol=1e-5)
