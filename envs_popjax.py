@@ -1261,22 +1261,25 @@ class MetaEnvSpec:
     dominates the PPO loss. Fixed constants rather than statistics of random rollouts: random
     policies score ~0 on sparse tasks, and rollouts at construction would cost a brax compile.
     `episode_length` is the default inner-episode time limit (brax's 1000 is long for a CPU).
-    `backend` pins the brax backend for envs that support only one (brax's swimmer).
+    `backend` pins the brax backend for envs that support only one (brax's swimmer); `params`
+    overrides gymnax env params.
     """
 
     reward_scale: float = struct.field(pytree_node=False)
     episode_length: int = struct.field(pytree_node=False)
     backend: str | None = struct.field(pytree_node=False, default=None)
+    params: dict | None = struct.field(pytree_node=False, default=None)
 
 
 META_ENVS: dict[str, MetaEnvSpec] = {
     # gymnax 1.0.1's Box-action envs (10-300x cheaper than brax on CPU). Per-step rewards:
     # Pendulum's cost lies in [-16.3, 0]; MountainCarContinuous pays -0.1 a^2 per step and +100 at
-    # the goal (scaled: 0.5 at 200 steps); PointRobot pays 1 per step inside the goal radius;
+    # the goal (scaled: 0.5 at 200 steps); PointRobot (dense: its sparse reward is out of a random
+    # policy's reach behind projections) pays minus the distance to its hidden goal, in [-2, 0];
     # Reacher and Swimmer pay in [0, 1].
     "gymnax/Pendulum-v1": MetaEnvSpec(16.3, 100),
     "gymnax/MountainCarContinuous-v0": MetaEnvSpec(1.0, 200),
-    "gymnax/PointRobot-misc": MetaEnvSpec(1.0, 100),
+    "gymnax/PointRobot-misc": MetaEnvSpec(1.0, 100, params={"dense_reward": True}),
     "gymnax/Reacher-misc": MetaEnvSpec(1.0, 100),
     "gymnax/Swimmer-misc": MetaEnvSpec(1.0, 100),
     # brax 0.14 (per-step reward ~ healthy bonus + forward speed - control cost).
@@ -1326,11 +1329,11 @@ class GymnaxInnerEnv:
     """A gymnax env without auto-reset or time limit: `reset(key) -> (obs, state)`,
     `step(key, state, action) -> (obs, state, reward, terminated)`."""
 
-    def __init__(self, name: str, episode_length: int):
+    def __init__(self, name: str, episode_length: int, params: dict | None = None):
         import gymnax
 
-        self.env, params = gymnax.make(name)
-        self.params = params.replace(max_steps_in_episode=episode_length)  # PointRobot shows time / limit
+        self.env, default_params = gymnax.make(name)  # PointRobot shows time / limit: set the limit
+        self.params = default_params.replace(max_steps_in_episode=episode_length, **(params or {}))
         space = self.env.action_space(self.params)
         self.obs_size = math.prod(self.env.observation_space(self.params).shape)
         self.action_size = math.prod(space.shape)
@@ -1376,11 +1379,13 @@ class MetaEnvState:
     w_obs: jax.Array  # [obs_size, env obs size]: agent obs = w_obs @ env obs
     w_act: jax.Array  # [env action size, action_size]: env action = clip(mid + w_act @ a, low, high)
     prev_action: jax.Array  # the agent's (clipped) action of the previous step; 0 at a trial start
-    prev_reward: jax.Array  # the scaled reward of the previous step; 0 at a trial start
+    prev_reward: jax.Array  # the previous step's reward / reward_scale (O(1) per step); 0 at a trial start
     first: jax.Array  # 1.0 on the first observation of every episode of the trial
     episode: jax.Array  # index of the current episode within the trial, 0-based
     time: jax.Array  # steps taken in the current episode
     episode_return: jax.Array  # scaled return of the current episode so far
+    start_obs: jax.Array  # the env's first observation of the trial (unprojected) ...
+    start_env_state: Any  # ... and its state: every episode restarts here when fixed_reset
 
 
 class MetaEnv:
@@ -1389,7 +1394,9 @@ class MetaEnv:
     Agent observation (`obs_size + action_size + 2` floats), in this order:
       `[W_obs @ o (obs_size), previous action (action_size), previous reward (1), first (1)]`
     with o the env's observation, the previous action the agent's action clipped to [-1, 1], the
-    previous reward scaled (see `MetaEnvSpec`), and `first` = 1 on the first step of every episode
+    previous reward divided by the env's `reward_scale` (O(1) per step as an input; the reward
+    `step` returns is further divided by the episode length, see `MetaEnvSpec`), and `first` = 1
+    on the first step of every episode
     of the trial (0 otherwise). At a trial start the previous action and reward are 0; at an
     episode start inside a trial they are those of the previous episode's last step (RL^2's
     inputs: the agent can see how the last episode ended).
@@ -1401,7 +1408,11 @@ class MetaEnv:
     Box(-1, 1, (action_size,)) whatever the env's bounds.
 
     An episode ends when the env terminates or after `episode_length` steps; the env is then reset
-    (same projections). After `episodes_per_trial` episodes the trial ends: `step` returns
+    (same projections). With `fixed_reset` (the default) every episode of a trial restarts from the
+    trial's first env state: the env's own reset randomness (PointRobot's hidden goal, Reacher's
+    target, the initial state) is part of the task and fixed for the trial, as in the point-robot
+    meta-RL benchmarks (VariBAD, BOReL) and popjaxrl's meta-CartPole; without it every episode
+    draws a fresh reset and only the env and projections carry over. After `episodes_per_trial` episodes the trial ends: `step` returns
     `done = True` (the only done the agent's memory sees) and the state is that of `reset`.
 
     `reset(key) -> (obs, state)`; `step(key, state, action) -> (obs, state, reward, done, info)`,
@@ -1411,8 +1422,9 @@ class MetaEnv:
     """
 
     def __init__(self, env_id: str, obs_size: int = 16, action_size: int = 2, episodes_per_trial: int = 4,
-                 episode_length: int | None = None, brax_backend: str = "spring"):  # fmt: skip
+                 episode_length: int | None = None, brax_backend: str = "spring", fixed_reset: bool = True):  # fmt: skip
         self.env_id = meta_env_id(env_id)
+        self.fixed_reset = fixed_reset
         spec = META_ENVS[self.env_id]
         if brax_backend not in BRAX_BACKENDS:
             raise ValueError(f"unknown brax backend {brax_backend!r}; valid: {', '.join(BRAX_BACKENDS)}")
@@ -1423,10 +1435,10 @@ class MetaEnv:
         self.obs_size, self.action_size = obs_size, action_size
         self.episodes_per_trial = episodes_per_trial
         self.episode_length = episode_length or spec.episode_length
-        self.reward_divisor = spec.reward_scale * self.episode_length
+        self.reward_scale, self.reward_divisor = spec.reward_scale, spec.reward_scale * self.episode_length
         family, name = self.env_id.split("/", 1)
         if family == "gymnax":
-            self.env = GymnaxInnerEnv(name, self.episode_length)
+            self.env = GymnaxInnerEnv(name, self.episode_length, spec.params)
         else:
             self.env = BraxInnerEnv(name, spec.backend or brax_backend)
         self.mid = jnp.asarray((self.env.low + self.env.high) / 2)
@@ -1452,7 +1464,7 @@ class MetaEnv:
         env_obs, env_state = self.env.reset(key_env)
         zero = jnp.float32(0.0)
         state = MetaEnvState(env_state, w_obs, w_act, jnp.zeros(self.action_size), zero, jnp.float32(1.0),
-                             jnp.int32(0), jnp.int32(0), zero)  # fmt: skip
+                             jnp.int32(0), jnp.int32(0), zero, env_obs, env_state)  # fmt: skip
         return env_obs, state
 
     def reset(self, key):
@@ -1471,17 +1483,24 @@ class MetaEnv:
         episode_done = terminated | (time >= self.episode_length)
         trial_done = episode_done & (state.episode + 1 >= self.episodes_per_trial)
         episode_return = state.episode_return + reward
-        # One reset serves both boundaries: a new episode takes its env state, a new trial all of it.
+        # One reset serves both boundaries: a new episode may take its env state, a new trial all of it.
         fresh_obs, fresh = self.new_trial(key_reset)
         select = lambda cond, new, old: jax.tree.map(lambda x, y: jax.lax.select(cond, x, y), new, old)  # noqa: E731
+        if self.fixed_reset:
+            restart_obs, restart_state = state.start_obs, state.start_env_state
+        else:
+            restart_obs, restart_state = fresh_obs, fresh.env_state
         continuing = MetaEnvState(
-            env_state=select(episode_done, fresh.env_state, env_state), w_obs=state.w_obs, w_act=state.w_act,
-            prev_action=action.astype(jnp.float32), prev_reward=reward, first=episode_done.astype(jnp.float32),
+            env_state=select(episode_done, restart_state, env_state), w_obs=state.w_obs, w_act=state.w_act,
+            prev_action=action.astype(jnp.float32), prev_reward=raw_reward / self.reward_scale,
+            first=episode_done.astype(jnp.float32),
             episode=state.episode + episode_done.astype(jnp.int32), time=jnp.where(episode_done, 0, time),
-            episode_return=jnp.where(episode_done, 0.0, episode_return),
+            episode_return=jnp.where(episode_done, 0.0, episode_return), start_obs=state.start_obs,
+            start_env_state=state.start_env_state,
         )  # fmt: skip
         state = select(trial_done, fresh, continuing)
-        obs = self.observe(jnp.where(episode_done, fresh_obs, env_obs), state)
+        env_obs = jnp.where(trial_done, fresh_obs, jnp.where(episode_done, restart_obs, env_obs))
+        obs = self.observe(env_obs, state)
         info = {"episode_done": episode_done, "episode_return": episode_return, "episode_index": continuing.episode
                 - episode_done.astype(jnp.int32), "raw_reward": raw_reward}  # fmt: skip
         return obs, state, reward, trial_done, info

@@ -69,14 +69,13 @@ class Args:
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count and of --eval-every near 1/25 of the updates)"""
 
     # Meta-RL environment (defaults: the CPU setting)
-    train_envs: tuple[str, ...] = ("gymnax/Pendulum-v1", "gymnax/Reacher-misc", "gymnax/PointRobot-misc",
-                                   "gymnax/MountainCarContinuous-v0")  # fmt: skip
+    train_envs: tuple[str, ...] = ("gymnax/Pendulum-v1", "gymnax/Reacher-misc", "gymnax/PointRobot-misc")
     """envs trials are sampled from in training (envs_popjax.META_ENV_IDS; plain names like `hopper` work)"""
     heldout_envs: tuple[str, ...] = ("gymnax/Swimmer-misc",)
     """envs only evaluated, never trained on; must not overlap --train-envs"""
     episodes_per_trial: int = 4
     """episodes of one env with one pair of projections between two memory resets"""
-    episode_length: int = 50
+    episode_length: int = 30
     """time limit of every episode in steps (0: each env's default in envs_popjax.META_ENVS)"""
     obs_size: int = 16
     """size of the projected observation the agent sees"""
@@ -84,6 +83,8 @@ class Args:
     """size of the agent's action, in [-1, 1], projected to each env's action"""
     brax_backend: Literal["spring", "positional", "generalized", "mjx"] = "spring"
     """physics backend of brax envs (spring is the fastest on CPU; mjx is brax's default, for GPUs)"""
+    fixed_reset: bool = True
+    """every episode of a trial restarts from the trial's first env state (goal, target and start are part of the task)"""
     eval_every: int = 25
     """evaluate on every train and held-out env every this many updates (0: only at the end)"""
     eval_trials: int = 32
@@ -92,11 +93,11 @@ class Args:
     # Algorithm specific arguments
     total_timesteps: int = 5_000_000
     """total environment steps per seed"""
-    learning_rate: float = 3e-4
+    learning_rate: float = 6e-4
     """Adam learning rate"""
-    num_envs: int = 32
+    num_envs: int = 48
     """parallel environments per seed, split evenly over --train-envs"""
-    num_steps: int = 200
+    num_steps: int = 120
     """steps per environment per rollout (the length of each training sequence)"""
     anneal_lr: bool = False
     """anneal the learning rate linearly to zero over training"""
@@ -106,7 +107,7 @@ class Args:
     """lambda of generalised advantage estimation"""
     num_minibatches: int = 4
     """minibatches per epoch; each holds num_envs / num_minibatches whole sequences"""
-    update_epochs: int = 4
+    update_epochs: int = 6
     """epochs over each rollout"""
     norm_adv: bool = True
     """normalise advantages per minibatch"""
@@ -433,7 +434,7 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
 
 def make_envs(args: Args, env_ids) -> list[envs_popjax.MetaEnv]:
     return [envs_popjax.MetaEnv(i, args.obs_size, args.action_size, args.episodes_per_trial,
-                                args.episode_length or None, args.brax_backend) for i in env_ids]  # fmt: skip
+                                args.episode_length or None, args.brax_backend, args.fixed_reset) for i in env_ids]  # fmt: skip
 
 
 def build_network(args: Args) -> ActorCritic:

@@ -54,11 +54,14 @@ def test_projections_change_at_trial_boundaries_and_only_there():
     assert abs(np.std(w) * math.sqrt(3) - 1) < 0.25
 
 
-def test_observation_layout_matches_hand_computation():
-    """[W_obs o, previous action (clipped), previous scaled reward, first flag], checked against gymnax's
-    Pendulum stepped by hand with the env action clip(W_act clip(a, -1, 1), -2, 2)."""
+@pytest.mark.parametrize("fixed_reset", [True, False])
+def test_observation_layout_matches_hand_computation(fixed_reset):
+    """[W_obs o, previous action (clipped), previous reward / reward_scale, first flag], checked against gymnax's
+    Pendulum stepped by hand with the env action clip(W_act clip(a, -1, 1), -2, 2). Episodes inside a
+    trial restart from the trial's first state (fixed_reset) or from a fresh reset."""
     T_ep, K = 2, 2
-    env = MetaEnv("gymnax/Pendulum-v1", obs_size=5, action_size=3, episodes_per_trial=K, episode_length=T_ep)
+    env = MetaEnv("gymnax/Pendulum-v1", obs_size=5, action_size=3, episodes_per_trial=K, episode_length=T_ep,
+                  fixed_reset=fixed_reset)  # fmt: skip
     pendulum, params = gymnax.make("Pendulum-v1")
     params = params.replace(max_steps_in_episode=T_ep)
     divisor = 16.3 * T_ep
@@ -71,6 +74,7 @@ def test_observation_layout_matches_hand_computation():
     np.testing.assert_allclose(state.w_obs, w_obs, rtol=1e-6)
     np.testing.assert_allclose(state.w_act, w_act, rtol=1e-6)
     o, s = pendulum.reset_env(key_env, params)
+    trial_start = o, s
     np.testing.assert_allclose(obs, np.concatenate([w_obs @ np.asarray(o), [0, 0, 0], [0], [1]]), rtol=1e-5, atol=1e-6)
 
     actions = np.array([[1.7, -0.3, 0.2], [0.5, 0.5, -2.0], [-0.9, 0.1, 0.4], [0.3, 0.3, 0.3]], np.float32)
@@ -85,16 +89,18 @@ def test_observation_layout_matches_hand_computation():
         np.testing.assert_allclose(reward, float(raw) / divisor, rtol=1e-5)
         episode_end, trial_end = (t + 1) % T_ep == 0, (t + 1) % (T_ep * K) == 0
         assert bool(done) == trial_end
-        if episode_end:  # the env restarts from the reset drawn with this step's reset key
-            key_proj, key_env = jax.random.split(key_reset)
+        key_proj, key_env = jax.random.split(key_reset)
+        if trial_end or (episode_end and not fixed_reset):  # a reset drawn with this step's reset key
             o, s = pendulum.reset_env(key_env, params)
+        elif episode_end:  # the trial's first state again
+            o, s = trial_start
         if trial_end:  # fresh projections; previous action and reward zeroed
             key_obs, key_act = jax.random.split(key_proj)
             w_obs = np.asarray(jax.random.normal(key_obs, (5, 3))) / math.sqrt(3)
             w_act = np.asarray(jax.random.normal(key_act, (1, 3))) / math.sqrt(3) * 2.0
             expected = np.concatenate([w_obs @ np.asarray(o), [0, 0, 0], [0], [1]])
         else:  # inside a trial the previous action/reward cross episode boundaries (RL^2)
-            expected = np.concatenate([w_obs @ np.asarray(o), a_clip, [float(raw) / divisor], [float(episode_end)]])
+            expected = np.concatenate([w_obs @ np.asarray(o), a_clip, [float(raw) / 16.3], [float(episode_end)]])
         np.testing.assert_allclose(obs, expected, rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
         assert obs.shape == (env.agent_obs_size,) == (5 + 3 + 2,)
 

@@ -1,0 +1,161 @@
+"""PPO + S5 meta-RL: GAE over trials, memory resets at trial boundaries only, deterministic evaluation,
+the script end to end (TensorBoard eval tags, summary JSON) and bad inputs."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import envs_popjax
+import ppo_s5_metarl as metarl
+
+pytestmark = pytest.mark.timeout(600)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "ppo_s5_metarl.py")
+TINY = dict(num_envs=4, num_steps=12, update_epochs=1, num_minibatches=2, d_model=16, ssm_size=8, n_layers=1,
+            episode_length=3, episodes_per_trial=2, eval_trials=3)  # fmt: skip
+TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+ENVS = dict(train_envs=("Pendulum-v1", "Reacher-misc"), heldout_envs=("Swimmer-misc",))
+ENV_FLAGS = ["--train-envs", *ENVS["train_envs"], "--heldout-envs", *ENVS["heldout_envs"]]
+
+
+def tiny_args(**kw) -> metarl.Args:
+    return metarl.derive_sizes(metarl.Args(total_timesteps=3 * 48, **{**TINY, **ENVS, **kw}))
+
+
+def test_gae_bootstraps_across_inner_episodes_and_masks_trial_ends():
+    rng = np.random.default_rng(0)
+    T = 12
+    rewards, values = rng.normal(size=(T, 1)), rng.normal(size=(T, 1))
+    dones = np.zeros((T, 1), bool)
+    dones[6] = True  # a trial starts at t = 6; inner episode ends are not dones
+    with jax.enable_x64(True):
+        adv, _ = metarl.compute_gae(*map(jnp.asarray, (rewards, values, dones, np.zeros(1), np.zeros(1, bool))), 0.9, 1.0)
+    expected, gae = np.zeros(T), 0.0
+    for t in reversed(range(T)):
+        not_end = 0.0 if t == 5 else 1.0
+        next_value = values[t + 1, 0] if t < T - 1 else 0.0
+        gae = rewards[t, 0] + 0.9 * next_value * not_end - values[t, 0] + 0.9 * not_end * gae
+        expected[t] = gae
+    np.testing.assert_allclose(np.asarray(adv)[:, 0], expected, rtol=1e-12)
+
+
+def test_memory_resets_at_trial_boundaries_only():
+    """Acting on a real rollout with the env's dones equals running each trial from a zero memory,
+    and differs from also resetting at the inner episode boundaries (the memory spans a trial)."""
+    args = tiny_args()
+    env = envs_popjax.MetaEnv("Pendulum-v1", episodes_per_trial=2, episode_length=3)
+    obs, state = env.reset(jax.random.key(0))
+    obs_seq, done_seq, done = [], [], True
+    for t in range(14):
+        obs_seq.append(obs)
+        done_seq.append(done)
+        obs, state, _, done, _ = env.step(jax.random.key(t + 1), state, jnp.array([0.5, -0.5]) * (t % 3 - 1))
+    obs_seq, done_seq = jnp.stack(obs_seq)[:, None], jnp.array(done_seq)[:, None]
+    np.testing.assert_array_equal(np.flatnonzero(done_seq[:, 0]), [0, 6, 12])  # trials of 2 x 3 steps
+    np.testing.assert_array_equal(np.flatnonzero(obs_seq[:, 0, -1]), [0, 3, 6, 9, 12])  # episode starts
+
+    network = metarl.build_network(args)
+    carry0 = metarl.S5Memory.initialize_carry(1, args.ssm_size, args.n_layers)
+    params = network.init(jax.random.key(1), carry0, obs_seq, done_seq)
+    apply = jax.jit(network.apply)
+    _, (mean, _), value = apply(params, carry0, obs_seq, done_seq)
+    for start, stop in ((0, 6), (6, 12), (12, 14)):
+        _, (seg_mean, _), seg_value = apply(params, carry0, obs_seq[start:stop], jnp.zeros((stop - start, 1), bool))
+        np.testing.assert_allclose(seg_mean, mean[start:stop], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(seg_value, value[start:stop], rtol=1e-5, atol=1e-6)
+    # resetting at inner episode starts too would give other outputs in the second episode of a trial
+    _, (mean_ep, _), _ = apply(params, carry0, obs_seq, obs_seq[..., -1] > 0)
+    assert not np.allclose(mean_ep[3:6], mean[3:6], atol=1e-6)
+
+
+def test_evaluation_is_jitted_deterministic_and_independent_of_the_env_set():
+    init, update_chunk, evaluate = metarl.make_train(tiny_args())
+    runner = jax.jit(init)(jax.random.key(4))
+    key = jax.random.key(7)
+    evaluate = jax.jit(evaluate)
+    results = evaluate(runner.train_state.params, key)
+    assert sorted(results) == ["heldout/gymnax/Swimmer-misc", "train/gymnax/Pendulum-v1", "train/gymnax/Reacher-misc"]
+    for curve in results.values():
+        assert curve.shape == (2,) and np.isfinite(curve).all()
+    again = evaluate(runner.train_state.params, key)
+    for k in results:
+        np.testing.assert_array_equal(results[k], again[k])
+    # an env's trials depend on the key and the env only, not on which other envs are evaluated
+    _, _, evaluate_other = metarl.make_train(tiny_args(heldout_envs=()))
+    other = jax.jit(evaluate_other)(runner.train_state.params, key)
+    np.testing.assert_array_equal(other["train/gymnax/Pendulum-v1"], results["train/gymnax/Pendulum-v1"])
+    # a Pendulum episode's scaled return lies in [-1, 0]
+    assert (-1 <= results["train/gymnax/Pendulum-v1"]).all() and (results["train/gymnax/Pendulum-v1"] <= 0).all()
+
+
+def run_script(*flags, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_smoke_run_writes_eval_tags_and_summary(tmp_path):
+    result = run_script(*TINY_FLAGS, *ENV_FLAGS, "--total-timesteps=144", "--num-seeds=2", "--seed=5",
+                        "--eval-every=2", f"--log-dir={tmp_path}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled in" in result.stdout and "final eval, heldout envs over 2 seed(s)" in result.stdout
+    (run_dir,) = glob.glob(str(tmp_path / "metarl__ppo_s5_metarl__5__*"))
+    assert sorted(os.listdir(run_dir)) == ["seed_5", "seed_6", "summary.json"]
+    for seed in (5, 6):
+        acc = EventAccumulator(os.path.join(run_dir, f"seed_{seed}"))
+        acc.Reload()
+        scalars = set(acc.Tags()["scalars"])
+        for tag in ("charts/episodic_return", "charts/first_episode_return", "charts/last_episode_return",
+                    "charts/SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl",
+                    "eval/train/gymnax/Pendulum-v1/episode_1", "eval/train/gymnax/Reacher-misc/episode_2",
+                    "eval/heldout/gymnax/Swimmer-misc/episode_1", "eval/heldout/gymnax/Swimmer-misc/episode_2",
+                    "eval/train/first_episode", "eval/train/last_episode", "eval/heldout/first_episode",
+                    "eval/heldout/last_episode"):  # fmt: skip
+            assert tag in scalars, tag
+        # evaluated before training, every 2 updates, and at the end (update 3)
+        assert [e.step for e in acc.Scalars("eval/heldout/last_episode")] == [0, 96, 144]
+        assert [e.step for e in acc.Scalars("losses/value_loss")] == [48, 96, 144]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["updates"] == 3 and summary["global_step"] == 144
+    assert [e["update"] for e in summary["evals"]] == [0, 2, 3]
+    final = summary["final_eval"]
+    assert set(final["per_seed"]) == {"5", "6"}
+    assert len(final["per_seed"]["5"]["heldout/gymnax/Swimmer-misc"]) == 2  # one return per episode index
+    for split in ("train", "heldout"):
+        assert set(final[split]) == {"episode_returns", "first_episode", "last_episode", "improvement"}
+        assert set(final[split]["first_episode"]) == {"mean", "std"}
+    assert set(final["train"]["episode_returns"]) == {"gymnax/Pendulum-v1", "gymnax/Reacher-misc"}
+
+
+def test_bad_inputs_are_caught_before_compiling():
+    cases = [
+        (dict(heldout_envs=("gymnax/Reacher-misc",)), "in both sets: gymnax/Reacher-misc"),
+        (dict(train_envs=("Pendulum-v2",)), "Pendulum-v1"),
+        (dict(num_envs=6, num_minibatches=4, train_envs=("Pendulum-v1", "Reacher-misc", "PointRobot-misc"),
+              heldout_envs=()), "--num-minibatches"),  # fmt: skip
+        (dict(num_envs=5, num_minibatches=5), "divisible by the 2 --train-envs"),
+        (dict(eval_every=3, updates_per_chunk=2), "--eval-every 3 must be a multiple"),
+        (dict(episodes_per_trial=0), "--episodes-per-trial must be positive"),
+    ]
+    for overrides, message in cases:
+        error = metarl.check_args(tiny_args(**overrides))
+        assert error and message in error, (overrides, error)
+    assert metarl.check_args(tiny_args()) is None
+    result = run_script("--train-envs", "Pendulum-v1", "--heldout-envs", "Pendulum-v1", timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "gymnax/Pendulum-v1" in lines[0] and "compiled" not in result.stdout
+
+
+def test_help_documents_every_flag():
+    out = run_script("--help", timeout=120).stdout
+    for field in fields(metarl.Args):
+        assert f"--{field.name.replace('_', '-')}" in out, field.name
