@@ -150,9 +150,9 @@ def markdown(report: dict) -> str:
         "|---|" + "---|" * (2 * len(models)) + "---:|" * len(models),
     ]
     for env_id, per_model in results.items():
-        cells = [fmt_mmer(per_model[m].get("mmer")) for m in models]
-        cells += [fmt_mmer(per_model[m].get("final_episodic_return")) for m in models]
-        cells += [f"{per_model[m].get('wall_seconds', float('nan')):.0f}" for m in models]
+        runs = [per_model.get(m, {}) for m in models]  # a partial report lacks the runs still to come
+        cells = [fmt_mmer(r.get("mmer")) for r in runs] + [fmt_mmer(r.get("final_episodic_return")) for r in runs]
+        cells += [f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-" for r in runs]
         lines.append(f"| {env_id} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -228,16 +228,6 @@ def main(args: Args) -> dict:
     print(f"{machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['backend']}; "
           f"load {machine['load_average_at_start']}; {len(script)} runs", flush=True)  # fmt: skip
 
-    results = {}
-    for env_id in env_ids:
-        results[env_id] = {}
-        for name in args.models:
-            r = run_one(MODELS[name], script[env_id, name], log_dir)
-            results[env_id][name] = r
-            print(f"== {env_id} {name}: MMER {fmt_mmer(r['mmer'])}, wall {r['wall_seconds']:.0f} s "
-                  f"(load {r['load_average_before']} -> {r['load_average_after']})", flush=True)  # fmt: skip
-    machine["load_average_at_end"] = load_average()
-
     first = dataclasses.asdict(script[env_ids[0], args.models[0]])
     s5_first = dataclasses.asdict(script.get((env_ids[0], "S5")) or ppo_s5_popgym.Args(**s5_size))
     lstm_first = dataclasses.asdict(script.get((env_ids[0], "LSTM")) or ppo_lstm_popgym.Args(**lstm_size))
@@ -249,8 +239,20 @@ def main(args: Args) -> dict:
     }  # fmt: skip
     report = {
         "machine": machine, "args": dataclasses.asdict(args), "settings": settings, "unix_time": time.time(),
-        "script_args": {f"{e}/{m}": dataclasses.asdict(a) for (e, m), a in script.items()}, "results": results,
+        "script_args": {f"{e}/{m}": dataclasses.asdict(a) for (e, m), a in script.items()}, "results": {},
     }  # fmt: skip
+    results = report["results"]
+    for env_id in env_ids:
+        results[env_id] = {}
+        for name in args.models:
+            r = run_one(MODELS[name], script[env_id, name], log_dir)
+            results[env_id][name] = r
+            print(f"== {env_id} {name}: MMER {fmt_mmer(r['mmer'])}, wall {r['wall_seconds']:.0f} s "
+                  f"(load {r['load_average_before']} -> {r['load_average_after']})", flush=True)  # fmt: skip
+            write_results(args.out_dir, out_name, report, markdown(report))  # partial results survive a crash
+    machine["load_average_at_end"] = load_average()
+    report["unix_time"] = time.time()
+
     table = markdown(report)
     out = write_results(args.out_dir, out_name, report, table)
     plot(report, out / f"{out_name}.png")

@@ -351,6 +351,19 @@ def main(args: Args) -> dict:
           f"load {machine['load_average_at_start']}", flush=True)  # fmt: skip
 
     results = {}
+
+    def report_and_table() -> tuple[dict, str]:
+        report = {
+            "machine": machine, "args": dataclasses.asdict(args), "unix_time": time.time(),
+            "memory_source": "device_peak_bytes" if on_gpu else "compiled_bytes.total", "memory_note": memory_source,
+            "results": results,
+            "scaling_exponent_last3": {
+                n: {"time": scaling_exponent(pts, "time_s"), "memory": scaling_exponent(pts, "peak_bytes")}
+                for n, pts in results.items()
+            },
+        }  # fmt: skip
+        return report, markdown(results, args, machine, memory_source)
+
     for name in args.series:
         results[name] = []
         for length in lengths(args):
@@ -362,18 +375,10 @@ def main(args: Args) -> dict:
                   f"load {point['load_average']})", flush=True)  # fmt: skip
             if point["status"] != "ok":
                 break
+        write_results(args.out_dir, out_name, *report_and_table())  # partial results survive a crash
     machine["load_average_at_end"] = load_average()
 
-    table = markdown(results, args, machine, memory_source)
-    report = {
-        "machine": machine, "args": dataclasses.asdict(args), "unix_time": time.time(),
-        "memory_source": "device_peak_bytes" if on_gpu else "compiled_bytes.total", "memory_note": memory_source,
-        "results": results,
-        "scaling_exponent_last3": {
-            n: {"time": scaling_exponent(pts, "time_s"), "memory": scaling_exponent(pts, "peak_bytes")}
-            for n, pts in results.items()
-        },
-    }  # fmt: skip
+    report, table = report_and_table()
     out = write_results(args.out_dir, out_name, report, table)
     plot(results, args, machine, out / f"{out_name}.png", "device peak" if on_gpu else "compiled")
     written = [out / f"{out_name}.json", out / f"{out_name}.md", out / f"{out_name}.png"]
