@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal, NamedTuple
@@ -244,7 +245,10 @@ def make_train(args: Args):
         frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / args.num_updates
         return args.learning_rate * frac if args.anneal_lr else args.learning_rate
 
-    optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
+    # flatten: one vector for the optimizer instead of one per leaf, a smaller program to compile
+    optimizer = optax.flatten(
+        optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
+    )
 
     def init(key) -> RunnerState:
         key, key_params, key_env = jax.random.split(key, 3)
@@ -427,29 +431,27 @@ def main(args: Args) -> dict:
     print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
           f"{args.num_updates} updates of {args.batch_size} steps")  # fmt: skip
     start = time.time()
-    # every leaf carries the leading seed axis, sharded; parameters are initialised outside the training jit
-    runner = jax.jit(jax.vmap(init), out_shardings=sharding)(keys)
-    compiled = {}
-
-    def compiled_chunk(n):  # one compile per distinct chunk length (at most two)
-        if n not in compiled:
-            chunk_fn = jax.vmap(partial(update_chunk, num_updates=n))
-            compiled[n] = jax.jit(chunk_fn, in_shardings=sharding, out_shardings=sharding).lower(runner).compile()
-        return compiled[n]
-
-    history, mmer, steps_done, run_s, compile_s = [], np.full(args.num_seeds, -np.inf), 0, 0.0, 0.0
+    # Every leaf carries the leading seed axis, sharded. Parameters are initialised outside the
+    # training jit, and the initialiser and the update chunks (one per distinct chunk length) are
+    # compiled at the same time: XLA compiles a program on one thread, and the machine has more.
+    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+    chunk_lengths = sorted({min(chunk, args.num_updates), args.num_updates % chunk or chunk})
+    lowered = [init_lowered] + [
+        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
+        .lower(init_lowered.out_info) for n in chunk_lengths
+    ]  # fmt: skip
+    history, mmer, steps_done, run_s, compile_s, runner = [], np.full(args.num_seeds, -np.inf), 0, 0.0, 0.0, None
     try:
-        compiled_chunk(min(chunk, args.num_updates))
+        with ThreadPoolExecutor(len(lowered)) as pool:
+            init_compiled, *chunk_compiled = pool.map(lambda program: program.compile(), lowered)
+        compiled_chunk = dict(zip(chunk_lengths, chunk_compiled))
+        runner = init_compiled(keys)
         compile_s = time.time() - start
         print(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
             n = min(chunk, args.num_updates - len(history))
-            if n not in compiled:
-                t = time.time()
-                compiled_chunk(n)
-                compile_s += time.time() - t
             t = time.time()
-            runner, metrics = compiled_chunk(n)(runner)
+            runner, metrics = compiled_chunk[n](runner)
             metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
             run_s += elapsed
@@ -490,7 +492,7 @@ def main(args: Args) -> dict:
                   f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump({"args": asdict(args), **summary}, f, indent=2)
-        if args.save_model:
+        if args.save_model and runner is not None:
             path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
             with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
                 f.write(flax.serialization.to_bytes([asdict(args), jax.device_get(runner.train_state.params)]))
