@@ -600,6 +600,21 @@ def summarize(args: Args, history: list[dict], compile_s: float, run_s: float, s
     return summary
 
 
+def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
+    """Initialise every seed (`keys`: [seeds], sharded) and compile `update_chunk` for each chunk
+    length. Returns `(runner_state, {length: compiled chunk})`; every leaf of the runner state has
+    the leading seed axis. Parameters are initialised outside the training jit, and the
+    initialiser and the chunks are compiled at the same time: XLA compiles a program on one thread."""
+    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+    lowered = [init_lowered] + [
+        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
+        .lower(init_lowered.out_info) for n in sorted(chunk_lengths)
+    ]  # fmt: skip
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        init_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
+    return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks))
+
+
 def derive_sizes(args: Args) -> Args:
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
         args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
@@ -627,21 +642,10 @@ def main(args: Args) -> dict:
     print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
           f"{args.num_updates} updates of {args.batch_size} steps")  # fmt: skip
     start = time.time()
-    # Every leaf carries the leading seed axis, sharded. Parameters are initialised outside the
-    # training jit, and the initialiser and the update chunks (one per distinct chunk length) are
-    # compiled at the same time: XLA compiles a program on one thread, and the machine has more.
-    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
-    chunk_lengths = sorted({min(chunk, args.num_updates), args.num_updates % chunk or chunk})
-    lowered = [init_lowered] + [
-        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
-        .lower(init_lowered.out_info) for n in chunk_lengths
-    ]  # fmt: skip
     history, mmer, steps_done, run_s, compile_s, runner = [], np.full(args.num_seeds, -np.inf), 0, 0.0, 0.0, None
     try:
-        with ThreadPoolExecutor(len(lowered)) as pool:
-            init_compiled, *chunk_compiled = pool.map(lambda program: program.compile(), lowered)
-        compiled_chunk = dict(zip(chunk_lengths, chunk_compiled))
-        runner = init_compiled(keys)
+        chunk_lengths = {min(chunk, args.num_updates), args.num_updates % chunk or chunk}
+        runner, compiled_chunk = compile_training(init, update_chunk, keys, sharding, chunk_lengths)
         compile_s = time.time() - start
         print(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
