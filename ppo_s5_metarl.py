@@ -12,22 +12,35 @@ boundaries inside a trial (they are only an input flag) and is masked at trial b
 
 Every `--eval-every` updates and at the end, the policy runs one trial on fresh projections of every
 training env and every held-out env (never trained on); the mean return of each episode index of
-the trial is the in-context learning curve (TensorBoard `eval/{train,heldout}/{env}/episode_{k}`,
-and summary.json).
+the trial is the in-context learning curve. TensorBoard tags per seed (`seed_{S+i}/`):
+`charts/episodic_return` (mean scaled return of the *inner episodes* completed in a rollout, all
+train envs and episode indices together), `charts/first_episode_return` and
+`charts/last_episode_return` (only episode 1 / the last episode of their trial), `charts/SPS`,
+`losses/*`; `eval/{train,heldout}/{env id}/episode_{k}` (k = 1..episodes per trial) and
+`eval/{train,heldout}/{first,last}_episode` (averaged over the split's envs). summary.json holds
+every evaluation per seed and, for the last one, mean and std over seeds.
 
-CPU setting (the defaults: gymnax envs, 50-step episodes, 4 episodes per trial, a small S5):
+CPU setting (the defaults): train on gymnax's PointRobot (dense reward, hidden goal) and Reacher,
+hold out Swimmer and Pendulum; 6 episodes of 20 steps per trial, each restarting from the trial's
+first state (`--fixed-reset`: the goal or target is the trial's task); 16-d projected observations,
+2-d actions; 64 envs x 120 steps (one trial) per update, 8 epochs x 4 minibatches, lr 1e-3; S5 with
+2 layers of width 64; 6.1M steps per seed (about 35 min for 3 seeds on a shared 2-core CPU):
 
-    python ppo_s5_metarl.py --num-seeds 4
+    python ppo_s5_metarl.py --num-seeds 3
     tensorboard --logdir runs
 
 Paper-scale setting (brax envs on a GPU; the paper used DMControl, whose meta-RL hyperparameters
 were not published, so these are our choice at POPGym scale):
 
-    python ppo_s5_metarl.py --num-seeds 8 --brax-backend mjx --episode-length 200 \
+    python ppo_s5_metarl.py --num-seeds 8 --brax-backend mjx --episode-length 200 --episodes-per-trial 4 \
         --train-envs brax/hopper brax/walker2d brax/halfcheetah brax/ant brax/reacher brax/inverted_pendulum \
         --heldout-envs brax/inverted_double_pendulum brax/pusher brax/swimmer \
         --obs-size 32 --action-size 8 --num-envs 384 --num-steps 800 --num-minibatches 8 --update-epochs 10 \
-        --d-model 256 --ssm-size 256 --n-layers 4 --learning-rate 1e-4 --total-timesteps 500000000
+        --d-model 256 --ssm-size 256 --n-layers 4 --s5-scan parallel --learning-rate 1e-4 \
+        --total-timesteps 491520000 --eval-every 50
+
+(1,600 updates of 307,200 steps; the settings pass `check_args` and the envs build with mjx, but
+this setting has not been run: no GPU was available.)
 """
 
 import json
@@ -69,13 +82,13 @@ class Args:
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count and of --eval-every near 1/25 of the updates)"""
 
     # Meta-RL environment (defaults: the CPU setting)
-    train_envs: tuple[str, ...] = ("gymnax/Pendulum-v1", "gymnax/Reacher-misc", "gymnax/PointRobot-misc")
+    train_envs: tuple[str, ...] = ("gymnax/PointRobot-misc", "gymnax/Reacher-misc")
     """envs trials are sampled from in training (envs_popjax.META_ENV_IDS; plain names like `hopper` work)"""
-    heldout_envs: tuple[str, ...] = ("gymnax/Swimmer-misc",)
+    heldout_envs: tuple[str, ...] = ("gymnax/Swimmer-misc", "gymnax/Pendulum-v1")
     """envs only evaluated, never trained on; must not overlap --train-envs"""
-    episodes_per_trial: int = 4
+    episodes_per_trial: int = 6
     """episodes of one env with one pair of projections between two memory resets"""
-    episode_length: int = 30
+    episode_length: int = 20
     """time limit of every episode in steps (0: each env's default in envs_popjax.META_ENVS)"""
     obs_size: int = 16
     """size of the projected observation the agent sees"""
@@ -85,17 +98,17 @@ class Args:
     """physics backend of brax envs (spring is the fastest on CPU; mjx is brax's default, for GPUs)"""
     fixed_reset: bool = True
     """every episode of a trial restarts from the trial's first env state (goal, target and start are part of the task)"""
-    eval_every: int = 25
+    eval_every: int = 50
     """evaluate on every train and held-out env every this many updates (0: only at the end)"""
-    eval_trials: int = 32
+    eval_trials: int = 64
     """trials per env in each evaluation (fresh projections; the same keys at every evaluation)"""
 
     # Algorithm specific arguments
-    total_timesteps: int = 5_000_000
-    """total environment steps per seed"""
-    learning_rate: float = 6e-4
+    total_timesteps: int = 6_144_000
+    """total environment steps per seed (the default: 800 updates)"""
+    learning_rate: float = 1e-3
     """Adam learning rate"""
-    num_envs: int = 48
+    num_envs: int = 64
     """parallel environments per seed, split evenly over --train-envs"""
     num_steps: int = 120
     """steps per environment per rollout (the length of each training sequence)"""
@@ -107,7 +120,7 @@ class Args:
     """lambda of generalised advantage estimation"""
     num_minibatches: int = 4
     """minibatches per epoch; each holds num_envs / num_minibatches whole sequences"""
-    update_epochs: int = 6
+    update_epochs: int = 8
     """epochs over each rollout"""
     norm_adv: bool = True
     """normalise advantages per minibatch"""
@@ -654,40 +667,35 @@ def default_chunk(args: Args) -> int:
     return max(d for d in range(1, max(1, args.num_updates // 25) + 1) if whole % d == 0)
 
 
-def mean_std(values) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
-
-
-def eval_summary(seeds: list[int], update: int, step: int, results: dict) -> dict:
-    """One evaluation: per seed and env the mean return of each episode index, and across seeds the
-    first and last episode's return averaged over the envs of each split."""
+def eval_record(seeds: list[int], update: int, step: int, results: dict) -> dict:
+    """One evaluation for summary.json: per seed and env the mean return of each episode index of a
+    trial; per split (train, heldout), across seeds (mean, std): each env's curve, and the first and
+    last episode's return averaged over the split's envs, and their difference."""
     record = {"update": update, "global_step": step,
               "per_seed": {str(s): {k: v[i].tolist() for k, v in results.items()} for i, s in enumerate(seeds)}}  # fmt: skip
     for split in ("train", "heldout"):
-        curves = np.array([v for k, v in results.items() if k.startswith(split + "/")])  # [envs, seeds, episodes]
-        if curves.size:
+        curves = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(split + "/")}  # [seeds, episodes]
+        if curves:
+            split_mean = np.mean(list(curves.values()), 0)  # [seeds, episodes], averaged over envs
             record[split] = {
-                "episode_returns": {k.split("/", 1)[1]: mean_std_list(v) for k, v in results.items() if k.startswith(split)},
-                "first_episode": mean_std(curves[:, :, 0].mean(0)), "last_episode": mean_std(curves[:, :, -1].mean(0)),
-                "improvement": mean_std((curves[:, :, -1] - curves[:, :, 0]).mean(0)),
+                "episode_returns": {k: {"mean": v.mean(0).tolist(), "std": v.std(0).tolist()} for k, v in curves.items()},
+                **{name: {"mean": float(x.mean()), "std": float(x.std())} for name, x in (
+                    ("first_episode", split_mean[:, 0]), ("last_episode", split_mean[:, -1]),
+                    ("improvement", split_mean[:, -1] - split_mean[:, 0]))},
             }  # fmt: skip
     return record
-
-
-def mean_std_list(curves) -> dict:  # [seeds, episodes] -> mean and std over seeds per episode index
-    return {"mean": np.mean(curves, 0).tolist(), "std": np.std(curves, 0).tolist()}
 
 
 def log_eval(writers, results: dict, step: int):
     for i, writer in enumerate(writers):
         for split in ("train", "heldout"):
-            curves = [v[i] for k, v in results.items() if k.startswith(split + "/")]
-            for name, curve in ((k.split("/", 1)[1], v[i]) for k, v in results.items() if k.startswith(split + "/")):
+            curves = [(k, v[i]) for k, v in results.items() if k.startswith(split + "/")]
+            for name, curve in curves:
                 for k, value in enumerate(curve):
-                    writer.add_scalar(f"eval/{split}/{name}/episode_{k + 1}", value, step)
+                    writer.add_scalar(f"eval/{name}/episode_{k + 1}", value, step)
             if curves:
-                writer.add_scalar(f"eval/{split}/first_episode", np.mean([c[0] for c in curves]), step)
-                writer.add_scalar(f"eval/{split}/last_episode", np.mean([c[-1] for c in curves]), step)
+                writer.add_scalar(f"eval/{split}/first_episode", np.mean([c[0] for _, c in curves]), step)
+                writer.add_scalar(f"eval/{split}/last_episode", np.mean([c[-1] for _, c in curves]), step)
         writer.flush()
 
 
@@ -725,7 +733,7 @@ def main(args: Args) -> dict:
         t = time.time()
         results = jax.tree.map(np.asarray, evaluate_seeds(runner.train_state.params, eval_keys))
         log_eval(writers, results, steps_done)
-        evals.append(eval_summary(seeds, len(history), steps_done, results))
+        evals.append(eval_record(seeds, len(history), steps_done, results))
         line = " | ".join(f"{s} episode 1 {evals[-1][s]['first_episode']['mean']:+.3f} -> {args.episodes_per_trial} "
                           f"{evals[-1][s]['last_episode']['mean']:+.3f}" for s in ("train", "heldout") if s in evals[-1])  # fmt: skip
         print(f"eval at update {len(history)}: {line} ({time.time() - t:.1f} s)", flush=True)
