@@ -390,13 +390,9 @@ def summarize(args: Args, history: list[dict], compile_s: float, run_s: float, s
     """Per-seed and across-seed results from the per-update metrics (arrays of [seeds])."""
     seeds = [args.seed + i for i in range(args.num_seeds)]
     returns = np.array([h["episodic_return"] for h in history]).reshape(len(history), args.num_seeds)
-    per_seed = {}
-    for i, s in enumerate(seeds):
-        finished = returns[:, i][~np.isnan(returns[:, i])]
-        per_seed[str(s)] = {
-            "mmer": float(finished.max()) if finished.size else None,
-            "final_episodic_return": float(finished[-1]) if finished.size else None,
-        }
+    finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the updates that completed episodes
+    per_seed = {str(s): {"mmer": float(f.max()) if f.size else None, "final_episodic_return": float(f[-1]) if f.size else None}
+                for s, f in zip(seeds, finished)}  # fmt: skip
     summary = {"env_id": args.env_id, "updates": len(history), "global_step": steps_done,
                "compile_seconds": compile_s, "run_seconds": run_s,
                "sps": steps_done * args.num_seeds / run_s if run_s > 0 else None, "per_seed": per_seed}  # fmt: skip
@@ -407,10 +403,9 @@ def summarize(args: Args, history: list[dict], compile_s: float, run_s: float, s
 
 
 def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
-    """Initialise every seed (`keys`: [seeds], sharded) and compile `update_chunk` for each chunk
-    length. Returns `(runner_state, {length: compiled chunk})`; every leaf of the runner state has
-    the leading seed axis. Parameters are initialised outside the training jit, and the
-    initialiser and the chunks are compiled at the same time: XLA compiles a program on one thread."""
+    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and
+    compile `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
+    Returns `(runner_state with a leading seed axis on every leaf, {length: compiled chunk})`."""
     init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
     lowered = [init_lowered] + [
         jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
