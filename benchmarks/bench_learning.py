@@ -11,7 +11,7 @@ writes (`charts/episodic_return`, per seed).
 
 Run from the repository root:
 
-    python benchmarks/bench_learning.py                                     # 5 envs, 3 seeds, 500k steps
+    python benchmarks/bench_learning.py                                     # 4 envs, 3 seeds, 500k steps
     python benchmarks/bench_learning.py --env-ids RepeatPreviousEasy CartPoleEasy --total-timesteps 300000 --figure
     python benchmarks/bench_learning.py --quick                             # smoke test: 1 env, tiny budget
 
@@ -52,7 +52,7 @@ import ppo_lstm_popgym  # noqa: E402
 import ppo_s5_popgym  # noqa: E402
 
 MODELS = {"S5": ppo_s5_popgym, "LSTM": ppo_lstm_popgym}
-DEFAULT_ENVS = ("RepeatPreviousEasy", "CartPoleEasy", "NoisyCartPoleEasy", "AutoencodeEasy", "CountRecallEasy")
+DEFAULT_ENVS = ("RepeatPreviousEasy", "AutoencodeEasy", "CountRecallEasy", "NoisyCartPoleEasy")
 
 
 @dataclasses.dataclass
