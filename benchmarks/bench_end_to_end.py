@@ -1,10 +1,10 @@
 """End to end: ppo_s5_popgym.py against ppo_lstm_popgym.py at the same settings, run alternately.
 
 Both scripts are imported as modules and driven the way their `main` drives them: Args with the
-same PPO settings, `derive_sizes`, `make_train`, `jit(vmap(init))` over one seed, then
-`jit(vmap(update_chunk))` compiled ahead of time with one update per call. Per run:
-- `compile_s`: from `make_train` until the update program is compiled (parameters initialised),
-  which is what the scripts print as "compiled in";
+same PPO settings, `derive_sizes`, `make_train`, then the script's `compile_training` (initialiser
+over one seed and `update_chunk` compiled ahead of time; one update per call). Per run:
+- `compile_s`: after `make_train`, until the parameters are initialised and the update program is
+  compiled, through the script's own `compile_training` (what its main prints as "compiled in");
 - `first_update_ready_s`: compile_s plus the first (untimed for SPS) update's execution;
 - `sps`: env steps per second over the next `--updates` updates, each call ending in
   `block_until_ready` (steady state: compile and warm-up excluded).
@@ -105,14 +105,26 @@ def script_args(module, preset_ppo: dict, preset_model: dict, overrides: dict, e
     return module.derive_sizes(a)
 
 
+def compile_one_update(module, init, update_chunk, keys):
+    """(runner state, compiled one-update program) the way the script's main builds them: its
+    `compile_training` where it has one (initialiser and chunk programs compiled concurrently)."""
+    if hasattr(module, "compile_training"):
+        runner, compiled = module.compile_training(init, update_chunk, keys, module.seed_sharding(1), {1})
+        return runner, compiled[1]
+    runner = jax.jit(jax.vmap(init))(keys)
+    return runner, jax.jit(jax.vmap(partial(update_chunk, num_updates=1))).lower(runner).compile()
+
+
 def run_once(module, a, warmup_updates: int, updates: int) -> dict:
     """Compile and run one model; returns compile time, per-update times and steady-state SPS."""
     load_before = load_average()
     start = time.perf_counter()
     init, update_chunk = module.make_train(a)
+    make_train_s = time.perf_counter() - start
+    start = time.perf_counter()  # from here on as the script's main counts "compiled in"
     keys = jax.vmap(jax.random.key)(jnp.array([a.seed]))
-    runner = jax.block_until_ready(jax.jit(jax.vmap(init))(keys))
-    step = jax.jit(jax.vmap(partial(update_chunk, num_updates=1))).lower(runner).compile()
+    runner, step = compile_one_update(module, init, update_chunk, keys)
+    runner = jax.block_until_ready(runner)
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(warmup_updates + updates):
@@ -125,8 +137,10 @@ def run_once(module, a, warmup_updates: int, updates: int) -> dict:
     n_params = sum(p.size for p in jax.tree.leaves(params)) if params is not None else None
     last_return = float(metrics["episodic_return"][0, -1])
     return {
+        "make_train_s": make_train_s,
         "compile_s": compile_s,
         "first_update_ready_s": compile_s + times[0],
+        "used_compile_training": hasattr(module, "compile_training"),
         "update_times_s": times,
         "warmup_updates": warmup_updates,
         "sps": updates * a.batch_size / sum(timed),
