@@ -24,10 +24,15 @@ CPU setting (the defaults): train on gymnax's PointRobot (dense reward, hidden g
 hold out Swimmer and Pendulum; 6 episodes of 20 steps per trial, each restarting from the trial's
 first state (`--fixed-reset`: the goal or target is the trial's task); 16-d projected observations,
 2-d actions; 64 envs x 120 steps (one trial) per update, 8 epochs x 4 minibatches, lr 1e-3; S5 with
-2 layers of width 64; 6.1M steps per seed (about 35 min for 3 seeds on a shared 2-core CPU):
+2 layers of width 64; 6.1M steps per seed (57 min for 3 seeds on a 2-core CPU shared at load ~5):
 
     python ppo_s5_metarl.py --num-seeds 3
     tensorboard --logdir runs
+
+Measured with that command (seeds 1-3, final evaluation, 64 trials per env): training envs, episode
+1 -0.419 +- 0.043 -> episode 6 -0.361 +- 0.015 (mean +- std over seeds; before training -0.400 ->
+-0.392), all of it from PointRobot (-1.009 -> -0.892; Reacher flat); held-out envs flat (+0.067 ->
++0.068). The agent reads the previous-reward input: zeroing it removes about half of the rise.
 
 Paper-scale setting (brax envs on a GPU; the paper used DMControl, whose meta-RL hyperparameters
 were not published, so these are our choice at POPGym scale):
