@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def machine_line(machine: dict) -> str:
         f"jax {machine['jax']} on {', '.join(machine['jax_devices'])}; load average (1/5/15 min) "
         f"{machine['load_average_at_start']} at start, {machine.get('load_average_at_end')} at end."
     )
+
+
+def written_files(out: Path, out_name: str, backend: str, figure: bool) -> list[Path]:
+    """The JSON, markdown and PNG written under `out`; with `figure`, the PNG is also copied to
+    benchmarks/figures/{out_name}_{backend}.png (committed with the README)."""
+    written = [out / f"{out_name}.json", out / f"{out_name}.md", out / f"{out_name}.png"]
+    if figure:
+        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+        written.append(Path(shutil.copyfile(out / f"{out_name}.png", FIGURES_DIR / f"{out_name}_{backend}.png")))
+    return written
 
 
 def write_results(out_dir: str, out_name: str, report: dict, table: str) -> Path:

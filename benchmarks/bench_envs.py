@@ -39,7 +39,9 @@ import popgym.envs
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # envs_popjax from the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
 import envs_popjax  # noqa: E402
+from bench_common import cpu_model  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -66,17 +68,6 @@ class Args:
     """folder for the JSON and markdown results"""
     out_name: str = ""
     """file stem of the results; default bench_envs (bench_envs_quick with --quick)"""
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:

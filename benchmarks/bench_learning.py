@@ -24,7 +24,6 @@ return against env steps, mean +- std over seeds, one panel per env); `--figure`
 
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
 from bench_common import (  # noqa: E402
-    FIGURES_DIR,
     QUICK_LSTM,
     QUICK_PPO,
     QUICK_S5,
@@ -46,6 +44,7 @@ from bench_common import (  # noqa: E402
     machine_line,
     parse_overrides,
     write_results,
+    written_files,
 )
 import envs_popjax  # noqa: E402
 import ppo_lstm_popgym  # noqa: E402
@@ -256,12 +255,7 @@ def main(args: Args) -> dict:
     table = markdown(report)
     out = write_results(args.out_dir, out_name, report, table)
     plot(report, out / f"{out_name}.png")
-    written = [out / f"{out_name}.json", out / f"{out_name}.md", out / f"{out_name}.png"]
-    if args.figure:
-        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        figure = FIGURES_DIR / f"{out_name}_{machine['backend']}.png"
-        shutil.copyfile(out / f"{out_name}.png", figure)
-        written.append(figure)
+    written = written_files(out, out_name, machine["backend"], args.figure)
     print("\n" + table)
     print("wrote " + ", ".join(str(p) for p in written))
     return report

@@ -37,7 +37,6 @@ copies the PNG to `benchmarks/figures/{out_name}_{backend}.png`. `--quick` write
 
 import dataclasses
 import math
-import shutil
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
-from bench_common import FIGURES_DIR, load_average, machine_info, machine_line, write_results  # noqa: E402
+from bench_common import load_average, machine_info, machine_line, write_results, written_files  # noqa: E402
 from ppo_lstm_popgym import RNNMemory  # noqa: E402
 from ppo_s5_popgym import S5Memory  # noqa: E402
 
@@ -381,12 +380,7 @@ def main(args: Args) -> dict:
     report, table = report_and_table()
     out = write_results(args.out_dir, out_name, report, table)
     plot(results, args, machine, out / f"{out_name}.png", "device peak" if on_gpu else "compiled")
-    written = [out / f"{out_name}.json", out / f"{out_name}.md", out / f"{out_name}.png"]
-    if args.figure:
-        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        figure = FIGURES_DIR / f"{out_name}_{machine['backend']}.png"
-        shutil.copyfile(out / f"{out_name}.png", figure)
-        written.append(figure)
+    written = written_files(out, out_name, machine["backend"], args.figure)
     print("\n" + table)
     print("wrote " + ", ".join(str(p) for p in written))
     return report
