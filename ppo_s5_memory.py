@@ -3,19 +3,17 @@ length experiment of Lu et al., "Structured State Space Models for In-Context Re
 Learning", NeurIPS 2023), in one file.
 
 The agent sees a context bit (+-1) at the start of an episode and must answer it L steps later;
-only that last step is rewarded (+1 right, -1 wrong). Every (memory length, seed) pair that shares
-a rollout length is one entry of a single vmapped program: the memory length is an env param, not
-a shape. Each pair gets its own TensorBoard run; the run folder also gets a summary table, JSON
-and a plot of success rate against memory length.
+only that last step is rewarded (+1 right, -1 wrong). Episodes last L + 1 steps and all envs start
+together, so the default rollout (a multiple of L + 1) makes every training sequence hold whole
+episodes: the answer's gradient reaches the step that saw the context. Every (memory length, seed)
+pair that shares a rollout length is one entry of a single vmapped program (the memory length is
+an env param, not a shape); the groups train one after the other. Each pair gets its own
+TensorBoard run; the run folder also gets a summary table, JSON and a plot of success rate
+against memory length. Measured results and settings: README.
 
     python ppo_s5_memory.py --num-seeds 4                               # bsuite's lengths 1..100
-    python ppo_s5_memory.py --memory-lengths 256 1024 4096 --num-envs 8 --total-timesteps 20000000
+    python ppo_s5_memory.py --memory-lengths 255 1023 --num-envs 8 --total-timesteps 20000000
     tensorboard --logdir runs
-
-CPU setting (measured on a shared 2-core CPU: 15 min wall, 4 seeds solve every L <= 64, none L = 128):
-    python ppo_s5_memory.py --memory-lengths 1 2 4 8 16 32 64 128 --total-timesteps 600000
-Success first stays >= 0.9 after ~30k steps (L <= 16), ~50k (L = 32), 125k-285k (L = 64). For large L,
-raise --total-timesteps (an update takes --num-envs x rollout steps, the rollout >= L + 1).
 """
 
 import json
@@ -80,8 +78,8 @@ class Args:
     num_envs: int = 16
     """parallel environments per (length, seed)"""
     num_steps: int = 0
-    """steps per env per rollout; 0: per length, the smallest power of two >= max(L + 1, 32), so a
-    whole episode fits in one training sequence (lengths with the same rollout are vmapped together)"""
+    """steps per env per rollout; 0: per length, the smallest multiple of L + 1 that is >= 32, so every
+    training sequence holds whole episodes (lengths with the same rollout are vmapped together)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero over training"""
     gamma: float = 0.99
@@ -396,9 +394,10 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
 
 
 def rollout_length(args: Args, memory_length: int) -> int:
-    """Steps per env per rollout for a length: --num-steps, or the smallest power of two that is
-    >= max(L + 1, 32). Episodes of L + 1 steps then fit whole in a training sequence."""
-    return args.num_steps or max(32, 1 << memory_length.bit_length())
+    """Steps per env per rollout for a length: --num-steps, or the smallest multiple of L + 1 that is
+    >= 32. All envs start together and episodes last L + 1 steps, so every rollout (one training
+    sequence per env) then starts an episode and holds whole episodes only."""
+    return args.num_steps or -(-32 // (memory_length + 1)) * (memory_length + 1)
 
 
 def make_train(args: Args, num_steps: int):
@@ -543,10 +542,10 @@ def check_args(args: Args) -> str | None:
     if args.num_envs % args.num_minibatches:
         return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
                 "(minibatches split the envs into whole sequences)")  # fmt: skip
-    longest = max(rollout_length(args, length) for length in args.memory_lengths)
+    longest, length = max((rollout_length(args, length), length) for length in args.memory_lengths)
     if args.total_timesteps < args.num_envs * longest:
-        return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes --num-envs x "
-                f"rollout steps = {args.num_envs} x {longest} = {args.num_envs * longest} steps")  # fmt: skip
+        return (f"--total-timesteps {args.total_timesteps} gives zero updates at L = {length}: one update takes "
+                f"--num-envs x rollout steps = {args.num_envs} x {longest} = {args.num_envs * longest} steps")  # fmt: skip
     if args.ssm_size % args.s5_blocks or (args.conj_sym and (args.ssm_size // args.s5_blocks) % 2):
         return (f"--ssm-size {args.ssm_size} must split into --s5-blocks {args.s5_blocks} equal blocks"
                 + (" of even size (conjugate symmetry keeps half of each)" if args.conj_sym else ""))  # fmt: skip
@@ -694,9 +693,11 @@ def main(args: Args) -> dict:
     groups = {}  # rollout length -> the memory lengths trained together in one vmapped program
     for length in lengths:
         groups.setdefault(rollout_length(args, length), []).append(length)
-    if args.num_steps and args.num_steps <= max(lengths):
-        print(f"note: --num-steps {args.num_steps} < L + 1 for some lengths: their episodes span rollouts and no "
-              "gradient flows from the answer back to the context", file=sys.stderr)  # fmt: skip
+    cut = [length for length in lengths if rollout_length(args, length) % (length + 1)]
+    if cut:
+        print(f"note: --num-steps {args.num_steps} is not a multiple of L + 1 for lengths {cut}: their episodes are "
+              "cut between training sequences, where no gradient flows from the answer back to the context",
+              file=sys.stderr)  # fmt: skip
     run_name = f"MemoryChain__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.log_dir, run_name)
     writers = {(L, s): SummaryWriter(os.path.join(run_dir, f"len_{L}_seed_{s}")) for L in lengths for s in seeds}

@@ -165,7 +165,10 @@ def test_make_ids_overrides_and_errors():
 
 def test_rollout_lengths_and_chunks():
     args = mem.Args()
-    assert [mem.rollout_length(args, L) for L in (1, 30, 31, 32, 63, 100, 4096)] == [32, 32, 32, 64, 64, 128, 8192]
+    assert [mem.rollout_length(args, L) for L in (1, 2, 4, 30, 31, 32, 63, 100, 4096)] == [32, 33, 35, 62, 32, 33, 64, 101, 4097]
+    for L in (*mem.BSUITE_MEMORY_LENGTHS, 128, 255, 256, 512, 1000):  # whole episodes: the smallest multiple >= 32
+        steps = mem.rollout_length(args, L)
+        assert steps % (L + 1) == 0 and steps >= 32 and steps - (L + 1) < 32
     assert mem.rollout_length(mem.Args(num_steps=16), 100) == 16
     assert mem.default_chunk(390) == 15 and mem.default_chunk(3) == 1 and mem.default_chunk(101) == 4
 
@@ -184,7 +187,23 @@ def test_summary_verdicts():
     assert few["final_success_rate"] == 1.0 and few["final_episodes"] == 10 and not few["solved"]
     assert summary["per_length"]["8"]["solved_seeds"] == 1 and summary["largest_length_solved_by_all_seeds"] == 4
     json.dumps(summary)
-    assert "| 4 | 32 | 1.000 1.000 | 1.000 +- 0.000 | 2/2 | 0/2 |" in mem.summary_table(args, summary)
+    assert "| 4 | 35 | 1.000 1.000 | 1.000 +- 0.000 | 2/2 | 0/2 |" in mem.summary_table(args, summary)
+
+
+@pytest.mark.parametrize("memory_length", [2, 30])
+def test_every_rollout_starts_episodes(memory_length):
+    """With the default rollout every env is at an episode's first step when a rollout (one training
+    sequence per env) starts: the done flag is set and the env's clock is 0, update after update."""
+    args = mem.Args(num_envs=2, num_minibatches=1, update_epochs=1, hidden_size=4, d_model=4, ssm_size=4, n_layers=1,
+                    s5_scan="sequential")
+    num_steps = mem.rollout_length(args, memory_length)
+    init, update_chunk, _ = mem.make_train(args, num_steps)
+    runner = init(jax.random.key(0), memory_length)
+    update = jax.jit(lambda runner: update_chunk(runner, 1))
+    for _ in range(3):
+        assert runner.done.all() and (runner.env_state.env_state.env_state.time == 0).all()
+        runner, metrics = update(runner)
+        assert metrics["episodes"][0] == args.num_envs * num_steps // (memory_length + 1)
 
 
 def run_script(*flags, **kwargs):
@@ -192,12 +211,12 @@ def run_script(*flags, **kwargs):
 
 
 def test_smoke_sweep_writes_table_plot_json_and_tensorboard(tmp_path):
-    """Two lengths with different rollouts (32 and 64 steps: two vmapped groups), 2 seeds, tiny budget."""
+    """Two lengths with different rollouts (32 and 41 steps: two vmapped groups), 2 seeds, tiny budget."""
     tiny = ["--num-seeds", "2", "--total-timesteps", "1024", "--num-envs", "4", "--num-minibatches", "2",
             "--update-epochs", "1", "--d-model", "8", "--ssm-size", "8", "--hidden-size", "8", "--n-layers", "1"]  # fmt: skip
     result = run_script("--memory-lengths", "40", "3", *tiny, "--log-dir", str(tmp_path), timeout=570)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 3 | 32 |" in result.stdout and "| 40 | 64 |" in result.stdout
+    assert "| 3 | 32 |" in result.stdout and "| 40 | 41 |" in result.stdout
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "summary.md").read_text().splitlines()[2].startswith("| 3 | 32 |")
     assert (run_dir / "success_vs_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -207,14 +226,14 @@ def test_smoke_sweep_writes_table_plot_json_and_tensorboard(tmp_path):
         assert row["seeds"] == 2 and len(row["final_success_rates"]) == 2
         assert all(0 <= rate <= 1 for rate in row["final_success_rates"])
     run = summary["per_run"]["len_40_seed_2"]
-    assert run["updates"] == 1024 // (4 * 64) and run["global_step"] == 1024 and run["episodes"] > 0
+    assert run["updates"] == 1024 // (4 * 41) == 6 and run["global_step"] == 6 * 4 * 41 and run["episodes"] == 6 * 4 * 1
     assert summary["args"]["memory_lengths"] == [40, 3]
     for L in (3, 40):
         for seed in (1, 2):
             events = EventAccumulator(str(run_dir / f"len_{L}_seed_{seed}"))
             events.Reload()
             assert {"charts/success_rate", "charts/episodic_return", "charts/SPS", "losses/value_loss"} <= set(events.Tags()["scalars"])
-            assert events.Scalars("charts/success_rate")[-1].step == 1024
+            assert events.Scalars("charts/success_rate")[-1].step == {3: 1024, 40: 6 * 4 * 41}[L]
 
 
 @pytest.mark.parametrize(
