@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,13 +65,14 @@ def machine_line(machine: dict) -> str:
     )
 
 
-def written_files(out: Path, out_name: str, backend: str, figure: bool) -> list[Path]:
-    """The JSON, markdown and PNG written under `out`; with `figure`, the PNG is also copied to
-    benchmarks/figures/{out_name}_{backend}.png (committed with the README)."""
+def written_files(out: Path, out_name: str, backend: str, figure: bool, keep_all: bool = False) -> list[Path]:
+    """The JSON, markdown and PNG written under `out`; with `figure`, the PNG (with `keep_all`, all
+    three) is also copied to benchmarks/figures/{out_name}_{backend}.* (committed with the README)."""
     written = [out / f"{out_name}.json", out / f"{out_name}.md", out / f"{out_name}.png"]
     if figure:
         FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        written.append(Path(shutil.copyfile(out / f"{out_name}.png", FIGURES_DIR / f"{out_name}_{backend}.png")))
+        for path in written[:3] if keep_all else written[2:3]:
+            written.append(Path(shutil.copyfile(path, FIGURES_DIR / f"{out_name}_{backend}{path.suffix}")))
     return written
 
 
@@ -111,3 +113,63 @@ def parse_overrides(args_class, overrides: tuple[str, ...]) -> dict:
         else:
             out[name] = text
     return out
+
+
+# Resumable cells (bench_popgym_table.py, bench_memory_length.py): one cell is one call of a
+# script's own `main(args)` into its own log folder; a finished cell is read back from the run
+# folder's summary.json (plus the bench_cell.json written beside it), never re-run.
+DERIVED_ARGS = ("log_dir", "batch_size", "minibatch_size", "num_updates")  # filled in by the scripts' main
+
+
+def args_match(saved: dict, intended: dict) -> bool:
+    """Whether a run's saved Args are the `intended` ones (fields the script derives, and "auto"
+    choices it resolves, are not compared; tuples compare as the lists JSON makes of them)."""
+    intended = json.loads(json.dumps(intended))
+    return all(saved.get(k) == v for k, v in intended.items() if k not in DERIVED_ARGS and v != "auto")
+
+
+def finished_run(log_dir: Path, intended: dict, complete) -> tuple[Path, dict] | None:
+    """The newest run folder under `log_dir` whose summary.json has the `intended` Args and
+    passes `complete(summary)` (an interrupted run writes a summary too), with its summary and
+    the driver's bench_cell.json merged in; None if there is none."""
+    for path in sorted(log_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if args_match(summary.get("args", {}), intended) and complete(summary):
+            cell = path.parent / "bench_cell.json"
+            extra = json.loads(cell.read_text()) if cell.exists() else {}
+            return path.parent, {**summary, **extra}
+    return None
+
+
+def from_previous(reports: list[dict], key: str, intended: dict, complete) -> dict | None:
+    """The cell `key` of an earlier report (JSON of the same driver, e.g. its copy in
+    benchmarks/figures) if it ran with the `intended` Args and is complete; None otherwise."""
+    for report in reports:
+        r = report.get("results", {}).get(key)
+        if r and args_match(r["script_args"], intended) and complete(r):
+            return {**r, "source": "previous report"}
+    return None
+
+
+def run_cell(module, args, log_dir: Path) -> tuple[Path, dict]:
+    """`module.main(copy of args)` into `log_dir`; returns the new run folder and its summary.json
+    (the script's Args under "args") plus wall time and load averages, which are also saved there
+    as bench_cell.json."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    before = set(log_dir.iterdir())
+    load_before, start = load_average(), time.perf_counter()
+    module.main(dataclasses.replace(args, log_dir=str(log_dir)))  # main fills in derived fields
+    extra = {"wall_seconds": time.perf_counter() - start, "load_average_before": load_before,
+             "load_average_after": load_average()}  # fmt: skip
+    run_dir = max(set(log_dir.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    (run_dir / "bench_cell.json").write_text(json.dumps(extra, indent=2) + "\n")
+    return run_dir, {**json.loads((run_dir / "summary.json").read_text()), **extra}
+
+
+def load_range(cells) -> list[float] | None:
+    """[min, max] of the 5-minute load average at the ends of the cells run (None if none ran here)."""
+    loads = [c["load_average_after"][1] for c in cells if c.get("load_average_after")]
+    return [min(loads), max(loads)] if loads else None

@@ -121,3 +121,64 @@ def test_attention_resets_are_episode_masks():
         np.testing.assert_allclose(y[start:stop, :1], alone, rtol=1e-5, atol=1e-5)
     _, causal = module.apply(params, None, x[:7, 1:], resets[:7, 1:])  # no position sees the future
     np.testing.assert_allclose(y[:7, 1:], causal, rtol=1e-5, atol=1e-5)
+
+
+def test_popgym_table_quick_and_resume(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("bench_popgym_table", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_popgym_table_quick.json").read_text())
+    check_machine(report["machine"])
+    assert report["settings"]["seeds"] == [1, 2] and report["settings"]["env_ids"] == ["RepeatPreviousEasy"]
+    assert set(report["results"]) == {"RepeatPreviousEasy/S5", "RepeatPreviousEasy/LSTM"}
+    for key, r in report["results"].items():
+        assert r["source"] == "run here" and r["wall_seconds"] > 0 and r["global_step"] == 4 * 64
+        assert r["mmer"]["mean"] == pytest.approx(sum(v["mmer"] for v in r["per_seed"].values()) / 2)
+        assert os.path.isfile(os.path.join(r["run_dir"], "summary.json")), key
+    assert sum(report["tally"][k] for k in ("S5", "tie", "LSTM")) == report["tally"]["cells"] == 1
+    table = (out / "bench_popgym_table_quick.md").read_text()
+    assert "| RepeatPreviousEasy |" in table and "S5 MMER" in table and "LSTM MMER" in table and "wins" in table
+    assert (out / "bench_popgym_table_quick.png").stat().st_size > 1000
+    # a second run reads the finished cells back instead of training again
+    proc = run_bench("bench_popgym_table", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "bench_popgym_table_quick.json").read_text())
+    for key, r in again["results"].items():
+        assert r["source"] == "read back" and r["per_seed"] == report["results"][key]["per_seed"]
+        assert r["wall_seconds"] == pytest.approx(report["results"][key]["wall_seconds"])
+
+
+def test_popgym_table_verdict():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_popgym_table import verdict
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    cell = lambda s5, lstm: {"S5": {"mmer": s5}, "LSTM": {"mmer": lstm}}  # noqa: E731
+    assert verdict(cell({"mean": 0.9, "std": 0.1}, {"mean": 0.5, "std": 0.2})) == "S5"
+    assert verdict(cell({"mean": 0.5, "std": 0.1}, {"mean": 0.9, "std": 0.3})) == "LSTM"
+    assert verdict(cell({"mean": 0.9, "std": 0.1}, {"mean": 0.7, "std": 0.25})) == "tie"  # gap under one std
+    assert verdict({"S5": {"mmer": {"mean": 1.0, "std": 0.0}}}) is None
+
+
+def test_memory_length_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("bench_memory_length", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_memory_length_quick.json").read_text())
+    check_machine(report["machine"])
+    assert list(report["results"]) == ["3"] and report["settings"]["seeds"] == [1, 2]
+    for length, row in report["results"].items():
+        s5, lstm = row["S5"], row["LSTM"]
+        # the same rollout, PPO settings, width, seeds and budget for both memories
+        assert lstm["script_args"]["num_steps"] == row["rollout"] and lstm["script_args"]["env_id"] == f"MemoryChain-{length}"
+        for key in ("learning_rate", "num_envs", "update_epochs", "num_minibatches", "gae_lambda", "ent_coef", "seed",
+                    "num_seeds", "total_timesteps"):
+            assert lstm["script_args"][key] == s5["script_args"][key], key
+        assert lstm["script_args"]["hidden_size"] == s5["script_args"]["d_model"]
+        for r in (s5, lstm):
+            assert len(r["success"]) == len(r["solved"]) == 2 and r["sps"] > 0 and r["wall_seconds"] > 0
+            assert all(0 <= x <= 1 for x in r["success"])
+    table = (out / "bench_memory_length_quick.md").read_text()
+    assert "| 3 |" in table and "Largest length solved" in table
+    assert (out / "bench_memory_length_quick.png").stat().st_size > 1000

@@ -1,0 +1,260 @@
+"""The POPGym table: MMER of S5 against the LSTM over a list of env ids, resumable, one command.
+
+Each cell (env, memory) is one call of the script's own `main(args)` (ppo_s5_popgym.py or
+ppo_lstm_popgym.py, imported as modules) with all seeds vmapped, into its own folder
+`{out_dir}/{out_name}_runs/{env_id}__{memory}/`. A cell whose run folder holds a complete
+summary.json with the same Args is read back, not re-run; an interrupted cell (no summary, or fewer
+updates than asked) is run again. Default: the 16 Easy ids (one per POPGym family), 3 seeds,
+2^20 env steps per seed, at the README's quick CPU settings (`--num-envs 32 --num-steps 128
+--update-epochs 4 --num-minibatches 4 --learning-rate 3e-4`; S5 `--d-model 64 --ssm-size 64
+--n-layers 2`, LSTM `--hidden-size 64`).
+
+    python benchmarks/bench_popgym_table.py --figure                 # 16 Easy ids x {S5, LSTM}
+    python benchmarks/bench_popgym_table.py --env-ids RepeatPreviousMedium --total-timesteps 4000000
+    python benchmarks/bench_popgym_table.py --quick                  # smoke test: 1 env, tiny budget
+
+MMER: max over updates of the mean return of the episodes completed in the update, per seed; the
+table gives mean +- std over seeds and marks the better memory (bold) only where the gap between
+the means exceeds both stds; otherwise the cell is a tie. Writes `{out_dir}/{out_name}.json`
+(machine, settings, per cell: summary, run folder, wall time, load), `.md` (the table) and `.png`
+(MMER per env, both memories, seeds as dots) after every cell; `--figure` copies the PNG, table and
+JSON to `benchmarks/figures/{out_name}_{backend}.*`. `--previous JSON` takes finished cells from
+such a copied report (a later session resumes from the committed JSON without the run folders).
+"""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
+from bench_common import (  # noqa: E402
+    QUICK_LSTM,
+    QUICK_PPO,
+    QUICK_S5,
+    SMOKE_LSTM,
+    SMOKE_PPO,
+    SMOKE_S5,
+    finished_run,
+    from_previous,
+    load_average,
+    load_range,
+    machine_info,
+    machine_line,
+    parse_overrides,
+    run_cell,
+    write_results,
+    written_files,
+)
+import envs_popjax  # noqa: E402
+import ppo_lstm_popgym  # noqa: E402
+import ppo_s5_popgym  # noqa: E402
+
+MODELS = {"S5": ppo_s5_popgym, "LSTM": ppo_lstm_popgym}
+EASY_IDS = tuple(e for e in envs_popjax.CANONICAL_IDS if e.endswith("Easy"))  # one per family
+KEPT = ("env_id", "updates", "global_step", "compile_seconds", "run_seconds", "sps", "per_seed", "mmer",
+        "final_episodic_return", "wall_seconds", "load_average_before", "load_average_after")  # fmt: skip
+
+
+@dataclasses.dataclass
+class Args:
+    env_ids: tuple[str, ...] = EASY_IDS
+    """POPGym env ids (aliases allowed: CartPoleEasy is PositionOnlyCartPoleEasy); default the 16 Easy ids"""
+    models: tuple[str, ...] = ("S5", "LSTM")
+    """which scripts to run: S5 (ppo_s5_popgym.py), LSTM (ppo_lstm_popgym.py)"""
+    total_timesteps: int = 1 << 20
+    """env steps per seed (2^20 = 256 updates of the quick settings' 4096 steps)"""
+    num_seeds: int = 3
+    """seeds per cell, vmapped in one run"""
+    seed: int = 1
+    """first seed; seeds are seed, seed + 1, ..."""
+    ppo: tuple[str, ...] = ()
+    """extra PPO Args for both scripts as FIELD=VALUE (over the quick settings), e.g. update_epochs=8"""
+    s5: tuple[str, ...] = ()
+    """extra ppo_s5_popgym Args as FIELD=VALUE, e.g. n_layers=4"""
+    lstm: tuple[str, ...] = ()
+    """extra ppo_lstm_popgym Args as FIELD=VALUE, e.g. cell=gru"""
+    previous: tuple[str, ...] = ()
+    """earlier reports (JSON written by this script, e.g. the copy in benchmarks/figures) whose
+    finished cells with the same Args are taken instead of run"""
+    quick: bool = False
+    """smoke test: 2 seeds, tiny networks, 4 updates of 64 steps, RepeatPreviousEasy unless --env-ids is given"""
+    figure: bool = False
+    """also copy the PNG, table and JSON to benchmarks/figures/{out_name}_{backend}.*"""
+    out_dir: str = "benchmarks/results"
+    """folder for the JSON, markdown and PNG results and the run folders"""
+    out_name: str = ""
+    """file stem of the results; default bench_popgym_table (bench_popgym_table_quick with --quick)"""
+
+
+def cell_args(args: Args) -> dict:
+    """{(env_id, memory): the script's Args}, all checked before anything runs."""
+    ppo, sizes = QUICK_PPO, {"S5": QUICK_S5, "LSTM": QUICK_LSTM}
+    if args.quick:
+        ppo, sizes = SMOKE_PPO, {"S5": SMOKE_S5, "LSTM": SMOKE_LSTM}
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    try:
+        env_ids = [envs_popjax.canonical_id(e) for e in args.env_ids]
+    except ValueError as error:  # names the closest valid ids
+        raise SystemExit(f"--env-ids: {error}") from None
+    cells = {}
+    for env_id in env_ids:
+        for name in args.models:
+            module = MODELS[name]
+            extra = {**parse_overrides(module.Args, args.ppo), **parse_overrides(module.Args, getattr(args, name.lower()))}
+            a = module.Args(env_id=env_id, seed=args.seed, num_seeds=args.num_seeds,
+                            total_timesteps=args.total_timesteps, **{**ppo, **sizes[name], **extra})  # fmt: skip
+            error = module.check_args(a)
+            if error:
+                raise SystemExit(f"{module.__name__}: {error}")
+            cells[env_id, name] = a
+    return cells
+
+
+def complete_for(a):
+    """Whether a summary covers every update `a` asks for (an interrupted run has fewer)."""
+    return lambda summary: summary.get("updates") == a.total_timesteps // (a.num_envs * a.num_steps)
+
+
+def verdict(cells: dict) -> str | None:
+    """The better memory where the gap between mean MMERs exceeds both stds, "tie" otherwise."""
+    s5, lstm = (cells.get(m, {}).get("mmer") for m in ("S5", "LSTM"))
+    if not s5 or not lstm:
+        return None
+    if abs(s5["mean"] - lstm["mean"]) > max(s5["std"], lstm["std"]):
+        return "S5" if s5["mean"] > lstm["mean"] else "LSTM"
+    return "tie"
+
+
+def fmt_mmer(m: dict | None, bold: bool = False) -> str:
+    text = "-" if not m else f"{m['mean']:.3f} ± {m['std']:.3f}"
+    return f"**{text}**" if bold and m else text
+
+
+def markdown(report: dict) -> str:
+    s, by_env, models = report["settings"], report["by_env"], report["args"]["models"]
+    lines = [
+        f"MMER (max over updates of the mean completed-episode return), mean ± std over seeds "
+        f"{s['seeds'][0]}-{s['seeds'][-1]}, {s['total_timesteps']:,} env steps per seed; {s['num_envs']} envs x "
+        f"{s['num_steps']} steps, {s['update_epochs']} epochs x {s['num_minibatches']} minibatches, lr "
+        f"{s['learning_rate']}; S5 {s['s5']['n_layers']} layers, d_model {s['s5']['d_model']}, SSM {s['s5']['ssm_size']}; "
+        f"LSTM hidden {s['lstm']['hidden_size']}. Bold: the better memory where the gap exceeds both stds.",
+        "",
+        "| env | " + " | ".join(f"{m} MMER" for m in models) + " | better | " + " | ".join(f"{m} wall (s)" for m in models) + " |",
+        "|---|" + "---|" * len(models) + "---|" + "---:|" * len(models),
+    ]  # fmt: skip
+    for env_id, cells in by_env.items():
+        better = verdict(cells)
+        row = [fmt_mmer(cells.get(m, {}).get("mmer"), bold=better == m) for m in models] + [better or "-"]
+        row += [f"{cells[m]['wall_seconds']:.0f}" if "wall_seconds" in cells.get(m, {}) else "-" for m in models]
+        lines.append(f"| {env_id} | " + " | ".join(row) + " |")
+    t = report["tally"]
+    lines += ["", f"S5 against the LSTM: {t['S5']} wins, {t['tie']} ties, {t['LSTM']} losses over {t['cells']} envs with "
+              f"both memories done. Wall time of the cells: {report['wall_seconds_total'] / 60:.0f} min; 5-min load "
+              f"average at the cells' ends {report['load_range']}. {machine_line(report['machine'])}"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_env, models = report["by_env"], report["args"]["models"]
+    envs = list(by_env)
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(envs) + 1.6))
+    height = 0.8 / len(models)
+    for k, model in enumerate(models):
+        y = np.arange(len(envs)) + (k - (len(models) - 1) / 2) * height
+        cells = [by_env[e].get(model, {}) for e in envs]
+        mean = [c["mmer"]["mean"] if c.get("mmer") else np.nan for c in cells]
+        std = [c["mmer"]["std"] if c.get("mmer") else 0 for c in cells]
+        ax.barh(y, mean, height, xerr=std, color=f"C{k}", alpha=0.75, label=model, capsize=2)
+        for yi, c in zip(y, cells):  # every seed's MMER as a dot
+            seeds = [v["mmer"] for v in c.get("per_seed", {}).values() if v["mmer"] is not None]
+            ax.scatter(seeds, [yi] * len(seeds), s=8, color="k", zorder=3)
+    labels = [f"{e}{' *' if verdict(by_env[e]) in models else ''}" for e in envs]
+    ax.set_yticks(np.arange(len(envs)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="grey", lw=0.8)
+    s = report["settings"]
+    ax.set_xlabel("MMER (mean ± std over seeds; dots: seeds)")
+    ax.set_title(f"POPGym, {s['total_timesteps']:,} steps per seed, {len(s['seeds'])} seeds; S5 "
+                 f"{s['s5']['n_layers']}x{s['s5']['d_model']}, LSTM {s['lstm']['hidden_size']}\n"
+                 f"(* gap between the memories exceeds both stds)", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def finish(report: dict, out_dir: str, out_name: str) -> Path:
+    """Tally, table, JSON and figure from the cells done so far."""
+    by_env, done = {}, [r for r in report["results"].values()]
+    for key, r in report["results"].items():
+        env_id, model = key.split("/")
+        by_env.setdefault(env_id, {})[model] = r
+    report["by_env"] = {e: by_env.get(e, {}) for e in report["settings"]["env_ids"]}
+    verdicts = [verdict(c) for c in report["by_env"].values()]
+    report["tally"] = {v: verdicts.count(v) for v in ("S5", "tie", "LSTM")} | {"cells": sum(v is not None for v in verdicts)}
+    report["wall_seconds_total"] = sum(r.get("wall_seconds", r.get("compile_seconds", 0) + r.get("run_seconds", 0)) for r in done)
+    report["load_range"] = load_range(r for r in done if r.get("source") == "run here")
+    out = write_results(out_dir, out_name, {k: v for k, v in report.items() if k != "by_env"}, markdown(report))
+    plot(report, out / f"{out_name}.png")
+    return out
+
+
+def main(args: Args) -> dict:
+    if args.quick:
+        env_ids = ("RepeatPreviousEasy",) if args.env_ids == EASY_IDS else args.env_ids
+        args = dataclasses.replace(args, env_ids=env_ids, num_seeds=2, total_timesteps=4 * 64)
+    cells = cell_args(args)
+    previous = [json.loads(Path(p).read_text()) for p in args.previous]
+    out_name = args.out_name or ("bench_popgym_table_quick" if args.quick else "bench_popgym_table")
+    runs_dir = Path(args.out_dir) / f"{out_name}_runs"
+    machine = machine_info()
+    print(f"{machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['backend']}; "
+          f"load {machine['load_average_at_start']}; {len(cells)} cells", flush=True)  # fmt: skip
+    first = {m: dataclasses.asdict(next(a for (_, n), a in cells.items() if n == m)) for m in args.models}
+    any_first = next(iter(first.values()))
+    settings = {
+        "env_ids": list(dict.fromkeys(e for e, _ in cells)), "total_timesteps": args.total_timesteps,
+        "seeds": [args.seed + i for i in range(args.num_seeds)],
+        **{k: any_first[k] for k in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "learning_rate")},
+        "s5": {k: first.get("S5", dataclasses.asdict(ppo_s5_popgym.Args(**QUICK_S5)))[k] for k in ("d_model", "ssm_size", "n_layers")},
+        "lstm": {k: first.get("LSTM", dataclasses.asdict(ppo_lstm_popgym.Args(**QUICK_LSTM)))[k] for k in ("hidden_size", "cell")},
+    }  # fmt: skip
+    report = {"machine": machine, "args": dataclasses.asdict(args), "settings": settings, "results": {}}
+    for (env_id, model), a in cells.items():
+        key, log_dir = f"{env_id}/{model}", runs_dir / f"{env_id}__{model}"
+        found = finished_run(log_dir, dataclasses.asdict(a), complete_for(a))
+        if found:
+            run_dir, r = found[0], {**found[1], "source": "read back"}
+        elif r := from_previous(previous, key, dataclasses.asdict(a), complete_for(a)):
+            run_dir = r.get("run_dir")
+        else:
+            run_dir, r = run_cell(MODELS[model], a, log_dir)
+            r["source"] = "run here"
+        report["results"][key] = {**{k: r[k] for k in KEPT if k in r}, "source": r["source"], "run_dir": str(run_dir),
+                                  "script_args": r.get("script_args") or r["args"]}  # fmt: skip
+        wall = r.get("wall_seconds")
+        print(f"== {key}: MMER {fmt_mmer(r['mmer'])} ({r['source']}{f', wall {wall:.0f} s' if wall else ''}, "
+              f"load {load_average()})", flush=True)  # fmt: skip
+        out = finish(report, args.out_dir, out_name)  # partial results survive a crash
+    machine["load_average_at_end"] = load_average()
+    out = finish(report, args.out_dir, out_name)
+    written = written_files(out, out_name, machine["backend"], args.figure, keep_all=True)
+    print("\n" + (out / f"{out_name}.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
