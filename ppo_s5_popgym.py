@@ -12,6 +12,7 @@ Defaults are the paper's POPGym settings (64 envs x 1024 steps, 30 epochs x 8 mi
 lr 5e-5, GAE lambda 1.0, 4 S5 layers of width 256). The README gives smaller settings for a CPU.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tyro
 from flax.training.train_state import TrainState
 from gymnax.environments import spaces
@@ -51,6 +53,29 @@ class Args:
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count near 1/25 of it)"""
+    checkpoint_every: int = 20
+    """write a checkpoint of the complete training state every N updates (at the first chunk boundary after each N;
+    also at the end and on Ctrl-C/SIGTERM); 0: never"""
+    keep_checkpoints: int = 3
+    """how many of the latest checkpoints to keep"""
+    resume: str = ""
+    """continue the run in this run folder from its latest checkpoint, to its --total-timesteps (the other flags come
+    from the checkpoint; only --total-timesteps (without --anneal-lr) and the logging/running flags may change)"""
+    eval_model: str = ""
+    """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
+    eval_episodes: int = 100
+    """episodes per seed played by --eval-model"""
+    eval_greedy: bool = False
+    """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
+    compile_cache: str = "~/.cache/s5_icrl_jax"
+    """JAX persistent compilation cache folder, so a repeated or resumed run starts fast; empty string: off
+    (the JAX_COMPILATION_CACHE_DIR environment variable, if set, wins)"""
+    track: bool = False
+    """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
+    wandb_project_name: str = "s5-icrl"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team)"""
 
     # Algorithm specific arguments (defaults: the paper's POPGym settings)
     env_id: str = "RepeatPreviousEasy"
@@ -410,11 +435,15 @@ def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
     return ActorCritic(action_dim, continuous, memory), action_dim, continuous
 
 
+def make_env(args: Args):
+    env, env_params = envs_popjax.make(args.env_id)
+    return envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env)), env_params
+
+
 def make_train(args: Args):
     """Returns `(init, update_chunk)`, pure functions of one seed: `init(key) -> RunnerState` and
     `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`."""
-    env, env_params = envs_popjax.make(args.env_id)
-    env = envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env))
+    env, env_params = make_env(args)
     network, action_dim, continuous = build_network(args, env, env_params)
     obs_size = env.observation_space(env_params).shape[0]
     new_carry = partial(S5Memory.initialize_carry, ssm_size=args.ssm_size, n_layers=args.n_layers, conj_sym=args.conj_sym)
@@ -522,6 +551,8 @@ def make_train(args: Args):
             episodic_return=(batch.episode_return * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan),
             episodic_length=(batch.episode_length * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan),
             learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
+            finite=jnp.isfinite(jnp.stack([stats[k] for k in ("policy_loss", "value_loss", "entropy")])).all()
+            & jnp.isfinite(optax.tree.norm(train_state.params)),  # checked by the host after each chunk
         )
         return runner, metrics
 
@@ -531,22 +562,59 @@ def make_train(args: Args):
     return init, update_chunk
 
 
+def make_evaluate(args: Args):
+    """`evaluate(params, key) -> returns[eval_episodes]`, pure, one seed: one episode in each of --eval-episodes
+    parallel envs, played to its end (the memory starts cleared, as in training)."""
+    env, env_params = make_env(args)
+    network, _, continuous = build_network(args, env, env_params)
+    n = args.eval_episodes
+
+    def evaluate(params, key):
+        def step(state):
+            env_state, obs, done, carry, key, returns, ended = state
+            key, key_action, key_env = jax.random.split(key, 3)
+            carry, policy, _ = network.apply(params, carry, obs[None], done[None])
+            policy = jax.tree.map(lambda p: p[0], policy)
+            if args.eval_greedy:
+                action = policy[0] if continuous else jnp.argmax(policy, -1)
+            else:
+                action = policy_sample(key_action, policy, continuous)
+            obs, env_state, _, terminated, truncated, info = jax.vmap(env.step, (0, 0, 0, None))(
+                jax.random.split(key_env, n), env_state, action, env_params
+            )
+            returns = jnp.where(ended, returns, info["returned_episode_return"])  # kept from each env's first end
+            return env_state, obs, terminated | truncated, carry, key, returns, ended | info["returned_episode"]
+
+        key, key_reset = jax.random.split(key)
+        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(key_reset, n), env_params)
+        carry = S5Memory.initialize_carry(n, args.ssm_size, args.n_layers, args.conj_sym)
+        state = (env_state, obs, jnp.ones(n, bool), carry, key, jnp.zeros(n), jnp.zeros(n, bool))
+        return jax.lax.while_loop(lambda s: ~s[-1].all(), step, state)[-2]
+
+    return evaluate
+
+
 # ---------------------------------------------------------------------------------------------
-# Running: input checks, seeds and devices, logging
+# Running: input checks, seeds and devices
 # ---------------------------------------------------------------------------------------------
+POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "d_model",
+            "ssm_size", "n_layers", "s5_blocks", "learning_rate", "clip_coef", "max_grad_norm", "dt_min", "dt_max",
+            "keep_checkpoints", "eval_episodes")  # fmt: skip
+NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef")
+
+
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
     try:
         envs_popjax.canonical_id(args.env_id)
     except ValueError as error:
         return f"--env-id: {error}"
-    positive = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                "d_model", "ssm_size", "n_layers", "s5_blocks", "learning_rate", "dt_min", "dt_max")  # fmt: skip
-    for name in positive:
-        if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    if args.updates_per_chunk < 0:
-        return f"--updates-per-chunk must be >= 0, got {args.updates_per_chunk}"
+    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
+               (("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]  # fmt: skip
+    for names, domain, ok in domains:
+        for name in names:
+            if not (math.isfinite(value := getattr(args, name)) and ok(value)):
+                return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % args.num_minibatches:
         return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
                 "(minibatches split the envs into whole sequences)")  # fmt: skip
@@ -559,6 +627,8 @@ def check_args(args: Args) -> str | None:
                 + (" of even size (conjugate symmetry keeps half of each)" if args.conj_sym else ""))  # fmt: skip
     if args.dt_min > args.dt_max:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     return None
 
 
@@ -568,22 +638,6 @@ def seed_sharding(num_seeds: int):
     n = math.gcd(num_seeds, len(devices))
     mesh = jax.sharding.Mesh(np.array(devices[:n]), ("seed",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
-
-
-def summarize(args: Args, history: list[dict], compile_s: float, run_s: float, steps_done: int) -> dict:
-    """Per-seed and across-seed results from the per-update metrics (arrays of [seeds])."""
-    seeds = [args.seed + i for i in range(args.num_seeds)]
-    returns = np.array([h["episodic_return"] for h in history]).reshape(len(history), args.num_seeds)
-    finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the updates that completed episodes
-    per_seed = {str(s): {"mmer": float(f.max()) if f.size else None, "final_episodic_return": float(f[-1]) if f.size else None}
-                for s, f in zip(seeds, finished)}  # fmt: skip
-    summary = {"env_id": args.env_id, "updates": len(history), "global_step": steps_done,
-               "compile_seconds": compile_s, "run_seconds": run_s,
-               "sps": steps_done * args.num_seeds / run_s if run_s > 0 else None, "per_seed": per_seed}  # fmt: skip
-    for key in ("mmer", "final_episodic_return"):
-        values = [v[key] for v in per_seed.values() if v[key] is not None]
-        summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
-    return summary
 
 
 def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
@@ -609,74 +663,269 @@ def derive_sizes(args: Args) -> Args:
     return args
 
 
+def enable_compile_cache(folder: str):
+    """JAX's persistent compilation cache in `folder` ('': off); JAX_COMPILATION_CACHE_DIR, if set, wins."""
+    folder = os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
+# ---------------------------------------------------------------------------------------------
+# may differ from the checkpoint's on --resume: they do not change the run's math (and --total-timesteps, see Args)
+RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache",
+                     "track", "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
+NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
+
+
+def strict_json(x):
+    """NaN and +-inf -> None, numpy -> Python: what json.dump(..., allow_nan=False) accepts."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(strict_json(obj), f, indent=2, allow_nan=False)
+
+
+def run_folder(path: str) -> str:
+    """The run folder of a `.cleanrl_model` file, a run folder or its `checkpoints/` folder."""
+    path = os.path.abspath(path)
+    return os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
+
+
+def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
+    """The run's checkpoints: for reading (`args` None; the folder must exist) or for writing (keeps the latest
+    --keep-checkpoints). Each step (= PPO updates done) holds `state` (every seed's RunnerState, PRNG keys as
+    key_data) and `meta` (Args, per-update metrics so far, run seconds) in JSON."""
+    folder = os.path.join(run_folder(path), "checkpoints")
+    if args is None and not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
+    options = ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints, create=True) if args else None
+    return ocp.CheckpointManager(folder, options=options)
+
+
+def latest_checkpoint(path: str, state_target=None) -> tuple[int, dict, object]:
+    """(step, meta, state) of the latest checkpoint; the state is restored into `state_target`'s structure and
+    sharding (a freshly initialised RunnerState, bit for bit), as nested dicts without one, or skipped if False."""
+    manager = checkpoints(path)
+    if (step := manager.latest_step()) is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint")
+    items = {"meta": ocp.args.JsonRestore()}
+    if state_target is not False:
+        target = state_target and state_target._replace(key=jax.random.key_data(state_target.key))
+        items["state"] = ocp.args.StandardRestore(target)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    state = restored.get("state")
+    if state_target:
+        state = state._replace(key=jax.random.wrap_key_data(state.key))
+    manager.close()
+    return step, restored["meta"], state
+
+
+def save_checkpoint(manager, runner: RunnerState, args: Args, history: list, run_s: float) -> int:
+    """Checkpoint the last completed chunk's state (async: training goes on while it is written)."""
+    step = int(np.asarray(runner.train_state.step).ravel()[0]) // (args.num_minibatches * args.update_epochs)
+    if step not in manager.all_steps():
+        meta = strict_json({"args": asdict(args), "history": history[:step], "run_seconds": run_s})
+        state = runner._replace(key=jax.random.key_data(runner.key))
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    return step
+
+
+def load_model(path: str) -> tuple[Args, dict]:
+    """`(args, params)` of a `--save-model` file or of a run folder's latest checkpoint; params have a leading
+    [num_seeds] axis: `network.apply(jax.tree.map(lambda x: x[i], params), ...)` is seed args.seed + i."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        saved_args, params = saved["0"], saved["1"]
+    else:
+        _, meta, state = latest_checkpoint(path)
+        saved_args, params = meta["args"], state["train_state"]["params"]
+    return Args(**{f.name: saved_args[f.name] for f in fields(Args) if f.name in saved_args}), params
+
+
+def parse_args() -> tuple[Args, str | None]:
+    """The CLI. With --resume or --eval-model the defaults are the saved run's Args, and a flag that would change its
+    math is refused. Returns (args, error message or None)."""
+    args = tyro.cli(Args)
+    if not (args.resume or args.eval_model):
+        return args, None
+    flag, path = ("--resume", args.resume) if args.resume else ("--eval-model", args.eval_model)
+    if args.resume and args.eval_model:
+        return args, "--resume and --eval-model exclude each other"
+    try:
+        saved, done = (load_model(path)[0], 0) if args.eval_model else (None, 0)
+        if args.resume:
+            step, meta, _ = latest_checkpoint(path, state_target=False)
+            saved = Args(**{f.name: meta["args"][f.name] for f in fields(Args) if f.name in meta["args"]})
+            done = step * saved.batch_size
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        return args, f"{flag}: {error}"
+    args = tyro.cli(Args, default=saved)
+    may_change = RESUME_MAY_CHANGE + NOT_COMPARED + (("total_timesteps",) if args.eval_model else ())
+    for f in fields(Args):
+        new, old = getattr(args, f.name), getattr(saved, f.name)
+        if f.name in may_change or new == old:
+            continue
+        name = "--" + f.name.replace("_", "-")
+        if f.name == "total_timesteps" and args.anneal_lr:
+            return args, f"--resume: {name} {new} differs from the checkpoint's {old}; with --anneal-lr it would change the learning-rate schedule"
+        if f.name == "total_timesteps" and new < done:
+            return args, f"--resume: {name} {new} is below the {done} steps the checkpoint has done"
+        if f.name != "total_timesteps":
+            allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
+            return args, (f"{flag}: {name} {new} differs from the {'checkpoint' if args.resume else 'model'}'s {old}; "
+                          f"it would change the run (allowed to change: {allowed})")  # fmt: skip
+    return args, None
+
+
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: every seed's saved policy plays --eval-episodes episodes; prints and writes eval.json."""
+    derive_sizes(args)
+    _, params = load_model(args.eval_model)
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    keys = jax.vmap(jax.random.key)(jnp.array(seeds))
+    returns = np.asarray(jax.jit(jax.vmap(make_evaluate(args)))(params, keys))  # [seeds, episodes]
+    means = returns.mean(1)
+    result = {"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "episodes_per_seed": args.eval_episodes,
+              "greedy": args.eval_greedy, "mean": means.mean(), "std": means.std(),  # over the seeds' means
+              "per_seed": {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)}}  # fmt: skip
+    for s, r in result["per_seed"].items():
+        print(f"seed {s}: return {r['mean']:.4f} +- {r['std']:.4f} over {args.eval_episodes} episodes")
+    path = os.path.join(run_folder(args.eval_model), "eval.json")
+    write_json(path, result)
+    print(f"{'greedy' if args.eval_greedy else 'sampled'} return over {args.num_seeds} seed(s): "
+          f"{result['mean']:.4f} +- {result['std']:.4f}; written to {path}")  # fmt: skip
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop, logging
+# ---------------------------------------------------------------------------------------------
+def summarize(args: Args, history: list[dict], compile_s: float, run_s: float) -> dict:
+    """Per-seed and across-seed results from the per-update metrics (arrays of [seeds])."""
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    returns = np.array([h["episodic_return"] for h in history], float).reshape(len(history), args.num_seeds)
+    finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the updates that completed episodes
+    per_seed = {str(s): {"mmer": float(f.max()) if f.size else None, "final_episodic_return": float(f[-1]) if f.size else None}
+                for s, f in zip(seeds, finished)}  # fmt: skip
+    steps = len(history) * args.batch_size
+    summary = {"env_id": args.env_id, "updates": len(history), "global_step": steps, "compile_seconds": compile_s,
+               "run_seconds": run_s, "sps": steps * args.num_seeds / run_s if run_s > 0 else None, "per_seed": per_seed}  # fmt: skip
+    for key in ("mmer", "final_episodic_return"):
+        values = [v[key] for v in per_seed.values() if v[key] is not None]
+        summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
+    return summary
+
+
 def main(args: Args) -> dict:
     derive_sizes(args)
     # default: the largest divisor of num_updates up to 1/25 of it, so one program is compiled
     chunk = args.updates_per_chunk or max(d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.log_dir, run_name)
-    seeds = [args.seed + i for i in range(args.num_seeds)]
-    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}")) for s in seeds]
-    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for writer in writers:
-        writer.add_text("hyperparameters", table)
+    run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
+    history, run_s, compile_s, runner, failure = [], 0.0, 0.0, None, None
+    if args.resume:  # the logs continue from the checkpoint: metrics so far, run time
+        _, meta, _ = latest_checkpoint(run_dir, state_target=False)
+        history = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]]  # null -> NaN
+        run_s = meta["run_seconds"]
+    start_update = len(history)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
+    # on --resume, TensorBoard drops what the interrupted run logged after the checkpoint (purge_step)
+    purge = start_update * args.batch_size + 1 if args.resume else None
+    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=purge) for s in seeds]
+    if not args.resume:
+        table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        for writer in writers:
+            writer.add_text("hyperparameters", table)
+    manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
+    last_saved = start_update
 
     init, update_chunk = make_train(args)
     sharding = seed_sharding(args.num_seeds)
     keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
     print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-          f"{args.num_updates} updates of {args.batch_size} steps")  # fmt: skip
+          f"{args.num_updates} updates of {args.batch_size} steps" + (f", from update {start_update}" if args.resume else ""))  # fmt: skip
+    mmer = np.full(args.num_seeds, -np.inf)
+    for update in history:
+        mmer = np.fmax(mmer, update["episodic_return"])
     start = time.time()
-    history, mmer, steps_done, run_s, compile_s, runner = [], np.full(args.num_seeds, -np.inf), 0, 0.0, 0.0, None
     try:
-        chunk_lengths = {min(chunk, args.num_updates), args.num_updates % chunk or chunk}
-        runner, compiled_chunk = compile_training(init, update_chunk, keys, sharding, chunk_lengths)
+        left = args.num_updates - start_update
+        runner, compiled_chunk = compile_training(init, update_chunk, keys, sharding, {min(chunk, left), left % chunk} - {0})
+        if args.resume:
+            runner = latest_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start
         print(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
             n = min(chunk, args.num_updates - len(history))
             t = time.time()
-            runner, metrics = compiled_chunk[n](runner)
+            new_runner, metrics = compiled_chunk[n](runner)
             metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
             run_s += elapsed
             sps = n * args.batch_size / elapsed
+            if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, and stop
+                n, seed_index = min((u, i) for i, u in zip(*np.nonzero(~finite)))
+                failure = f"non-finite loss/parameters at update {len(history) + n + 1} (seed {seeds[seed_index]})"
             for u in range(n):
-                steps_done += args.batch_size
                 update = {k: v[:, u] for k, v in metrics.items()}
                 history.append(update)
-                ret = update["episodic_return"]
-                mmer = np.where(np.isnan(ret), mmer, np.maximum(mmer, np.nan_to_num(ret, nan=-np.inf)))
+                step = len(history) * args.batch_size
+                mmer = np.fmax(mmer, update["episodic_return"])
                 for i, writer in enumerate(writers):
-                    if not np.isnan(ret[i]):
-                        writer.add_scalar("charts/episodic_return", ret[i], steps_done)
-                        writer.add_scalar("charts/episodic_length", update["episodic_length"][i], steps_done)
-                        writer.add_scalar("charts/mmer", mmer[i], steps_done)
-                    writer.add_scalar("charts/learning_rate", update["learning_rate"][i], steps_done)
+                    if not np.isnan(update["episodic_return"][i]):
+                        writer.add_scalar("charts/episodic_return", update["episodic_return"][i], step)
+                        writer.add_scalar("charts/episodic_length", update["episodic_length"][i], step)
+                        writer.add_scalar("charts/mmer", mmer[i], step)
+                    writer.add_scalar("charts/learning_rate", update["learning_rate"][i], step)
                     for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
                                  "explained_variance"):  # fmt: skip
-                        writer.add_scalar(f"losses/{name}", update[name][i], steps_done)
+                        writer.add_scalar(f"losses/{name}", update[name][i], step)
+            if failure:
+                break
+            runner = new_runner
             for writer in writers:
-                writer.add_scalar("charts/SPS", sps, steps_done)
+                writer.add_scalar("charts/SPS", sps, step)
                 writer.flush()
+            if args.checkpoint_every and len(history) // args.checkpoint_every > last_saved // args.checkpoint_every:
+                last_saved = save_checkpoint(manager, runner, args, history, run_s)
             eta = run_s / len(history) * (args.num_updates - len(history))
             last = history[-1]["episodic_return"]
             mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
             mean_mmer = mmer[np.isfinite(mmer)].mean() if np.isfinite(mmer).any() else float("nan")
-            print(f"step {steps_done:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+            print(f"step {step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
                   f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
-    finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
-        summary = summarize(args, history, compile_s, run_s, steps_done)
+    finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
+        if manager is not None:
+            if args.checkpoint_every and runner is not None and not failure:
+                last_saved = save_checkpoint(manager, runner, args, history, run_s)
+            manager.wait_until_finished()
+            manager.close()
+        summary = summarize(args, history, compile_s, run_s)
         for s in seeds:
             r = summary["per_seed"][str(s)]
             print(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
         if summary["mmer"]:
             print(f"MMER over {args.num_seeds} seed(s): {summary['mmer']['mean']:.4f} +- {summary['mmer']['std']:.4f} | "
                   f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({"args": asdict(args), **summary}, f, indent=2)
+        write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model and runner is not None:
             path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
             with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
@@ -684,16 +933,23 @@ def main(args: Args) -> dict:
             print(f"model saved to {path}")
         for writer in writers:
             writer.close()
-        print(f"results in {run_dir}")
+        if args.track:
+            wandb.finish()
+        print(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
+    if failure:
+        where = f"update {last_saved} in {os.path.join(run_dir, 'checkpoints')}" if manager and last_saved else "none"
+        raise SystemExit(f"error: {failure}; last good checkpoint: {where}")
     return summary
 
 
 if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = tyro.cli(Args)
-    error = check_args(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
+    args, error = parse_args()
+    error = error or check_args(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    main(args)
+    enable_compile_cache(args.compile_cache)
+    evaluate_model(args) if args.eval_model else main(args)

@@ -122,8 +122,9 @@ def test_gae_equals_python_loop():
     np.testing.assert_allclose(np.asarray(ret), expected + values, rtol=1e-12, atol=1e-12)
 
 
-def run_script(*flags, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_script(*flags, timeout=600):  # the persistent compilation cache off: tests write nothing to ~
+    return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": ""})  # fmt: skip
 
 
 def load_model(run_dir):
@@ -138,7 +139,7 @@ def test_smoke_run_writes_one_tensorboard_run_per_seed_and_summary(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled in" in result.stdout and "MMER over 2 seed(s)" in result.stdout
     (run_dir,) = glob.glob(str(tmp_path / "CartPoleEasy__ppo_lstm_popgym__5__*"))
-    assert sorted(os.listdir(run_dir)) == ["seed_5", "seed_6", "summary.json"]
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "seed_5", "seed_6", "summary.json"]
     for seed in (5, 6):
         acc = EventAccumulator(os.path.join(run_dir, f"seed_{seed}"))
         acc.Reload()
@@ -171,7 +172,8 @@ def test_vmapped_seed_equals_single_seed_and_saved_model(tmp_path):
     one = lstm.main(lstm.Args(seed=2, num_seeds=1, updates_per_chunk=1, log_dir=str(tmp_path / "one"), **common))
     assert two["updates"] == one["updates"] == 2 and set(two["per_seed"]) == {"1", "2"}
     (run_dir,) = glob.glob(str(tmp_path / "two" / "CartPoleEasy__ppo_lstm_popgym__1__*"))
-    assert sorted(os.listdir(run_dir)) == ["ppo_lstm_popgym.cleanrl_model", "seed_1", "seed_2", "summary.json"]
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "ppo_lstm_popgym.cleanrl_model", "seed_1", "seed_2",
+                                           "summary.json"]  # fmt: skip
     model_two, model_one = load_model(run_dir), load_model(glob.glob(str(tmp_path / "one" / "*"))[0])
     assert model_two["0"]["cell"] == "gru" and model_two["0"]["hidden_size"] == 16
     assert model_two["1"]["params"]["memory"]["GRUCell_0"]["hn"]["kernel"].shape == (2, 16, 16)  # seed axis
@@ -196,7 +198,8 @@ def cli_results():
         "cell": ["--cell=rnn"],
     }
     procs = {name: subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=ROOT, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env={**os.environ, "JAX_COMPILATION_CACHE_DIR": ""})
              for name, flags in cases.items()}  # fmt: skip
     results = {}
     for name, proc in procs.items():

@@ -93,9 +93,9 @@ def test_seeds_vmapped_single_chunked_and_repeated_runs_agree():
         np.testing.assert_array_equal(x, y)
 
 
-def run_script(*flags, env=None, timeout=600):
+def run_script(*flags, env=None, timeout=600):  # the persistent compilation cache off: tests write nothing to ~
     return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)  # fmt: skip
+                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": "", **(env or {})}, cwd=ROOT)  # fmt: skip
 
 
 def load_model(run_dir):
@@ -122,7 +122,8 @@ def test_smoke_run_writes_tensorboard_runs_summary_and_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled in" in result.stdout and "MMER over 2 seed(s)" in result.stdout
     (run_dir,) = glob.glob(str(tmp_path / "CartPoleEasy__ppo_s5_popgym__5__*"))
-    assert sorted(os.listdir(run_dir)) == ["ppo_s5_popgym.cleanrl_model", "seed_5", "seed_6", "summary.json"]
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "ppo_s5_popgym.cleanrl_model", "seed_5", "seed_6",
+                                           "summary.json"]  # fmt: skip
     for seed in (5, 6):
         acc = EventAccumulator(os.path.join(run_dir, f"seed_{seed}"))
         acc.Reload()
@@ -135,8 +136,8 @@ def test_smoke_run_writes_tensorboard_runs_summary_and_model(tmp_path):
         assert any("hyperparameters" in t for t in acc.Tags()["tensors"])
         mmer = [e.value for e in acc.Scalars("charts/mmer")]
         assert mmer == sorted(mmer)  # a running maximum
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
+    with open(os.path.join(run_dir, "summary.json")) as f:  # strict JSON: NaN or Infinity would fail here
+        summary = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
     assert summary["updates"] == 3 and summary["global_step"] == 96
     assert set(summary["per_seed"]) == {"5", "6"}
     assert summary["args"]["env_id"] == "CartPoleEasy" and summary["compile_seconds"] > 0
@@ -150,7 +151,8 @@ def test_smoke_run_writes_tensorboard_runs_summary_and_model(tmp_path):
 def test_ctrl_c_keeps_what_was_logged(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, *TINY_FLAGS, "--total-timesteps=100000000",
                              "--updates-per-chunk=1", f"--log-dir={tmp_path}"], cwd=ROOT,  # fmt: skip
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_COMPILATION_CACHE_DIR": ""})
     deadline = time.time() + 300
     for line in proc.stdout:
         if line.startswith("step") or time.time() > deadline:
@@ -160,7 +162,11 @@ def test_ctrl_c_keeps_what_was_logged(tmp_path):
     assert "interrupted after" in err
     (summary_path,) = glob.glob(str(tmp_path / "*" / "summary.json"))
     with open(summary_path) as f:
-        assert json.load(f)["updates"] >= 1
+        updates = json.load(f)["updates"]
+    assert updates >= 1
+    # and a checkpoint of the last completed chunk (at most the updates logged), for --resume
+    (checkpoint,) = glob.glob(str(tmp_path / "*" / "checkpoints" / "*"))
+    assert 1 <= int(os.path.basename(checkpoint)) <= updates
 
 
 def test_help_documents_every_flag():
