@@ -16,6 +16,7 @@ against memory length. Measured results and settings: README.
     tensorboard --logdir runs
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tyro
 from flax.training.train_state import TrainState
 from tensorboardX import SummaryWriter
@@ -65,6 +67,31 @@ class Args:
     """save the parameters of every (length, seed) and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: about 1/25 of a group's run)"""
+    checkpoint_every: int = 20
+    """write a checkpoint of the complete training state every N updates (at the first chunk boundary after
+    each N; also at the end and on Ctrl-C/SIGTERM); 0: never. Here N counts the updates of the whole sweep:
+    a checkpoint holds the finished groups' results and parameters and the current group's training state"""
+    keep_checkpoints: int = 3
+    """how many of the latest checkpoints to keep"""
+    resume: str = ""
+    """continue the run in this run folder from its latest checkpoint, to its --total-timesteps (the other flags come
+    from the checkpoint; only the logging/running flags may change): finished groups are skipped, the group under
+    way continues bit for bit"""
+    eval_model: str = ""
+    """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
+    eval_episodes: int = 100
+    """episodes per seed played by --eval-model (per memory length and seed here)"""
+    eval_greedy: bool = False
+    """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
+    compile_cache: str = "~/.cache/s5_icrl_jax"
+    """JAX persistent compilation cache folder, so a repeated or resumed run starts fast; empty string: off
+    (the JAX_COMPILATION_CACHE_DIR environment variable, if set, wins)"""
+    track: bool = False
+    """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
+    wandb_project_name: str = "s5-icrl"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team)"""
 
     # Algorithm specific arguments
     memory_lengths: tuple[int, ...] = BSUITE_MEMORY_LENGTHS
@@ -400,10 +427,8 @@ def rollout_length(args: Args, memory_length: int) -> int:
     return args.num_steps or -(-32 // (memory_length + 1)) * (memory_length + 1)
 
 
-def make_train(args: Args, num_steps: int):
-    """Returns `(init, update_chunk, num_updates)` for one (length, seed) with rollouts of
-    `num_steps`: `init(key, memory_length) -> RunnerState` and
-    `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`, both pure."""
+def build(args: Args):
+    """The wrapped MemoryChain env, its params, the network and the carry constructor."""
     env, env_params = envs_popjax.make("MemoryChain", num_bits=args.num_bits)
     env = envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env))
     memory = S5Memory(
@@ -412,8 +437,16 @@ def make_train(args: Args, num_steps: int):
         activation=args.activation, prenorm=args.prenorm, postnorm=args.postnorm, scan=args.s5_scan,
     )  # fmt: skip
     network = ActorCritic(env.action_space(env_params).n, args.hidden_size, memory)
-    obs_size = env.observation_space(env_params).shape[0]
     new_carry = partial(S5Memory.initialize_carry, ssm_size=args.ssm_size, n_layers=args.n_layers, conj_sym=args.conj_sym)
+    return env, env_params, network, new_carry
+
+
+def make_train(args: Args, num_steps: int):
+    """Returns `(init, update_chunk, num_updates)` for one (length, seed) with rollouts of
+    `num_steps`: `init(key, memory_length) -> RunnerState` and
+    `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`, both pure."""
+    env, env_params, network, new_carry = build(args)
+    obs_size = env.observation_space(env_params).shape[0]
     num_updates = args.total_timesteps // (args.num_envs * num_steps)
 
     def learning_rate(count):  # CleanRL's linear annealing, once per update
@@ -513,6 +546,8 @@ def make_train(args: Args, num_steps: int):
             episodes=batch.episode_done.sum(),  # episodes completed in this rollout
             successes=(batch.episode_done & (batch.reward > 0)).sum(),  # ... and answered right
             learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
+            # the run stops at the first update with a non-finite loss or parameter
+            finite=jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves((train_state.params, stats))])),
         )
         return runner, metrics
 
@@ -522,8 +557,37 @@ def make_train(args: Args, num_steps: int):
     return init, update_chunk, num_updates
 
 
+def make_evaluate(args: Args, num_episodes: int, num_steps: int, greedy: bool):
+    """`evaluate(params, memory_length, key) -> returns[num_episodes]`: `num_episodes` envs each play one
+    episode from a zero memory (as in training, where every rollout starts an episode) for `num_steps`
+    >= L + 1 steps; later episodes are not counted. The return is +1 (right answer) or -1."""
+    env, env_params, network, new_carry = build(args)
+
+    def evaluate(params, memory_length, key):
+        env_params_l = env_params.replace(memory_length=memory_length)
+        key_reset, key_run = jax.random.split(key)
+        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(key_reset, num_episodes), env_params_l)
+
+        def step(state, key):
+            carry, obs, done, env_state, active, returns = state
+            key_action, key_env = jax.random.split(key)
+            carry, logits, _ = network.apply(params, carry, obs[None], done[None])
+            action = jnp.argmax(logits[0], -1) if greedy else jax.random.categorical(key_action, logits[0])
+            obs, env_state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
+                jax.random.split(key_env, num_episodes), env_state, action, env_params_l
+            )
+            done = terminated | truncated
+            return (carry, obs, done, env_state, active & ~done, returns + active * reward), None
+
+        ones = jnp.ones(num_episodes, bool)
+        init = (new_carry(num_episodes), obs, ones, env_state, ones, jnp.zeros(num_episodes))
+        return jax.lax.scan(step, init, jax.random.split(key_run, num_steps))[0][-1]
+
+    return evaluate
+
+
 # ---------------------------------------------------------------------------------------------
-# Running: input checks, (length, seed) groups, logging, summary table / JSON / plot
+# Input checks, --resume
 # ---------------------------------------------------------------------------------------------
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
@@ -531,14 +595,23 @@ def check_args(args: Args) -> str | None:
         return "--memory-lengths is empty: give at least one length, e.g. --memory-lengths 1 2 4 8"
     if min(args.memory_lengths) < 1:
         return f"--memory-lengths must all be >= 1 (an episode lasts L + 1 steps), got {min(args.memory_lengths)}"
-    positive = ("num_seeds", "num_bits", "total_timesteps", "num_envs", "num_minibatches", "update_epochs",
-                "hidden_size", "d_model", "ssm_size", "n_layers", "s5_blocks", "learning_rate", "dt_min", "dt_max")  # fmt: skip
-    for name in positive + ("num_steps", "updates_per_chunk"):
+    for length in args.memory_lengths:
+        try:  # the env's own check of its params, without compiling anything
+            envs_popjax.make("MemoryChain", memory_length=length)
+        except (ValueError, TypeError) as error:
+            return f"--memory-lengths {length}: {error}"
+    positive = ("num_seeds", "num_bits", "total_timesteps", "num_envs", "num_minibatches", "update_epochs", "hidden_size",
+                "d_model", "ssm_size", "n_layers", "s5_blocks", "learning_rate", "dt_min", "dt_max", "clip_coef",
+                "max_grad_norm", "keep_checkpoints", "eval_episodes")  # fmt: skip
+    for name in positive + ("num_steps", "updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef"):
         value = getattr(args, name)
-        if value < 0 or (value == 0 and name in positive):
+        if not value >= 0 or (value == 0 and name in positive):
             return f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, got {value}"
-    if not (0 < args.success_window <= 1 and 0 <= args.solve_threshold <= 1):
-        return f"--success-window {args.success_window} must be in (0, 1], --solve-threshold {args.solve_threshold} in [0, 1]"
+    for name in ("gamma", "gae_lambda", "solve_threshold"):
+        if not 0 <= getattr(args, name) <= 1:
+            return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
+    if not 0 < args.success_window <= 1:
+        return f"--success-window must be in (0, 1], got {args.success_window}"
     if args.num_envs % args.num_minibatches:
         return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
                 "(minibatches split the envs into whole sequences)")  # fmt: skip
@@ -551,32 +624,155 @@ def check_args(args: Args) -> str | None:
                 + (" of even size (conjugate symmetry keeps half of each)" if args.conj_sym else ""))  # fmt: skip
     if args.dt_min > args.dt_max:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
+    if args.resume and args.eval_model:
+        return "--resume and --eval-model exclude each other"
+    for flag, path in (("--resume", args.resume), ("--eval-model", args.eval_model)):
+        if path and not (flag == "--eval-model" and os.path.isfile(path)) and latest_checkpoint(path) is None:
+            return f"{flag}: {path} is neither a .cleanrl_model file nor a run folder with checkpoints/"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     return None
 
 
+# may differ from the checkpoint's on --resume: they do not change the sweep's math
+RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache",
+                     "track", "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
+NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy")
+
+
+def resume_error(args: Args, saved: Args) -> str | None:
+    """A flag given with --resume that would change the sweep; the budget too: finished groups keep theirs."""
+    for name, new in asdict(args).items():
+        if name not in RESUME_MAY_CHANGE + NOT_COMPARED and new != (old := getattr(saved, name)):
+            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
+            return (f"--resume: --{name.replace('_', '-')} {new} differs from the checkpoint's {old}; "
+                    f"it would change the run (allowed to change: {allowed})")  # fmt: skip
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), strict JSON, loading a saved model
+# ---------------------------------------------------------------------------------------------
+def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager:
+    """The checkpoints of a run folder (or its `checkpoints/` folder itself); keep: how many (0: only read)."""
+    path = os.path.abspath(path)
+    path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep)))
+
+
+def latest_checkpoint(path: str) -> int | None:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")):
+        return None
+    return checkpoint_manager(path).latest_step()
+
+
+def read_checkpoint(path: str, state=None) -> dict:
+    """The latest checkpoint's items: `args` and `logs` (JSON), `models`, and `state` if its abstract
+    structure (with shardings) is given, restored bit for bit into that structure."""
+    items = dict(args=ocp.args.JsonRestore(), logs=ocp.args.JsonRestore(), models=ocp.args.StandardRestore())
+    if state is not None:
+        items["state"] = ocp.args.StandardRestore(state)
+    manager = checkpoint_manager(path)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
+    manager.close()
+    return restored
+
+
+def strict_json(x):
+    """NaN and inf -> None (JSON null), recursively: `json.dump(..., allow_nan=False)` then writes strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return int(x) if isinstance(x, np.integer) else x
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(strict_json(obj), f, indent=2, allow_nan=False)
+
+
+def args_from_dict(saved: dict) -> Args:
+    """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
+    fix = lambda v: tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v  # noqa: E731
+    return Args(**{k: fix(v) for k, v in saved.items()})
+
+
+def pair_name(pair) -> str:
+    return f"len_{pair[0]}_seed_{pair[1]}"
+
+
+def load_model(path: str) -> tuple[Args, dict]:
+    """(Args, {"len_{L}_seed_{S}": params}) from a `--save-model` file or from a run folder's (or
+    checkpoints folder's) latest checkpoint, which holds every (length, seed) trained so far: the
+    finished groups' final parameters and the current group's parameters at the checkpoint."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        return args_from_dict(saved["0"]), saved["1"]
+    restored = read_checkpoint(path)
+    stacked = jax.tree.map(np.asarray, restored["models"])
+    models = {name: jax.tree.map(lambda x: x[i], stacked) for i, name in enumerate(restored["logs"]["model_pairs"])}
+    return args_from_dict(restored["args"]), models
+
+
+def save_sweep(args: Args, sweep: dict, force: bool = False):
+    """Checkpoint the sweep when --checkpoint-every updates of the sweep have passed since the last one
+    (or when `force`d and anything is new). Step: updates done over all groups so far. Items: the Args;
+    the logs (every pair's history, the clock, updates done per group); `models`: the parameters of
+    every pair trained so far, stacked (finished groups first, in `logs["model_pairs"]` order); `state`:
+    the current group's complete training state (absent between groups)."""
+    step, manager = sum(sweep["logs"]["updates_done"].values()), sweep["manager"]
+    due = force or step // args.checkpoint_every > sweep["saved_step"] // args.checkpoint_every if manager else False
+    if not due or step == sweep["saved_step"]:
+        return
+    names, params, items = list(sweep["finished_names"]), list(sweep["finished_params"]), {}
+    if sweep["current"] is not None:
+        pairs, runner = sweep["current"]
+        names += [pair_name(pair) for pair in pairs]
+        params.append(jax.device_get(runner.train_state.params))
+        items["state"] = ocp.args.StandardSave(runner)
+    history = {pair_name(pair): rows for pair, rows in sweep["logs"]["history"].items() if rows}
+    logs = {**sweep["logs"], "history": history, "model_pairs": names}
+    items.update(args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs)),
+                 models=ocp.args.StandardSave(jax.tree.map(lambda *x: np.concatenate(x), *params)))  # fmt: skip
+    manager.save(step, args=ocp.args.Composite(**items))
+    sweep["saved_step"] = step
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: (length, seed) groups, logging, summary table / JSON / plot, evaluation
+# ---------------------------------------------------------------------------------------------
 def default_chunk(num_updates: int) -> int:
     """About 1/25 of the updates, preferring a divisor of num_updates (one compile instead of two)."""
     target = max(1, num_updates // 25)
     return next((d for d in range(target, 2 * target + 1) if num_updates % d == 0), target)
 
 
-def run_group(args: Args, num_steps: int, pairs: list, writers: dict, history: dict, clock: dict, runners: dict):
+def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict):
     """Train all (length, seed) `pairs` sharing rollouts of `num_steps` as one vmapped program, sharded
-    over the devices. Appends (global_step, episodes, successes) per update to `history[pair]`."""
+    over the devices, from scratch or from the checkpoint's state if the group was under way. Appends
+    (global_step, episodes, successes) per update to the pair's history; checkpoints between chunks."""
     init, update_chunk, num_updates = make_train(args, num_steps)
     batch_size, chunk = args.num_envs * num_steps, args.updates_per_chunk or default_chunk(num_updates)
     devices = jax.devices()[: math.gcd(len(pairs), jax.device_count())]
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("pair",)), jax.sharding.PartitionSpec("pair"))
     keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array([s for _, s in pairs])), sharding)
     lengths = jax.device_put(jnp.array([length for length, _ in pairs], jnp.int32), sharding)
+    history, clock, updates_done = sweep["logs"]["history"], sweep["logs"]["clock"], sweep["logs"]["updates_done"]
+    done_updates = updates_done.get(str(num_steps), 0)
     print(f"rollouts of {num_steps} steps for lengths {sorted({L for L, _ in pairs})}: {len(pairs)} (length, seed) pairs "
-          f"on {len(devices)} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} steps")  # fmt: skip
+          f"on {len(devices)} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} steps"
+          + (f", resumed at update {done_updates}" if done_updates else ""))  # fmt: skip
     start = time.time()
     # Every leaf carries the leading pair axis, sharded. Parameters are initialised outside the
     # training jit, and the initialiser and the update chunks (at most two lengths) are compiled at
     # the same time: XLA compiles a program on one thread, and the machine has more.
     init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys, lengths)
-    chunk_lengths = sorted({min(chunk, num_updates), num_updates % chunk} - {0})
+    chunk_lengths = sorted({min(chunk, num_updates - done_updates), (num_updates - done_updates) % chunk} - {0})
     lowered = [init_lowered] + [
         jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
         .lower(init_lowered.out_info) for n in chunk_lengths
@@ -584,38 +780,68 @@ def run_group(args: Args, num_steps: int, pairs: list, writers: dict, history: d
     with ThreadPoolExecutor(len(lowered)) as pool:
         init_compiled, *chunk_compiled = pool.map(lambda program: program.compile(), lowered)
     compiled = dict(zip(chunk_lengths, chunk_compiled))
-    runner = jax.block_until_ready(init_compiled(keys, lengths))
+    if done_updates:  # the group was under way at the checkpoint: its state, bit for bit
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), init_lowered.out_info)
+        runner = read_checkpoint(run_dir, state=abstract)["state"]
+    else:
+        runner = jax.block_until_ready(init_compiled(keys, lengths))
     clock["compile_seconds"] += time.time() - start
     print(f"initialised and compiled in {time.time() - start:.1f} s")
-    done_updates, run_s = 0, 0.0
-    while done_updates < num_updates:
-        n = min(chunk, num_updates - done_updates)
-        t = time.time()
-        runner, metrics = compiled[n](runner)
-        metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [pairs, n]
-        run_s += time.time() - t
-        clock["run_seconds"] += time.time() - t
-        clock["env_steps"] += n * batch_size * len(pairs)
-        runners[num_steps] = runner
-        for u in range(n):
-            step = (done_updates + u + 1) * batch_size
-            for i, pair in enumerate(pairs):
-                m = {k: float(v[i, u]) for k, v in metrics.items()}
-                episodes, successes = int(m.pop("episodes")), int(m.pop("successes"))
-                history[pair].append((step, episodes, successes))
-                if episodes:  # episodes completed in this rollout; the return is 2 * success_rate - 1
-                    m.update(success_rate=successes / episodes, episodic_return=(2 * successes - episodes) / episodes)
-                for name, value in m.items():
-                    section = "charts" if name in ("success_rate", "episodic_return", "learning_rate") else "losses"
-                    writers[pair].add_scalar(f"{section}/{name}", value, step)
-        done_updates += n
-        sps = n * batch_size / (time.time() - t)
-        for pair in pairs:
-            writers[pair].add_scalar("charts/SPS", sps, done_updates * batch_size)
-            writers[pair].flush()
-        episodes, successes = metrics["episodes"][:, -1].sum(), metrics["successes"][:, -1].sum()
-        print(f"step {done_updates * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS {sps * len(pairs):,.0f} (all "
-              f"pairs) | success {successes / max(episodes, 1):.3f} (all pairs) | ETA {run_s / done_updates * (num_updates - done_updates):.0f} s", flush=True)  # fmt: skip
+    # TensorBoard continues after the last logged step; anything a killed process logged later is purged
+    writers = {pair: SummaryWriter(os.path.join(run_dir, pair_name(pair)), purge_step=history[pair][-1][0] + 1
+                                   if history[pair] else 0) for pair in pairs}  # fmt: skip
+    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    for (length, _), writer in writers.items():
+        if not done_updates:
+            writer.add_text("hyperparameters", f"{table}\n|memory_length|{length}|\n|rollout_steps|{num_steps}|")
+    sweep["current"], run_s, resumed_at = (pairs, runner), 0.0, done_updates
+    try:
+        while done_updates < num_updates:
+            n = min(chunk, num_updates - done_updates)
+            t = time.time()
+            new_runner, metrics = compiled[n](runner)
+            metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [pairs, n]
+            run_s += time.time() - t
+            clock["run_seconds"] += time.time() - t
+            bad = np.argwhere(~metrics.pop("finite").T)  # (update in chunk, pair) of non-finite updates
+            rows = {pair: [] for pair in pairs}
+            for u in range(bad[0, 0] if len(bad) else n):  # only the updates before a non-finite one
+                step = (done_updates + u + 1) * batch_size
+                for i, pair in enumerate(pairs):
+                    m = {k: float(v[i, u]) for k, v in metrics.items()}
+                    episodes, successes = int(m.pop("episodes")), int(m.pop("successes"))
+                    rows[pair].append((step, episodes, successes))
+                    if episodes:  # episodes completed in this rollout; the return is 2 * success_rate - 1
+                        m.update(success_rate=successes / episodes, episodic_return=(2 * successes - episodes) / episodes)
+                    for name, value in m.items():
+                        section = "charts" if name in ("success_rate", "episodic_return", "learning_rate") else "losses"
+                        writers[pair].add_scalar(f"{section}/{name}", value, step)
+            for pair in pairs:  # history, state and update count change together (a checkpoint saves them)
+                history[pair] += rows[pair]
+            if len(bad):
+                (length, seed), saved = pairs[bad[0, 1]], sweep["saved_step"]
+                raise FloatingPointError(
+                    f"non-finite loss/parameters at update {done_updates + bad[0, 0] + 1} (memory length {length}, seed "
+                    f"{seed}); last good checkpoint: " + (f"update {saved} in {run_dir}/checkpoints" if saved else "none")
+                )  # fmt: skip
+            done_updates += n
+            clock["env_steps"] += n * batch_size * len(pairs)
+            sps = n * batch_size / (time.time() - t)
+            for pair in pairs:
+                writers[pair].add_scalar("charts/SPS", sps, done_updates * batch_size)
+                writers[pair].flush()
+            runner, sweep["current"], updates_done[str(num_steps)] = new_runner, (pairs, new_runner), done_updates
+            save_sweep(args, sweep)
+            episodes, successes = metrics["episodes"][:, -1].sum(), metrics["successes"][:, -1].sum()
+            eta = run_s / (done_updates - resumed_at) * (num_updates - done_updates)
+            print(f"step {done_updates * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS {sps * len(pairs):,.0f} "
+                  f"(all pairs) | success {successes / max(episodes, 1):.3f} (all pairs) | ETA {eta:.0f} s", flush=True)  # fmt: skip
+    finally:
+        for writer in writers.values():
+            writer.close()
+    sweep["finished_names"] += [pair_name(pair) for pair in pairs]
+    sweep["finished_params"].append(jax.device_get(runner.train_state.params))
+    sweep["current"] = None
 
 
 def summarize(args: Args, history: dict, clock: dict) -> dict:
@@ -678,7 +904,7 @@ def plot_success(args: Args, summary: dict, path: str):
     ax.plot(*zip(*means) if means else ([], []), "o-", color="C1", label=f"mean over {args.num_seeds} seed(s)")
     ax.axhline(args.solve_threshold, color="C2", ls="--", lw=1, label=f"solved (>= {args.solve_threshold})")
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="random")
-    ax.set(xscale="log", ylim=(0, 1.02), xlabel="memory length L", ylabel="final success rate",
+    ax.set(xscale="log" if rows else "linear", ylim=(0, 1.02), xlabel="memory length L", ylabel="final success rate",
            title=f"PPO + S5 on bsuite MemoryChain, {args.total_timesteps:,} steps per run")  # fmt: skip
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -686,7 +912,31 @@ def plot_success(args: Args, summary: dict, path: str):
     plt.close(fig)
 
 
+def enable_compile_cache(folder: str):
+    """JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, if set, wins): a rerun skips compiling."""
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(folder)
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def start_tracking(args: Args, run_name: str):
+    if args.track:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
+
+
+def stop_tracking(args: Args):
+    if args.track:
+        import wandb
+
+        wandb.finish()
+
+
 def main(args: Args) -> dict:
+    enable_compile_cache(args.compile_cache)
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
         args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
     lengths, seeds = sorted(set(args.memory_lengths)), [args.seed + i for i in range(args.num_seeds)]
@@ -698,48 +948,111 @@ def main(args: Args) -> dict:
         print(f"note: --num-steps {args.num_steps} is not a multiple of L + 1 for lengths {cut}: their episodes are "
               "cut between training sequences, where no gradient flows from the answer back to the context",
               file=sys.stderr)  # fmt: skip
-    run_name = f"MemoryChain__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.log_dir, run_name)
-    writers = {(L, s): SummaryWriter(os.path.join(run_dir, f"len_{L}_seed_{s}")) for L in lengths for s in seeds}
-    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for (length, _), writer in writers.items():
-        writer.add_text("hyperparameters", f"{table}\n|memory_length|{length}|\n|rollout_steps|{rollout_length(args, length)}|")
+    pairs_of = {num_steps: [(L, s) for L in group for s in seeds] for num_steps, group in groups.items()}
+    logs = {"history": {}, "clock": {"compile_seconds": 0.0, "run_seconds": 0.0, "env_steps": 0}, "updates_done": {}}
+    sweep = {"finished_names": [], "finished_params": [], "current": None, "saved_step": 0}
+    if args.resume:  # finished groups' results and parameters; the current group's state is read in run_group
+        run_dir, restored = args.resume.rstrip("/"), read_checkpoint(args.resume)
+        logs, sweep["saved_step"] = restored["logs"], sum(restored["logs"]["updates_done"].values())
+        finished = [pair_name(pair) for num_steps, pairs in pairs_of.items() for pair in pairs
+                    if logs["updates_done"].get(str(num_steps)) == args.total_timesteps // (args.num_envs * num_steps)]  # fmt: skip
+        sweep["finished_names"] = logs["model_pairs"][: len(finished)]
+        sweep["finished_params"] = [jax.tree.map(lambda x: np.asarray(x)[: len(finished)], restored["models"])]
+    else:
+        run_dir = os.path.join(args.log_dir, f"MemoryChain__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name, clock = os.path.basename(run_dir), logs["clock"]
+    logs["history"] = history = {pair: [tuple(row) for row in logs["history"].get(pair_name(pair), [])]
+                                 for pairs in pairs_of.values() for pair in pairs}  # fmt: skip
+    sweep["logs"], sweep["manager"] = logs, checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
+    start_tracking(args, run_name)
     print(f"{run_name}: {len(lengths)} memory length(s) x {args.num_seeds} seed(s), {len(groups)} rollout length(s)")
-    history, clock, runners = {pair: [] for pair in writers}, {"compile_seconds": 0.0, "run_seconds": 0.0, "env_steps": 0}, {}
+    failure = None
     try:
-        for num_steps, group in groups.items():
-            run_group(args, num_steps, [(L, s) for L in group for s in seeds], writers, history, clock, runners)
+        for num_steps, pairs in pairs_of.items():
+            if logs["updates_done"].get(str(num_steps)) != args.total_timesteps // (args.num_envs * num_steps):
+                run_group(args, num_steps, pairs, run_dir, sweep)
+        save_sweep(args, sweep, force=True)
     except KeyboardInterrupt:
-        print("\ninterrupted; writing what was logged", file=sys.stderr)
+        print("\ninterrupted; writing what was logged and a checkpoint", file=sys.stderr)
+        save_sweep(args, sweep, force=True)
+    except FloatingPointError as error:  # the last good checkpoint stays the latest
+        failure = str(error)
     finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
         summary = summarize(args, history, clock)
         text = summary_table(args, summary)
         print(f"{text}\ncompile {clock['compile_seconds']:.1f} s, run {clock['run_seconds']:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
         with open(os.path.join(run_dir, "summary.md"), "w") as f:
             f.write(text + "\n")
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({"args": asdict(args), **summary}, f, indent=2)
+        write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         plot_success(args, summary, os.path.join(run_dir, "success_vs_length.png"))
         if args.save_model:  # {"len_{L}_seed_{S}": params} for every (length, seed) trained
-            models = {}
-            for num_steps, runner in runners.items():
-                params = jax.device_get(runner.train_state.params)
-                for i, (L, s) in enumerate((L, s) for L in groups[num_steps] for s in seeds):
-                    models[f"len_{L}_seed_{s}"] = jax.tree.map(lambda x: x[i], params)
+            params = sweep["finished_params"] + ([jax.device_get(sweep["current"][1].train_state.params)] if sweep["current"] else [])
+            names = sweep["finished_names"] + [pair_name(pair) for pair in (sweep["current"] or [[]])[0]]
+            stacked = jax.tree.map(lambda *x: np.concatenate(x), *params) if params else {}
+            models = {name: jax.tree.map(lambda x: x[i], stacked) for i, name in enumerate(names)}
             with open(os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
                 f.write(flax.serialization.to_bytes([asdict(args), models]))
-        for writer in writers.values():
-            writer.close()
+        if sweep["manager"]:
+            sweep["manager"].wait_until_finished()
+            sweep["manager"].close()
+        stop_tracking(args)
         print(f"results in {run_dir}")
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)
     return summary
+
+
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: every saved (length, seed) plays --eval-episodes episodes; eval.json beside the model."""
+    saved, models = load_model(args.eval_model)
+    enable_compile_cache(args.compile_cache)
+    if saved.s5_scan == "auto":
+        saved.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    pairs = sorted(tuple(int(x) for x in name.split("_")[1::2]) for name in models)  # "len_{L}_seed_{S}"
+    params = jax.tree.map(lambda *x: jnp.stack(x), *(models[pair_name(pair)] for pair in pairs))
+    lengths, seeds = jnp.array([L for L, _ in pairs]), jnp.array([s for _, s in pairs])
+    evaluate = make_evaluate(saved, args.eval_episodes, int(lengths.max()) + 1, args.eval_greedy)
+    keys = jax.vmap(lambda s, L: jax.random.fold_in(jax.random.key(s), L))(seeds, lengths)
+    returns = np.asarray(jax.jit(jax.vmap(evaluate))(params, lengths, keys))  # [pairs, episodes], each +-1
+    per_run = {pair_name(p): {"memory_length": p[0], "seed": p[1], "mean": float(r.mean()), "std": float(r.std()),
+                              "success_rate": float((r > 0).mean())} for p, r in zip(pairs, returns)}  # fmt: skip
+    per_length = {}
+    for (length, _), r in zip(pairs, returns):
+        per_length.setdefault(str(length), []).append(float(r.mean()))
+    result = {"model": args.eval_model, "episodes_per_seed": args.eval_episodes, "greedy": args.eval_greedy,
+              "per_run": per_run, "per_length": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": len(v)}
+                                                 for k, v in per_length.items()},
+              "overall": {"mean": float(returns.mean()), "std": float(returns.std())}}  # fmt: skip
+    for name, run in per_run.items():
+        print(f"{name}: return {run['mean']:+.3f} +- {run['std']:.3f}, success {run['success_rate']:.3f}")
+    print(f"overall over {len(pairs)} (length, seed) pair(s) x {args.eval_episodes} episodes: return "
+          f"{result['overall']['mean']:+.3f} +- {result['overall']['std']:.3f}")  # fmt: skip
+    path = os.path.abspath(args.eval_model)
+    folder = os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
+    write_json(os.path.join(folder, "eval.json"), result)
+    print(f"written to {os.path.join(folder, 'eval.json')}")
+    return result
+
+
+def parse_args() -> Args:
+    """tyro's CLI; with --resume, the defaults come from the checkpoint and a changed flag that would
+    change the run is refused."""
+    args = tyro.cli(Args)
+    error = check_args(args)
+    if not error and args.resume:
+        saved = args_from_dict(read_checkpoint(args.resume)["args"])
+        args = tyro.cli(Args, default=saved)
+        error = check_args(args) or resume_error(args, saved)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return args
 
 
 if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = tyro.cli(Args)
-    error = check_args(args)
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    main(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too: checkpoint, summary, exit
+    args = parse_args()
+    evaluate_model(args) if args.eval_model else main(args)

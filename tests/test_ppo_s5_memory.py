@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +207,15 @@ def test_every_rollout_starts_episodes(memory_length):
         assert metrics["episodes"][0] == args.num_envs * num_steps // (memory_length + 1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def compile_cache(tmp_path_factory):
+    """The scripts' persistent compilation cache in a temporary folder shared by this module's runs
+    (the same tiny programs compile once), never in the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        yield
+
+
 def run_script(*flags, **kwargs):
     return subprocess.run([sys.executable, "ppo_s5_memory.py", *flags], cwd=ROOT, capture_output=True, text=True, **kwargs)
 
@@ -250,3 +260,96 @@ def test_bad_inputs_fail_before_compiling(flags, message, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
     assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
+
+
+TINY = ["--num-envs", "4", "--num-minibatches", "2", "--update-epochs", "1", "--d-model", "8", "--ssm-size", "8",
+        "--hidden-size", "8", "--n-layers", "1", "--updates-per-chunk", "1"]  # fmt: skip
+
+
+def scalars(run_dir) -> dict:
+    """{(pair folder, tag): [(step, value), ...]} of every TensorBoard scalar but SPS (EventAccumulator honours purge_step)."""
+    out = {}
+    for folder in sorted(p for p in run_dir.iterdir() if p.name.startswith("len_")):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag != "charts/SPS":
+                out[folder.name, tag] = [(e.step, e.value) for e in events.Scalars(tag)]
+    return out
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    """Two groups (L = 3: 32 updates, L = 40: 24 updates) in one go, versus a run killed with SIGKILL after
+    its first checkpoint and resumed: the same parameters bit for bit, the same logged scalars, the same summary."""
+    flags = ["--memory-lengths", "3", "40", "--num-seeds", "2", "--total-timesteps", "4096", "--checkpoint-every", "2",
+             "--save-model", *TINY]  # fmt: skip
+    assert run_script(*flags, "--log-dir", str(tmp_path / "one"), timeout=570).returncode == 0
+    (one,) = (tmp_path / "one").iterdir()
+    process = subprocess.Popen([sys.executable, "ppo_s5_memory.py", *flags, "--log-dir", str(tmp_path / "two")], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while process.poll() is None and mem.latest_checkpoint(str(next(iter((tmp_path / "two").glob("*")), tmp_path))) is None:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    (two,) = (tmp_path / "two").iterdir()
+    killed_at = mem.latest_checkpoint(str(two))
+    assert killed_at < 32 + 24 and not (two / "summary.json").exists(), "the run ended before it was killed"
+    result = run_script("--resume", str(two), timeout=570)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert mem.latest_checkpoint(str(two)) == 32 + 24
+    (_, a), (_, b) = (mem.load_model(str(run / "ppo_s5_memory.cleanrl_model")) for run in (one, two))
+    assert sorted(a) == sorted(b) == ["len_3_seed_1", "len_3_seed_2", "len_40_seed_1", "len_40_seed_2"]
+    for name in a:
+        jax.tree.map(np.testing.assert_array_equal, a[name], b[name])
+    assert scalars(one) == scalars(two)
+    summary = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
+    assert summary[0]["per_run"] == summary[1]["per_run"]
+
+
+def test_load_and_evaluate_a_saved_model(tmp_path):
+    """load_model reads the same parameters from the --save-model file and from the final checkpoint;
+    --eval-model plays the episodes and writes strict eval.json beside the model."""
+    flags = ["--memory-lengths", "3", "--num-seeds", "2", "--total-timesteps", "512", "--save-model", *TINY]
+    assert run_script(*flags, "--log-dir", str(tmp_path), timeout=570).returncode == 0
+    (run_dir,) = tmp_path.iterdir()
+    args, from_file = mem.load_model(str(run_dir / "ppo_s5_memory.cleanrl_model"))
+    args_ckpt, from_checkpoint = mem.load_model(str(run_dir / "checkpoints"))
+    assert args == args_ckpt and args.memory_lengths == (3,) and args.total_timesteps == 512
+    for name in ("len_3_seed_1", "len_3_seed_2"):
+        jax.tree.map(np.testing.assert_array_equal, from_file[name], from_checkpoint[name])
+    result = run_script("--eval-model", str(run_dir), "--eval-episodes", "20", "--eval-greedy", timeout=570)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "eval.json").read_text(), parse_constant=pytest.fail)
+    assert report["episodes_per_seed"] == 20 and report["greedy"] and set(report["per_length"]) == {"3"}
+    for run in report["per_run"].values():  # every episode ends with +1 or -1
+        assert run["memory_length"] == 3 and abs(run["mean"]) <= 1 and run["success_rate"] == pytest.approx((run["mean"] + 1) / 2)
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    """A learning rate of 1e30 makes the parameters ~1e30 after one update (one minibatch) and the loss
+    non-finite in the next: the run stops with one line naming the update and the (length, seed), keeps
+    the last good checkpoint, and writes a strict summary.json."""
+    result = run_script("--memory-lengths", "3", "--num-seeds", "1", "--total-timesteps", "512", "--learning-rate", "1e30",
+                        "--checkpoint-every", "1", *TINY[:2], "--num-minibatches", "1", *TINY[4:], "--log-dir", str(tmp_path),
+                        timeout=570)  # fmt: skip
+    assert result.returncode == 1
+    (run_dir,) = tmp_path.iterdir()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss/parameters at update ") and "(memory length 3, seed 1)" in last, last
+    bad = int(last.split("at update ")[1].split()[0])
+    assert bad == 2 and last.endswith(f"last good checkpoint: update {bad - 1} in {run_dir}/checkpoints")
+    assert mem.latest_checkpoint(str(run_dir)) == bad - 1
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert summary["per_run"]["len_3_seed_1"]["updates"] == bad - 1
+
+
+def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
+    assert run_script("--memory-lengths", "3", "--num-seeds", "1", "--total-timesteps", "256", *TINY,
+                      "--log-dir", str(tmp_path), timeout=570).returncode == 0  # fmt: skip
+    (run_dir,) = tmp_path.iterdir()
+    result = run_script("--resume", str(run_dir), "--gamma", "0.9", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --resume: --gamma 0.9 differs from the checkpoint's 0.99; it would change the run (allowed to change: "
+        "--log-dir, --updates-per-chunk, --checkpoint-every, --keep-checkpoints, --compile-cache, --track, "
+        "--wandb-project-name, --wandb-entity, --save-model)"
+    )
