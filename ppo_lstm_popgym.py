@@ -53,7 +53,7 @@ class Args:
     save_model: bool = False
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
-    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count near 1/25 of it)"""
+    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the updates near 1/25 of them)"""
     checkpoint_every: int = 20
     """write a checkpoint of the complete training state every N updates (at the first chunk boundary after each N;
     also at the end and on Ctrl-C/SIGTERM); 0: never"""
@@ -419,15 +419,15 @@ def make_evaluate(args: Args):
 # ---------------------------------------------------------------------------------------------
 # Running: input checks, seeds and devices
 # ---------------------------------------------------------------------------------------------
-POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-            "hidden_size", "learning_rate", "clip_coef", "max_grad_norm", "keep_checkpoints", "eval_episodes")
+POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size",
+            "learning_rate", "clip_coef", "max_grad_norm", "keep_checkpoints", "eval_episodes")
 NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef")
 
 
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
     try:
-        envs_popjax.canonical_id(args.env_id)
+        make_env(args)  # an unknown id, or MemoryChain-L with L < 1
     except ValueError as error:
         return f"--env-id: {error}"
     domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
@@ -487,9 +487,9 @@ def enable_compile_cache(folder: str):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
 # ---------------------------------------------------------------------------------------------
-# may differ from the checkpoint's on --resume: they do not change the run's math (and --total-timesteps, see Args)
-RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache",
-                     "track", "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
+# may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
+RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
+                     "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
 NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
 
 
@@ -509,16 +509,20 @@ def write_json(path: str, obj):
         json.dump(strict_json(obj), f, indent=2, allow_nan=False)
 
 
+def args_from(saved: dict) -> Args:
+    return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+
+
 def run_folder(path: str) -> str:
-    """The run folder of a `.cleanrl_model` file, a run folder or its `checkpoints/` folder."""
+    """The run folder of a `.cleanrl_model` file, of a run folder or of its `checkpoints/` folder."""
     path = os.path.abspath(path)
     return os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
 
 
 def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
-    """The run's checkpoints: for reading (`args` None; the folder must exist) or for writing (keeps the latest
-    --keep-checkpoints). Each step (= PPO updates done) holds `state` (every seed's RunnerState, PRNG keys as
-    key_data) and `meta` (Args, per-update metrics so far, run seconds) in JSON."""
+    """A run's `checkpoints/`, to read (no `args`) or to write (keeps the latest --keep-checkpoints). Step = PPO
+    updates done; items: `state` (every seed's RunnerState, PRNG keys as key_data) and `meta` (JSON: the Args, the
+    per-update metrics so far, run seconds so far)."""
     folder = os.path.join(run_folder(path), "checkpoints")
     if args is None and not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
@@ -526,27 +530,24 @@ def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(folder, options=options)
 
 
-def latest_checkpoint(path: str, state_target=None) -> tuple[int, dict, object]:
-    """(step, meta, state) of the latest checkpoint; the state is restored into `state_target`'s structure and
-    sharding (a freshly initialised RunnerState, bit for bit), as nested dicts without one, or skipped if False."""
+def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: bool = False):
+    """(step, meta, state) of the latest checkpoint. The state takes `target`'s structure and sharding (a fresh
+    init: the resumed arrays are bit-identical), or comes as nested dicts without one."""
     manager = checkpoints(path)
     if (step := manager.latest_step()) is None:
         raise FileNotFoundError(f"{path} holds no checkpoint")
     items = {"meta": ocp.args.JsonRestore()}
-    if state_target is not False:
-        target = state_target and state_target._replace(key=jax.random.key_data(state_target.key))
-        items["state"] = ocp.args.StandardRestore(target)
+    if not meta_only:
+        items["state"] = ocp.args.StandardRestore(target and target._replace(key=jax.random.key_data(target.key)))
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    state = restored.get("state")
-    if state_target:
-        state = state._replace(key=jax.random.wrap_key_data(state.key))
     manager.close()
-    return step, restored["meta"], state
+    state = restored.get("state")
+    return step, restored["meta"], state._replace(key=jax.random.wrap_key_data(state.key)) if target else state
 
 
 def save_checkpoint(manager, runner: RunnerState, args: Args, history: list, run_s: float) -> int:
-    """Checkpoint the last completed chunk's state (async: training goes on while it is written)."""
-    step = int(np.asarray(runner.train_state.step).ravel()[0]) // (args.num_minibatches * args.update_epochs)
+    """Checkpoint `runner` (the last completed chunk); written in the background while training goes on."""
+    step = int(np.asarray(runner.train_state.step).flat[0]) // (args.num_minibatches * args.update_epochs)
     if step not in manager.all_steps():
         meta = strict_json({"args": asdict(args), "history": history[:step], "run_seconds": run_s})
         state = runner._replace(key=jax.random.key_data(runner.key))
@@ -555,68 +556,63 @@ def save_checkpoint(manager, runner: RunnerState, args: Args, history: list, run
 
 
 def load_model(path: str) -> tuple[Args, dict]:
-    """`(args, params)` of a `--save-model` file or of a run folder's latest checkpoint; params have a leading
-    [num_seeds] axis: `network.apply(jax.tree.map(lambda x: x[i], params), ...)` is seed args.seed + i."""
+    """`(args, params)` of a `--save-model` file, or of a run folder's latest checkpoint. The params have a leading
+    [num_seeds] axis: `network.apply(jax.tree.map(lambda x: x[i], params), ...)` acts as seed args.seed + i."""
     if os.path.isfile(path):
         with open(path, "rb") as f:
             saved = flax.serialization.msgpack_restore(f.read())
-        saved_args, params = saved["0"], saved["1"]
-    else:
-        _, meta, state = latest_checkpoint(path)
-        saved_args, params = meta["args"], state["train_state"]["params"]
-    return Args(**{f.name: saved_args[f.name] for f in fields(Args) if f.name in saved_args}), params
+        return args_from(saved["0"]), saved["1"]
+    _, meta, state = restore_checkpoint(path)
+    return args_from(meta["args"]), state["train_state"]["params"]
 
 
 def parse_args() -> tuple[Args, str | None]:
-    """The CLI. With --resume or --eval-model the defaults are the saved run's Args, and a flag that would change its
-    math is refused. Returns (args, error message or None)."""
+    """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
+    flag that would change that run's math is refused."""
     args = tyro.cli(Args)
-    if not (args.resume or args.eval_model):
+    if not (path := args.resume or args.eval_model):
         return args, None
-    flag, path = ("--resume", args.resume) if args.resume else ("--eval-model", args.eval_model)
-    if args.resume and args.eval_model:
-        return args, "--resume and --eval-model exclude each other"
+    flag, whose = ("--resume", "checkpoint") if args.resume else ("--eval-model", "model")
     try:
-        saved, done = (load_model(path)[0], 0) if args.eval_model else (None, 0)
-        if args.resume:
-            step, meta, _ = latest_checkpoint(path, state_target=False)
-            saved = Args(**{f.name: meta["args"][f.name] for f in fields(Args) if f.name in meta["args"]})
+        if args.resume and args.eval_model:
+            raise ValueError("--resume and --eval-model exclude each other")
+        if args.eval_model:
+            saved, done = load_model(path)[0], 0
+        else:
+            step, meta, _ = restore_checkpoint(path, meta_only=True)
+            saved = args_from(meta["args"])
             done = step * saved.batch_size
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError) as error:
         return args, f"{flag}: {error}"
     args = tyro.cli(Args, default=saved)
-    may_change = RESUME_MAY_CHANGE + NOT_COMPARED + (("total_timesteps",) if args.eval_model else ())
-    for f in fields(Args):
-        new, old = getattr(args, f.name), getattr(saved, f.name)
-        if f.name in may_change or new == old:
+    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED):
+        new, old, option = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
+        if new == old or (name == "total_timesteps" and (args.eval_model or (new >= done and not args.anneal_lr))):
             continue
-        name = "--" + f.name.replace("_", "-")
-        if f.name == "total_timesteps" and args.anneal_lr:
-            return args, f"--resume: {name} {new} differs from the checkpoint's {old}; with --anneal-lr it would change the learning-rate schedule"
-        if f.name == "total_timesteps" and new < done:
-            return args, f"--resume: {name} {new} is below the {done} steps the checkpoint has done"
-        if f.name != "total_timesteps":
-            allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
-            return args, (f"{flag}: {name} {new} differs from the {'checkpoint' if args.resume else 'model'}'s {old}; "
-                          f"it would change the run (allowed to change: {allowed})")  # fmt: skip
+        if name == "total_timesteps" and new < done:
+            return args, f"--resume: {option} {new} is below the {done} steps the checkpoint has done"
+        if name == "total_timesteps":
+            return args, f"--resume: {option} {new} differs from the checkpoint's {old}; with --anneal-lr it would " \
+                         "change the learning-rate schedule"  # fmt: skip
+        allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
+        return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; it would change the run " \
+                     f"(allowed to change: {allowed})"  # fmt: skip
     return args, None
 
 
 def evaluate_model(args: Args) -> dict:
     """--eval-model: every seed's saved policy plays --eval-episodes episodes; prints and writes eval.json."""
     derive_sizes(args)
-    _, params = load_model(args.eval_model)
     seeds = [args.seed + i for i in range(args.num_seeds)]
     keys = jax.vmap(jax.random.key)(jnp.array(seeds))
-    returns = np.asarray(jax.jit(jax.vmap(make_evaluate(args)))(params, keys))  # [seeds, episodes]
-    means = returns.mean(1)
-    result = {"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "episodes_per_seed": args.eval_episodes,
-              "greedy": args.eval_greedy, "mean": means.mean(), "std": means.std(),  # over the seeds' means
-              "per_seed": {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)}}  # fmt: skip
+    returns = np.asarray(jax.jit(jax.vmap(make_evaluate(args)))(load_model(args.eval_model)[1], keys))  # [seeds, N]
+    result = strict_json({"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy,
+                          "episodes_per_seed": args.eval_episodes, "mean": returns.mean(1).mean(),
+                          "std": returns.mean(1).std(),  # of the seeds' means
+                          "per_seed": {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)}})
     for s, r in result["per_seed"].items():
         print(f"seed {s}: return {r['mean']:.4f} +- {r['std']:.4f} over {args.eval_episodes} episodes")
-    path = os.path.join(run_folder(args.eval_model), "eval.json")
-    write_json(path, result)
+    write_json(path := os.path.join(run_folder(args.eval_model), "eval.json"), result)
     print(f"{'greedy' if args.eval_greedy else 'sampled'} return over {args.num_seeds} seed(s): "
           f"{result['mean']:.4f} +- {result['std']:.4f}; written to {path}")  # fmt: skip
     return result
@@ -630,58 +626,72 @@ def summarize(args: Args, history: list[dict], compile_s: float, run_s: float) -
     seeds = [args.seed + i for i in range(args.num_seeds)]
     returns = np.array([h["episodic_return"] for h in history], float).reshape(len(history), args.num_seeds)
     finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the updates that completed episodes
-    per_seed = {str(s): {"mmer": float(f.max()) if f.size else None, "final_episodic_return": float(f[-1]) if f.size else None}
+    last = lambda f: float(f[-1]) if f.size else None  # noqa: E731
+    per_seed = {str(s): {"mmer": float(f.max()) if f.size else None, "final_episodic_return": last(f)}
                 for s, f in zip(seeds, finished)}  # fmt: skip
     steps = len(history) * args.batch_size
     summary = {"env_id": args.env_id, "updates": len(history), "global_step": steps, "compile_seconds": compile_s,
-               "run_seconds": run_s, "sps": steps * args.num_seeds / run_s if run_s > 0 else None, "per_seed": per_seed}  # fmt: skip
+               "run_seconds": run_s, "sps": steps * args.num_seeds / run_s if run_s > 0 else None,
+               "per_seed": per_seed}  # fmt: skip
     for key in ("mmer", "final_episodic_return"):
         values = [v[key] for v in per_seed.values() if v[key] is not None]
         summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
     return summary
 
 
+def log_update(writers, update: dict, mmer, step: int):
+    for i, writer in enumerate(writers):
+        if not np.isnan(update["episodic_return"][i]):
+            writer.add_scalar("charts/episodic_return", update["episodic_return"][i], step)
+            writer.add_scalar("charts/episodic_length", update["episodic_length"][i], step)
+            writer.add_scalar("charts/mmer", mmer[i], step)
+        writer.add_scalar("charts/learning_rate", update["learning_rate"][i], step)
+        for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
+                     "explained_variance"):  # fmt: skip
+            writer.add_scalar(f"losses/{name}", update[name][i], step)
+
+
 def main(args: Args) -> dict:
+    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json."""
     derive_sizes(args)
     # default: the largest divisor of num_updates up to 1/25 of it, so one program is compiled
-    chunk = args.updates_per_chunk or max(d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0)
+    divisors = [d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0]
+    chunk = args.updates_per_chunk or max(divisors)
     run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
     history, run_s, compile_s, runner, failure = [], 0.0, 0.0, None, None
-    if args.resume:  # the logs continue from the checkpoint: metrics so far, run time
-        _, meta, _ = latest_checkpoint(run_dir, state_target=False)
-        history = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]]  # null -> NaN
-        run_s = meta["run_seconds"]
-    start_update = len(history)
+    if args.resume:  # the logs continue from the checkpoint: metrics so far (null -> NaN), run time
+        meta = restore_checkpoint(run_dir, meta_only=True)[1]
+        history, run_s = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]], meta["run_seconds"]
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)  # fmt: skip
-    # on --resume, TensorBoard drops what the interrupted run logged after the checkpoint (purge_step)
-    purge = start_update * args.batch_size + 1 if args.resume else None
-    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=purge) for s in seeds]
-    if not args.resume:
-        table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        for writer in writers:
-            writer.add_text("hyperparameters", table)
+    # on --resume TensorBoard drops what the interrupted run logged after the checkpoint (purge_step)
+    purge_step = len(history) * args.batch_size + 1 if args.resume else None
+    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=purge_step) for s in seeds]
+    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    for writer in [] if args.resume else writers:
+        writer.add_text("hyperparameters", table)
     manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
-    last_saved = start_update
+    last_saved = len(history)
+    mmer = np.full(args.num_seeds, -np.inf)
+    for update in history:
+        mmer = np.fmax(mmer, update["episodic_return"])
 
     init, update_chunk = make_train(args)
     sharding = seed_sharding(args.num_seeds)
     keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
     print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-          f"{args.num_updates} updates of {args.batch_size} steps" + (f", from update {start_update}" if args.resume else ""))  # fmt: skip
-    mmer = np.full(args.num_seeds, -np.inf)
-    for update in history:
-        mmer = np.fmax(mmer, update["episodic_return"])
+          f"{args.num_updates} updates of {args.batch_size} steps" + (f", from update {last_saved}" * bool(args.resume)))
     start = time.time()
     try:
-        left = args.num_updates - start_update
-        runner, compiled_chunk = compile_training(init, update_chunk, keys, sharding, {min(chunk, left), left % chunk} - {0})
+        left = args.num_updates - len(history)
+        lengths = {min(chunk, left), left % chunk} - {0}
+        runner, compiled_chunk = compile_training(init, update_chunk, keys, sharding, lengths)
         if args.resume:
-            runner = latest_checkpoint(run_dir, runner)[2]
+            runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start
         print(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
@@ -691,27 +701,16 @@ def main(args: Args) -> dict:
             metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
             run_s += elapsed
-            sps = n * args.batch_size / elapsed
-            if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, and stop
-                n, seed_index = min((u, i) for i, u in zip(*np.nonzero(~finite)))
-                failure = f"non-finite loss/parameters at update {len(history) + n + 1} (seed {seeds[seed_index]})"
+            if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, then stop
+                n, i = min((u, i) for i, u in zip(*np.nonzero(~finite)))
+                failure = f"non-finite loss/parameters at update {len(history) + n + 1} (seed {seeds[i]})"
             for u in range(n):
-                update = {k: v[:, u] for k, v in metrics.items()}
-                history.append(update)
-                step = len(history) * args.batch_size
-                mmer = np.fmax(mmer, update["episodic_return"])
-                for i, writer in enumerate(writers):
-                    if not np.isnan(update["episodic_return"][i]):
-                        writer.add_scalar("charts/episodic_return", update["episodic_return"][i], step)
-                        writer.add_scalar("charts/episodic_length", update["episodic_length"][i], step)
-                        writer.add_scalar("charts/mmer", mmer[i], step)
-                    writer.add_scalar("charts/learning_rate", update["learning_rate"][i], step)
-                    for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                                 "explained_variance"):  # fmt: skip
-                        writer.add_scalar(f"losses/{name}", update[name][i], step)
+                history.append({k: v[:, u] for k, v in metrics.items()})
+                mmer = np.fmax(mmer, history[-1]["episodic_return"])
+                log_update(writers, history[-1], mmer, step := len(history) * args.batch_size)
             if failure:
                 break
-            runner = new_runner
+            runner, sps = new_runner, n * args.batch_size / elapsed
             for writer in writers:
                 writer.add_scalar("charts/SPS", sps, step)
                 writer.flush()
@@ -722,7 +721,7 @@ def main(args: Args) -> dict:
             mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
             mean_mmer = mmer[np.isfinite(mmer)].mean() if np.isfinite(mmer).any() else float("nan")
             print(f"step {step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                  f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
+                  f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
@@ -736,7 +735,8 @@ def main(args: Args) -> dict:
             r = summary["per_seed"][str(s)]
             print(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
         if summary["mmer"]:
-            print(f"MMER over {args.num_seeds} seed(s): {summary['mmer']['mean']:.4f} +- {summary['mmer']['std']:.4f} | "
+            mean, std = summary["mmer"]["mean"], summary["mmer"]["std"]
+            print(f"MMER over {args.num_seeds} seed(s): {mean:.4f} +- {std:.4f} | "
                   f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
         write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model and runner is not None:
@@ -760,9 +760,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
     args, error = parse_args()
+    enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
     error = error or check_args(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    enable_compile_cache(args.compile_cache)
     evaluate_model(args) if args.eval_model else main(args)

@@ -180,6 +180,13 @@ def test_vmapped_seed_equals_single_seed_and_saved_model(tmp_path):
     assert_trees_close(jax.tree.map(lambda x: x[1], model_two["1"]), jax.tree.map(lambda x: x[0], model_one["1"]),
                        rtol=1e-4, atol=1e-5)  # fmt: skip
     assert two["per_seed"]["2"]["mmer"] == pytest.approx(one["per_seed"]["2"]["mmer"], rel=1e-5)
+    # --eval-model from the command line: the model's Args, its seeds, eval.json beside it (strict JSON)
+    result = run_script(f"--eval-model={run_dir}/ppo_lstm_popgym.cleanrl_model", "--eval-episodes=4", "--eval-greedy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        evaluation = json.loads(f.read(), parse_constant=lambda c: pytest.fail(c))
+    assert evaluation["greedy"] and evaluation["episodes_per_seed"] == 4 and set(evaluation["per_seed"]) == {"1", "2"}
+    assert all(0 < r["mean"] <= 1 for r in evaluation["per_seed"].values()) and "return over 2 seed(s)" in result.stdout
     # different seeds really differ
     assert not np.allclose(*jax.tree.leaves(model_two["1"])[0])
 

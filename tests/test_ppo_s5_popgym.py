@@ -194,3 +194,31 @@ def test_bad_inputs_fail_fast_with_one_line(flags, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "compiled" not in result.stdout
+
+
+def test_load_model_and_evaluation_reproduce_the_trained_policy(tmp_path):
+    """`load_model` reads the `--save-model` file and the final checkpoint to the same parameters, bit for bit;
+    `--eval-model` (sampling, as in training) plays 200 fresh episodes per seed and gets the return that training
+    logged for its last rollout. Tolerance: 4 standard errors of the difference of the two means (eval episodes
+    and the rollout's completed episodes, both with the eval's per-episode std); the rollout was played by the
+    parameters one update older, which at lr 1e-3 moves CartPole's return far less than that."""
+    args = s5.Args(env_id="CartPoleEasy", total_timesteps=4 * 1024, num_seeds=2, save_model=True, log_dir=str(tmp_path),
+                   **{**TINY, "num_envs": 16, "num_steps": 64, "learning_rate": 1e-3})  # fmt: skip
+    summary = s5.main(args)
+    (run_dir,) = glob.glob(str(tmp_path / "*"))
+    model_path = os.path.join(run_dir, "ppo_s5_popgym.cleanrl_model")
+    (file_args, file_params), (ckpt_args, ckpt_params) = s5.load_model(model_path), s5.load_model(run_dir)
+    assert file_args == ckpt_args and file_args.env_id == "CartPoleEasy" and file_args.num_updates == 4
+    for x, y in zip(jax.tree.leaves(file_params), jax.tree.leaves(ckpt_params), strict=True):
+        assert x.shape[0] == 2  # leading seed axis
+        np.testing.assert_array_equal(x, y)
+    result = s5.evaluate_model(s5.Args(**{**vars(file_args), "eval_model": model_path, "eval_episodes": 200}))
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        assert json.loads(f.read(), parse_constant=lambda c: pytest.fail(c)) == result
+    last_rollout_episodes = s5.latest_checkpoint(run_dir, state_target=False)[1]["history"][-1]["episodes"]
+    for i, seed in enumerate(["1", "2"]):
+        trained, evaluated = summary["per_seed"][seed]["final_episodic_return"], result["per_seed"][seed]
+        tolerance = 4 * evaluated["std"] * np.sqrt(1 / 200 + 1 / last_rollout_episodes[i])
+        assert abs(evaluated["mean"] - trained) < tolerance, (seed, evaluated, trained, tolerance)
+    greedy = s5.evaluate_model(s5.Args(**{**vars(file_args), "eval_model": run_dir, "eval_episodes": 8, "eval_greedy": True}))
+    assert all(0 < r["mean"] <= 1 for r in greedy["per_seed"].values())  # CartPole returns lie in (0, 1]
