@@ -121,15 +121,18 @@ def parse_overrides(args_class, overrides: tuple[str, ...]) -> dict:
 DERIVED_ARGS = ("log_dir", "batch_size", "minibatch_size", "num_updates")  # filled in by the scripts' main
 
 
-def args_match(saved: dict, intended: dict) -> bool:
-    """Whether a run's saved Args are the `intended` ones (fields the script derives, and "auto"
-    choices it resolves, are not compared; tuples compare as the lists JSON makes of them)."""
-    intended = json.loads(json.dumps(intended))
-    return all(saved.get(k) == v for k, v in intended.items() if k not in DERIVED_ARGS and v != "auto")
+def args_match(saved: dict, args) -> bool:
+    """Whether a run's saved Args (a dict) are the dataclass `args`: fields the script derives, and
+    "auto" choices it resolves, are not compared; a field the saved run lacks (added to the script
+    since) matches if `args` leaves it at its default; tuples compare as the lists JSON makes."""
+    intended = json.loads(json.dumps(dataclasses.asdict(args)))
+    defaults = json.loads(json.dumps(dataclasses.asdict(type(args)())))
+    return all(saved[k] == v if k in saved else v == defaults[k]
+               for k, v in intended.items() if k not in DERIVED_ARGS and v != "auto")  # fmt: skip
 
 
-def finished_run(log_dir: Path, intended: dict, complete) -> tuple[Path, dict] | None:
-    """The newest run folder under `log_dir` whose summary.json has the `intended` Args and
+def finished_run(log_dir: Path, args, complete) -> tuple[Path, dict] | None:
+    """The newest run folder under `log_dir` whose summary.json has the Args `args` and
     passes `complete(summary)` (an interrupted run writes a summary too), with its summary and
     the driver's bench_cell.json merged in; None if there is none."""
     for path in sorted(log_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -137,19 +140,19 @@ def finished_run(log_dir: Path, intended: dict, complete) -> tuple[Path, dict] |
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if args_match(summary.get("args", {}), intended) and complete(summary):
+        if args_match(summary.get("args", {}), args) and complete(summary):
             cell = path.parent / "bench_cell.json"
             extra = json.loads(cell.read_text()) if cell.exists() else {}
             return path.parent, {**summary, **extra}
     return None
 
 
-def from_previous(reports: list[dict], key: str, intended: dict, complete) -> dict | None:
+def from_previous(reports: list[dict], key: str, args, complete) -> dict | None:
     """The cell `key` of an earlier report (JSON of the same driver, e.g. its copy in
-    benchmarks/figures) if it ran with the `intended` Args and is complete; None otherwise."""
+    benchmarks/figures) if it ran with the Args `args` and is complete; None otherwise."""
     for report in reports:
         r = report.get("results", {}).get(key)
-        if r and args_match(r["script_args"], intended) and complete(r):
+        if r and args_match(r["script_args"], args) and complete(r):
             return {**r, "source": "previous report"}
     return None
 

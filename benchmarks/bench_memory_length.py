@@ -265,10 +265,10 @@ def main(args: Args) -> dict:
         for model in args.models:
             a, module = cells[L][model], (ppo_s5_memory if model == "S5" else ppo_lstm_popgym)
             key, log_dir = f"{L}/{model}", runs_dir / f"L{L}__{model}"
-            found = finished_run(log_dir, dataclasses.asdict(a), complete_for(a))
+            found = finished_run(log_dir, a, complete_for(a))
             if found:
                 run_dir, r = found[0], {**found[1], "source": "read back"}
-            elif r := from_previous(previous, key, dataclasses.asdict(a), complete_for(a)):
+            elif r := from_previous(previous, key, a, complete_for(a)):
                 run_dir = Path(r["run_dir"])
             else:
                 run_dir, r = run_cell(module, a, log_dir)

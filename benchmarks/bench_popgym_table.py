@@ -234,10 +234,10 @@ def main(args: Args) -> dict:
     report = {"machine": machine, "args": dataclasses.asdict(args), "settings": settings, "results": {}}
     for (env_id, model), a in cells.items():
         key, log_dir = f"{env_id}/{model}", runs_dir / f"{env_id}__{model}"
-        found = finished_run(log_dir, dataclasses.asdict(a), complete_for(a))
+        found = finished_run(log_dir, a, complete_for(a))
         if found:
             run_dir, r = found[0], {**found[1], "source": "read back"}
-        elif r := from_previous(previous, key, dataclasses.asdict(a), complete_for(a)):
+        elif r := from_previous(previous, key, a, complete_for(a)):
             run_dir = r.get("run_dir")
         else:
             run_dir, r = run_cell(MODELS[model], a, log_dir)

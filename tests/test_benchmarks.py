@@ -182,3 +182,26 @@ def test_memory_length_quick(tmp_path):
     table = (out / "bench_memory_length_quick.md").read_text()
     assert "| 3 |" in table and "Largest length solved" in table
     assert (out / "bench_memory_length_quick.png").stat().st_size > 1000
+
+
+def test_cells_resume_only_with_the_same_args():
+    import dataclasses
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_common import args_match
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+    @dataclasses.dataclass
+    class A:
+        lr: float = 1e-3
+        lengths: tuple = (1, 2)
+        scan: str = "auto"
+        new_field: int = 0  # added to the script after the run was saved
+        log_dir: str = "runs"
+
+    saved = {"lr": 1e-3, "lengths": [1, 2], "scan": "sequential", "log_dir": "elsewhere"}
+    assert args_match(saved, A())  # "auto" resolved by the script, log_dir and the new default field ignored
+    assert not args_match(saved, A(lr=3e-4)) and not args_match(saved, A(lengths=(1,)))
+    assert not args_match(saved, A(new_field=1)) and not args_match(saved, A(scan="parallel"))
