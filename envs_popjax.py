@@ -1174,6 +1174,7 @@ class PreviousActionWrapper(GymnaxWrapper):
         super().__init__(env)
         self.discrete = isinstance(env.action_space(env.default_params), spaces.Discrete)
         self.action_dim = action_size(env.action_space(env.default_params))
+        self.batch_shape = getattr(env, "batch_shape", ())  # (num_envs,) around a VecEnv
 
     def observation_space(self, params) -> spaces.Box:
         inner = self._env.observation_space(params)
@@ -1182,23 +1183,24 @@ class PreviousActionWrapper(GymnaxWrapper):
     def encode_action(self, action: jax.Array) -> jax.Array:
         if self.discrete:
             return one_hot(action, self.action_dim)
-        return jnp.reshape(action, (self.action_dim,)).astype(jnp.float32)
+        return jnp.reshape(action, self.batch_shape + (self.action_dim,)).astype(jnp.float32)
 
     @staticmethod
     def _observe(obs, state: PreviousActionState) -> jax.Array:
-        return jnp.concatenate([obs, state.previous_action, state.first[None]])
+        return jnp.concatenate([obs, state.previous_action, state.first[..., None]], axis=-1)
 
     @partial(jax.jit, static_argnames=("self",))
     def reset(self, key, params=None):
         obs, env_state = self._env.reset(key, params)
-        state = PreviousActionState(env_state, jnp.zeros(self.action_dim, jnp.float32), jnp.float32(1.0))
+        zeros = jnp.zeros(self.batch_shape + (self.action_dim,), jnp.float32)
+        state = PreviousActionState(env_state, zeros, jnp.ones(self.batch_shape, jnp.float32))
         return self._observe(obs, state), state
 
     @partial(jax.jit, static_argnames=("self",))
     def step(self, key, state, action, params=None):
         obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
         done = terminated | truncated
-        previous_action = jnp.where(done, 0.0, self.encode_action(action))
+        previous_action = jnp.where(done[..., None], 0.0, self.encode_action(action))
         state = PreviousActionState(env_state, previous_action, done.astype(jnp.float32))
         return self._observe(obs, state), state, reward, terminated, truncated, info
 
@@ -1220,7 +1222,7 @@ class EpisodeStatsWrapper(GymnaxWrapper):
     @partial(jax.jit, static_argnames=("self",))
     def reset(self, key, params=None):
         obs, env_state = self._env.reset(key, params)
-        zero_f, zero_i = jnp.float32(0.0), jnp.int32(0)
+        zero_f, zero_i = jnp.zeros(obs.shape[:-1], jnp.float32), jnp.zeros(obs.shape[:-1], jnp.int32)
         return obs, EpisodeStatsState(env_state, zero_f, zero_i, zero_f, zero_i)
 
     @partial(jax.jit, static_argnames=("self",))
@@ -1243,6 +1245,92 @@ class EpisodeStatsWrapper(GymnaxWrapper):
             "returned_episode_length": state.returned_episode_length,
         }
         return obs, state, reward, terminated, truncated, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched envs whose resets cost in proportion to the episodes that end (used by the scripts).
+# ---------------------------------------------------------------------------------------------
+class VecEnv:
+    """`num_envs` copies of a gymnax env stepped together, with gymnax's auto-reset semantics.
+
+    `reset(key, params) -> (obs[N, ...], state)`; `step(key, state, action[N], params) ->
+    (obs, state, reward[N], terminated[N], truncated[N], info)`. Env i uses key
+    `jax.random.split(key, N)[i]` exactly as gymnax's `step` does (its `key_reset` half for a reset),
+    so the outputs equal `vmap(env.step)(jax.random.split(key, N), ...)` bit for bit: every episode
+    starts from its own fresh `reset_env` draw (the env's reset distribution, independent across
+    envs and episodes, lockstep endings included). What changes is the cost: gymnax computes a
+    reset for every env on every step and selects it where an episode ended. Here a step where no
+    episode ends computes none; one where m <= N // 4 end computes them in chunks of
+    `reset_chunk` (default N // 32) at the indices of the ended envs (ceil(m / chunk) passes);
+    more (card games, bandits: envs end in lockstep) take one pass of N resets. These are while
+    loops, not `lax.cond`: under an outer `vmap` (the scripts' seeds) a cond becomes a select that
+    always runs both branches, while a batched while loop still runs only when some seed needs it.
+    """
+
+    def __init__(self, env: environment.Environment, num_envs: int, reset_chunk: int | None = None):
+        if num_envs < 1 or (reset_chunk is not None and reset_chunk < 1):
+            raise ValueError(f"num_envs and reset_chunk must be >= 1, got {num_envs} and {reset_chunk}")
+        self.env, self.num_envs, self.batch_shape = env, num_envs, (num_envs,)
+        self.reset_chunk = min(reset_chunk or max(1, num_envs // 32), num_envs)
+        self.default_params = env.default_params
+
+    def action_space(self, params=None):
+        return self.env.action_space(params)
+
+    def observation_space(self, params):
+        return self.env.observation_space(params)
+
+    @partial(jax.jit, static_argnames=("self",))
+    def reset(self, key, params=None):
+        params = self.default_params if params is None else params
+        return jax.vmap(self.env.reset_env, (0, None))(jax.random.split(key, self.num_envs), params)
+
+    @partial(jax.jit, static_argnames=("self",))
+    def step(self, key, state, action, params=None):
+        params = self.default_params if params is None else params
+        keys = jax.vmap(jax.random.split)(jax.random.split(key, self.num_envs))  # [N, 2]: step, reset
+        obs, state, reward, terminated, info = jax.vmap(self.env.step_env, (0, 0, 0, None))(
+            keys[:, 0], state, action, params
+        )
+        truncated = jax.vmap(self.env.is_truncated, (0, None))(state, params)
+        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs}
+        done = terminated | truncated
+        (obs, state), (reward, info) = self.reset_ended(done, keys[:, 1], obs, state, (reward, info), params)
+        return obs, state, reward, terminated, truncated, info
+
+    def reset_ended(self, done: jax.Array, keys: jax.Array, obs, state, others, params):
+        """`(obs, state)` with env i's replaced by `reset_env(keys[i])` wherever `done[i]`, and
+        `others` (the step's other outputs) unchanged. They pass through the loops, rewritten with
+        their own values, so that all reads of the old state come first: XLA then updates the state
+        in place, where it copied it on every step when an output computed from it bypassed them."""
+        n = self.num_envs
+
+        def reset_chunks(size: int, carry_on, carry):
+            def one_chunk(carry):  # reset the first `size` pending envs
+                pending, (obs_state, others) = carry
+                index = jnp.nonzero(pending, size=size, fill_value=n)[0]  # n: no env, dropped below
+                some = jnp.minimum(index, n - 1)  # indexing by `pending` also keeps XLA from hoisting the resets
+                new = jax.vmap(self.env.reset_env, (0, None))(keys[some], params)
+                new = new, jax.tree.map(lambda x: x[some], others)
+                scatter = lambda old, new: old.at[index].set(new, mode="drop")  # noqa: E731
+                return pending.at[index].set(False, mode="drop"), jax.tree.map(scatter, (obs_state, others), new)
+
+            return jax.lax.while_loop(lambda carry: carry_on(carry[0]), one_chunk, carry)
+
+        carry = reset_chunks(n, lambda pending: 4 * jnp.sum(pending) > n, (done, ((obs, state), others)))
+        return reset_chunks(self.reset_chunk, jnp.any, carry)[1]
+
+
+def make_vec(env_id: str, num_envs: int, *, wrappers: bool = False, reset_chunk: int | None = None, **overrides):
+    """`make(env_id, **overrides)` as a `VecEnv` of `num_envs` envs: `(vec_env, params)`. With
+    `wrappers=True` the scripts' wrappers are applied to the batch: the observation gets the
+    previous action and the first-step flag (`PreviousActionWrapper`), `info` the episode
+    statistics (`EpisodeStatsWrapper`)."""
+    env, params = make(env_id, **overrides)
+    vec_env = VecEnv(env, num_envs, reset_chunk)
+    if wrappers:
+        vec_env = EpisodeStatsWrapper(PreviousActionWrapper(vec_env))
+    return vec_env, params
 
 
 # ---------------------------------------------------------------------------------------------
