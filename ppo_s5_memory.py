@@ -653,18 +653,17 @@ def resume_error(args: Args, saved: Args) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (orbax), strict JSON, loading a saved model
 # ---------------------------------------------------------------------------------------------
-def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager:
-    """The checkpoints of a run folder (or its `checkpoints/` folder itself); keep: how many (0: only read)."""
+def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager | None:
+    """The checkpoints of a run folder (or of its `checkpoints/` folder): written keeping the latest `keep`,
+    or only read (keep 0; None if the folder does not exist)."""
     path = os.path.abspath(path)
     path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep)))
+    if keep or os.path.isdir(path):
+        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep)))
 
 
 def latest_checkpoint(path: str) -> int | None:
-    path = os.path.abspath(path)
-    if not os.path.isdir(path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")):
-        return None
-    return checkpoint_manager(path).latest_step()
+    return (manager := checkpoint_manager(path)) and manager.latest_step()
 
 
 def read_checkpoint(path: str, state=None) -> dict:
@@ -920,21 +919,6 @@ def enable_compile_cache(folder: str):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def start_tracking(args: Args, run_name: str):
-    if args.track:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)  # fmt: skip
-
-
-def stop_tracking(args: Args):
-    if args.track:
-        import wandb
-
-        wandb.finish()
-
-
 def main(args: Args) -> dict:
     enable_compile_cache(args.compile_cache)
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
@@ -964,7 +948,11 @@ def main(args: Args) -> dict:
     logs["history"] = history = {pair: [tuple(row) for row in logs["history"].get(pair_name(pair), [])]
                                  for pairs in pairs_of.values() for pair in pairs}  # fmt: skip
     sweep["logs"], sweep["manager"] = logs, checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
-    start_tracking(args, run_name)
+    if args.track:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
     print(f"{run_name}: {len(lengths)} memory length(s) x {args.num_seeds} seed(s), {len(groups)} rollout length(s)")
     failure = None
     try:
@@ -995,7 +983,8 @@ def main(args: Args) -> dict:
         if sweep["manager"]:
             sweep["manager"].wait_until_finished()
             sweep["manager"].close()
-        stop_tracking(args)
+        if args.track:
+            wandb.finish()
         print(f"results in {run_dir}")
     if failure:
         print(f"error: {failure}", file=sys.stderr)

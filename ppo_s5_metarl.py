@@ -24,13 +24,11 @@ CPU setting (the defaults): train on gymnax's PointRobot (dense reward, hidden g
 hold out Swimmer and Pendulum; 6 episodes of 20 steps per trial, each restarting from the trial's
 first state (`--fixed-reset`: the goal or target is the trial's task); 16-d projected observations,
 2-d actions; 64 envs x 120 steps (one trial) per update, 8 epochs x 4 minibatches, lr 1e-3; S5 with
-2 layers of width 64; 6.1M steps per seed (57 min for 3 seeds on a 2-core CPU shared at load ~5):
+2 layers of width 64; 6.1M steps per seed. What it showed, and its wall time: the README's meta-RL section.
 
     python ppo_s5_metarl.py --num-seeds 3
+    python ppo_s5_metarl.py --eval-model runs/metarl__...   # the held-out evaluation of a saved model
     tensorboard --logdir runs
-
-What that run showed (a rise within trials on PointRobot; none on Reacher or the held-out envs)
-is in the README's meta-RL section.
 
 Paper-scale setting (brax envs on a GPU; the paper used DMControl, whose meta-RL hyperparameters
 were not published, so these are our choice at POPGym scale):
@@ -46,13 +44,14 @@ were not published, so these are our choice at POPGym scale):
 this setting has not been run: no GPU was available.)
 """
 
+import importlib.util
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
@@ -62,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tyro
 from flax.training.train_state import TrainState
 from tensorboardX import SummaryWriter
@@ -82,7 +82,32 @@ class Args:
     save_model: bool = False
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
-    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count and of --eval-every near 1/25 of the updates)"""
+    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count and
+    of --eval-every near 1/25 of the updates)"""
+    checkpoint_every: int = 20
+    """write a checkpoint of the complete training state every N updates (at the first chunk boundary after
+    each N; also at the end and on Ctrl-C/SIGTERM); 0: never"""
+    keep_checkpoints: int = 3
+    """how many of the latest checkpoints to keep"""
+    resume: str = ""
+    """continue the run in this run folder from its latest checkpoint, to its --total-timesteps (the other flags come
+    from the checkpoint; only --total-timesteps (without --anneal-lr) and the logging/running flags may change)"""
+    eval_model: str = ""
+    """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
+    eval_episodes: int = 100
+    """trials (of --episodes-per-trial episodes, one memory) per env and seed played by --eval-model, on
+    every train and held-out env"""
+    eval_greedy: bool = False
+    """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
+    compile_cache: str = "~/.cache/s5_icrl_jax"
+    """JAX persistent compilation cache folder, so a repeated or resumed run starts fast; empty string: off
+    (the JAX_COMPILATION_CACHE_DIR environment variable, if set, wins)"""
+    track: bool = False
+    """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
+    wandb_project_name: str = "s5-icrl"
+    """the Weights & Biases project"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team)"""
 
     # Meta-RL environment (defaults: the CPU setting)
     train_envs: tuple[str, ...] = ("gymnax/PointRobot-misc", "gymnax/Reacher-misc")
@@ -361,8 +386,6 @@ class S5Memory(nn.Module):
         return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(n_layers))
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Actor-critic: shared encoder and S5 trunk, separate actor and critic heads (paper, app. B),
 # a diagonal Gaussian policy over the agent's fixed-size action.
@@ -459,7 +482,7 @@ def build_network(args: Args) -> ActorCritic:
 def make_train(args: Args):
     """Returns `(init, update_chunk, evaluate)`, pure functions of one seed: `init(key) -> RunnerState`,
     `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])` and
-    `evaluate(params, key) -> {"{train|heldout}/{env id}": mean return per episode index}`."""
+    `evaluate(params, key, greedy) -> {"{train|heldout}/{env id}": mean return per episode index}`."""
     train_ids, heldout_ids = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
     train_envs = make_envs(args, train_ids)
     pool = envs_popjax.MetaEnvPool(train_envs, args.num_envs)
@@ -486,10 +509,10 @@ def make_train(args: Args):
         done = jnp.ones(args.num_envs, bool)  # the first observation starts a trial
         return RunnerState(train_state, env_state, obs, done, new_carry(args.num_envs), key)
 
-    def act(params, carry, obs, done, key):  # one step of the recurrent policy on a batch
+    def act(params, carry, obs, done, key, greedy=False):  # one step of the recurrent policy on a batch
         carry, policy, value = network.apply(params, carry, obs[None], done[None])
         policy = jax.tree.map(lambda p: p[0], policy)
-        action = gaussian_sample(key, policy)
+        action = policy[0] if greedy else gaussian_sample(key, policy)
         return carry, action, gaussian_log_prob(policy, action), value[0]
 
     def env_step(runner: RunnerState, _):
@@ -573,15 +596,17 @@ def make_train(args: Args):
             first_episode_return=mean_return(batch.episode_done & (batch.episode_index == 0)),
             last_episode_return=mean_return(batch.episode_done & (batch.episode_index == num_episodes - 1)),
             learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
+            # the run stops at the first update with a non-finite loss or parameter
+            finite=jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves((train_state.params, stats))])),
         )
         return runner, metrics
 
     def update_chunk(runner: RunnerState, num_updates: int):
         return jax.lax.scan(update_step, runner, None, num_updates)
 
-    def evaluate(params, key) -> dict[str, jax.Array]:
-        """One trial on each of `eval_trials` fresh projections of every train and held-out env,
-        acting with the stochastic policy from a zero memory. An env's keys are `key` folded with its
+    def evaluate(params, key, greedy=False) -> dict[str, jax.Array]:
+        """One trial on each of `eval_trials` fresh projections of every train and held-out env, acting
+        with the stochastic (or greedy) policy from a zero memory. An env's keys are `key` folded with its
         registry index, so every evaluation of a run, and every run with the same seed, sees the
         same projections and starts (the curves over training compare like with like)."""
         results = {}
@@ -593,7 +618,7 @@ def make_train(args: Args):
             def step(carry, key, env=env):
                 memory, obs, done, state, active, returns = carry
                 key_action, key_env = jax.random.split(key)
-                memory, action, _, _ = act(params, memory, obs, done, key_action)
+                memory, action, _, _ = act(params, memory, obs, done, key_action, greedy)
                 obs, state, _, done, info = jax.vmap(env.step)(jax.random.split(key_env, n), state, action)
                 counted = (active & info["episode_done"])[:, None] * jax.nn.one_hot(info["episode_index"], num_episodes)
                 returns = returns + counted * info["episode_return"][:, None]
@@ -609,7 +634,7 @@ def make_train(args: Args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Running: input checks, seeds and devices, evaluation and logging
+# Input checks, --resume
 # ---------------------------------------------------------------------------------------------
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
@@ -619,13 +644,15 @@ def check_args(args: Args) -> str | None:
         return f"--train-envs/--heldout-envs: {error}"
     positive = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
                 "episodes_per_trial", "obs_size", "action_size", "eval_trials", "d_model", "ssm_size", "n_layers",
-                "s5_blocks", "learning_rate", "dt_min", "dt_max")  # fmt: skip
-    for name in positive:
-        if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    for name in ("updates_per_chunk", "eval_every", "episode_length"):
-        if getattr(args, name) < 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+                "s5_blocks", "learning_rate", "dt_min", "dt_max", "clip_coef", "max_grad_norm", "keep_checkpoints",
+                "eval_episodes")  # fmt: skip
+    for name in positive + ("updates_per_chunk", "eval_every", "episode_length", "checkpoint_every", "vf_coef", "ent_coef"):
+        value = getattr(args, name)
+        if not value >= 0 or (value == 0 and name in positive):
+            return f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, got {value}"
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
     if args.num_envs % len(train):
         return (f"--num-envs {args.num_envs} must be divisible by the {len(train)} --train-envs "
                 "(every training env gets the same number of parallel slots)")  # fmt: skip
@@ -643,9 +670,103 @@ def check_args(args: Args) -> str | None:
                 + (" of even size (conjugate symmetry keeps half of each)" if args.conj_sym else ""))  # fmt: skip
     if args.dt_min > args.dt_max:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
+    if args.resume and args.eval_model:
+        return "--resume and --eval-model exclude each other"
+    for flag, path in (("--resume", args.resume), ("--eval-model", args.eval_model)):
+        if path and not (flag == "--eval-model" and os.path.isfile(path)) and latest_checkpoint(path) is None:
+            return f"{flag}: {path} is neither a .cleanrl_model file nor a run folder with checkpoints/"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     return None
 
 
+# may differ from the checkpoint's on --resume: they do not change the run's math (and --total-timesteps, see Args)
+RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache",
+                     "track", "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
+NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
+
+
+def resume_error(args: Args, saved: Args, steps_done: int) -> str | None:
+    """A flag given with --resume that would change the run. A larger --total-timesteps continues the same
+    run further, unless --anneal-lr is on (the learning-rate schedule depends on the total)."""
+    for name, new in asdict(args).items():
+        if name in RESUME_MAY_CHANGE + NOT_COMPARED or new == (old := getattr(saved, name)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "total_timesteps" and args.anneal_lr:
+            return f"--resume: {flag} {new} differs from the checkpoint's {old}; with --anneal-lr it would change the learning-rate schedule"
+        if name == "total_timesteps" and new < steps_done:
+            return f"--resume: {flag} {new} is below the {steps_done} steps the checkpoint has done"
+        if name != "total_timesteps":
+            allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
+            return f"--resume: {flag} {new} differs from the checkpoint's {old}; it would change the run (allowed to change: {allowed})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), strict JSON, loading a saved model
+# ---------------------------------------------------------------------------------------------
+def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager | None:
+    """The checkpoints of a run folder (or of its `checkpoints/` folder): written keeping the latest `keep`,
+    or only read (keep 0; None if the folder does not exist)."""
+    path = os.path.abspath(path)
+    path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+    if keep or os.path.isdir(path):
+        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep)))
+
+
+def latest_checkpoint(path: str) -> int | None:
+    return (manager := checkpoint_manager(path)) and manager.latest_step()
+
+
+def read_checkpoint(path: str, state=None, raw_state: bool = False) -> dict:
+    """The latest checkpoint's `args` and `logs` (JSON), and its training `state`: restored bit for bit
+    into the abstract structure `state` (with shardings) if given, as saved (nested dicts) if `raw_state`."""
+    items = dict(args=ocp.args.JsonRestore(), logs=ocp.args.JsonRestore())
+    if state is not None or raw_state:
+        items["state"] = ocp.args.StandardRestore(state)
+    manager = checkpoint_manager(path)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
+    manager.close()
+    return restored
+
+
+def strict_json(x):
+    """NaN and inf -> None (JSON null), recursively: `json.dump(..., allow_nan=False)` then writes strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return int(x) if isinstance(x, np.integer) else x
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(strict_json(obj), f, indent=2, allow_nan=False)
+
+
+def args_from_dict(saved: dict) -> Args:
+    """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
+    fix = lambda v: tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v  # noqa: E731
+    return Args(**{k: fix(v) for k, v in saved.items()})
+
+
+def load_model(path: str) -> tuple[Args, dict]:
+    """(Args, params with a leading [num_seeds] axis) from a `--save-model` file or from the latest
+    checkpoint of a run folder (or of its checkpoints folder)."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        return args_from_dict(saved["0"]), saved["1"]
+    restored = read_checkpoint(path, raw_state=True)
+    return args_from_dict(restored["args"]), jax.tree.map(np.asarray, restored["state"]["train_state"]["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: seeds and devices, evaluation and logging
+# ---------------------------------------------------------------------------------------------
 def seed_sharding(num_seeds: int):
     """Shard the leading seed axis over as many devices as divide the number of seeds."""
     devices = jax.devices()
@@ -701,29 +822,62 @@ def log_eval(writers, results: dict, step: int):
         writer.flush()
 
 
+def eval_keys(seeds: list[int], sharding=None):
+    """The evaluation keys of the seeds: fixed, so every evaluation (and --eval-model) sees the same trials."""
+    keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
+    return keys, jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(keys)
+
+
+def enable_compile_cache(folder: str):
+    """JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, if set, wins): a rerun skips compiling."""
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(folder)
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def main(args: Args) -> dict:
+    enable_compile_cache(args.compile_cache)
     derive_sizes(args)
     chunk = args.updates_per_chunk or default_chunk(args)
-    run_name = f"metarl__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.log_dir, run_name)
-    seeds = [args.seed + i for i in range(args.num_seeds)]
-    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}")) for s in seeds]
+    # logs: what summary.json and the progress need to continue after --resume (saved with each checkpoint)
+    logs = {"returns": [], "evals": [], "global_step": 0, "run_seconds": 0.0, "compile_seconds": 0.0}
+    if args.resume:
+        run_dir = args.resume.rstrip("/")
+        logs = read_checkpoint(run_dir)["logs"]
+    else:
+        run_dir = os.path.join(args.log_dir, f"metarl__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name, seeds = os.path.basename(run_dir), [args.seed + i for i in range(args.num_seeds)]
+    if args.track:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True)  # fmt: skip
+    # TensorBoard continues after the checkpoint's step; anything a killed process logged later is purged
+    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=logs["global_step"] + 1 if args.resume else None)
+               for s in seeds]  # fmt: skip
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for writer in writers:
+    for writer in writers if not args.resume else []:
         writer.add_text("hyperparameters", table)
 
     init, update_chunk, evaluate = make_train(args)
     sharding = seed_sharding(args.num_seeds)
-    keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
-    eval_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(keys)  # fixed: every evaluation sees the same trials
+    keys, keys_eval = eval_keys(seeds, sharding)
     print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
           f"{args.num_updates} updates of {args.batch_size} steps; train {', '.join(args.train_envs)}; "
           f"held-out {', '.join(args.heldout_envs) or 'none'}")  # fmt: skip
     start = time.time()
     # every leaf carries the leading seed axis, sharded; parameters are initialised outside the training jit
-    runner = jax.jit(jax.vmap(init), out_shardings=sharding)(keys)
+    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+    if args.resume:  # the checkpoint's state, bit for bit, in the structure and sharding of a fresh one
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), init_lowered.out_info)
+        runner = read_checkpoint(run_dir, state=abstract)["state"]
+    else:
+        runner = init_lowered.compile()(keys)
     evaluate_seeds = jax.jit(jax.vmap(evaluate), in_shardings=sharding, out_shardings=sharding)
-    compiled = {}
+    manager = checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
+    compiled, returns, evals = {}, logs["returns"], logs["evals"]
+    saved = len(returns) if args.resume else 0  # the update count of the latest checkpoint
 
     def compiled_chunk(n):  # one compile per distinct chunk length (at most two)
         if n not in compiled:
@@ -733,61 +887,86 @@ def main(args: Args) -> dict:
 
     def run_eval():
         t = time.time()
-        results = jax.tree.map(np.asarray, evaluate_seeds(runner.train_state.params, eval_keys))
-        log_eval(writers, results, steps_done)
-        evals.append(eval_record(seeds, len(history), steps_done, results))
+        results = jax.tree.map(np.asarray, evaluate_seeds(runner.train_state.params, keys_eval))
+        log_eval(writers, results, logs["global_step"])
+        evals.append(eval_record(seeds, len(returns), logs["global_step"], results))
         line = " | ".join(f"{s} episode 1 {evals[-1][s]['first_episode']['mean']:+.3f} -> {args.episodes_per_trial} "
                           f"{evals[-1][s]['last_episode']['mean']:+.3f}" for s in ("train", "heldout") if s in evals[-1])  # fmt: skip
-        print(f"eval at update {len(history)}: {line} ({time.time() - t:.1f} s)", flush=True)
+        print(f"eval at update {len(returns)}: {line} ({time.time() - t:.1f} s)", flush=True)
 
-    history, evals, steps_done, run_s, compile_s = [], [], 0, 0.0, 0.0
+    def checkpoint(force=False):  # every --checkpoint-every updates (at the next chunk boundary), at the end, on Ctrl-C
+        nonlocal saved
+        if manager and len(returns) != saved and (force or len(returns) // args.checkpoint_every > saved // args.checkpoint_every):
+            manager.save(len(returns), args=ocp.args.Composite(state=ocp.args.StandardSave(runner),
+                         args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs))))  # fmt: skip
+            saved = len(returns)
+
+    failure = None
     try:
-        compiled_chunk(min(chunk, args.num_updates))
-        compile_s = time.time() - start
-        print(f"compiled in {compile_s:.1f} s")
-        run_eval()
-        while len(history) < args.num_updates:
-            n = min(chunk, args.num_updates - len(history))
+        compiled_chunk(min(chunk, args.num_updates - len(returns)) or 1)
+        logs["compile_seconds"] += time.time() - start
+        print(f"compiled in {time.time() - start:.1f} s" + (f"; resumed at update {len(returns)}" if args.resume else ""))
+        if not returns:
+            run_eval()
+        while len(returns) < args.num_updates:
+            n = min(chunk, args.num_updates - len(returns))
             if n not in compiled:
                 t = time.time()
                 compiled_chunk(n)
-                compile_s += time.time() - t
+                logs["compile_seconds"] += time.time() - t
             t = time.time()
-            runner, metrics = compiled_chunk(n)(runner)
+            new_runner, metrics = compiled_chunk(n)(runner)
             metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
-            run_s += elapsed
+            logs["run_seconds"] += elapsed
             sps = n * args.batch_size / elapsed
-            for u in range(n):
-                steps_done += args.batch_size
+            bad = np.argwhere(~metrics.pop("finite").T)  # (update in chunk, seed index) of non-finite updates
+            new_returns = []
+            for u in range(bad[0, 0] if len(bad) else n):  # only the updates before a non-finite one
+                step = logs["global_step"] + (u + 1) * args.batch_size
                 update = {k: v[:, u] for k, v in metrics.items()}
-                history.append(update)
+                new_returns.append(update["episodic_return"].tolist())
                 for i, writer in enumerate(writers):
                     for name in ("episodic_return", "first_episode_return", "last_episode_return"):
                         if not np.isnan(update[name][i]):
-                            writer.add_scalar(f"charts/{name}", update[name][i], steps_done)
-                    writer.add_scalar("charts/learning_rate", update["learning_rate"][i], steps_done)
+                            writer.add_scalar(f"charts/{name}", update[name][i], step)
+                    writer.add_scalar("charts/learning_rate", update["learning_rate"][i], step)
                     for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
                                  "explained_variance"):  # fmt: skip
-                        writer.add_scalar(f"losses/{name}", update[name][i], steps_done)
+                        writer.add_scalar(f"losses/{name}", update[name][i], step)
+            # the returns, the step count and the state change together (a checkpoint saves them)
+            returns += new_returns
+            logs["global_step"] += len(new_returns) * args.batch_size
+            if len(bad):
+                raise FloatingPointError(
+                    f"non-finite loss/parameters at update {len(returns) + 1} (seed {seeds[bad[0, 1]]}); last good "
+                    f"checkpoint: " + (f"update {saved} in {run_dir}/checkpoints" if saved else "none")
+                )  # fmt: skip
+            runner = new_runner
             for writer in writers:
-                writer.add_scalar("charts/SPS", sps, steps_done)
+                writer.add_scalar("charts/SPS", sps, logs["global_step"])
                 writer.flush()
-            eta = run_s / len(history) * (args.num_updates - len(history))
-            last = history[-1]["episodic_return"]
+            eta = logs["run_seconds"] / len(returns) * (args.num_updates - len(returns))
+            last = np.array(returns[-1], float)
             mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
-            print(f"step {steps_done:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+            print(f"step {logs['global_step']:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
                   f"(all seeds) | episode return {mean_ret:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
-            if (args.eval_every and len(history) % args.eval_every == 0) or len(history) == args.num_updates:
+            if (args.eval_every and len(returns) % args.eval_every == 0) or len(returns) == args.num_updates:
                 run_eval()
+            checkpoint()
+        checkpoint(force=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
+        print(f"\ninterrupted after {len(returns)} updates; writing what was logged and a checkpoint", file=sys.stderr)
+        checkpoint(force=True)
+    except FloatingPointError as error:  # the last good checkpoint stays the latest
+        failure = str(error)
     finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
-        returns = np.array([h["episodic_return"] for h in history]).reshape(len(history), args.num_seeds)
+        run_s, compile_s, steps_done = logs["run_seconds"], logs["compile_seconds"], logs["global_step"]
         summary = {"train_envs": list(args.train_envs), "heldout_envs": list(args.heldout_envs),
-                   "updates": len(history), "global_step": steps_done, "compile_seconds": compile_s,
+                   "updates": len(returns), "global_step": steps_done, "compile_seconds": compile_s,
                    "run_seconds": run_s, "sps": steps_done * args.num_seeds / run_s if run_s > 0 else None,
-                   "final_episodic_return": {str(s): float(returns[-1, i]) for i, s in enumerate(seeds)} if history else None,
+                   # null for a seed whose last update finished no inner episode
+                   "final_episodic_return": dict(zip(map(str, seeds), returns[-1])) if returns else None,
                    "final_eval": evals[-1] if evals else None, "evals": evals}  # fmt: skip
         for split in ("train", "heldout"):
             if evals and split in evals[-1]:
@@ -796,25 +975,76 @@ def main(args: Args) -> dict:
                       f"+- {r['first_episode']['std']:.4f}, episode {args.episodes_per_trial} "
                       f"{r['last_episode']['mean']:+.4f} +- {r['last_episode']['std']:.4f}")  # fmt: skip
         print(f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({"args": asdict(args), **summary}, f, indent=2)
+        write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model:
             path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
             with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
                 f.write(flax.serialization.to_bytes([asdict(args), jax.device_get(runner.train_state.params)]))
             print(f"model saved to {path}")
+        if manager:
+            manager.wait_until_finished()
+            manager.close()
         for writer in writers:
             writer.close()
+        if args.track:
+            wandb.finish()
         print(f"results in {run_dir}")
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)
     return summary
+
+
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: the in-context evaluation of a saved model, --eval-episodes trials per train and held-out
+    env and seed, on the keys of the training run's evaluations; eval.json beside the model."""
+    saved, params = load_model(args.eval_model)
+    enable_compile_cache(args.compile_cache)
+    saved = derive_sizes(replace(saved, eval_trials=args.eval_episodes))
+    seeds = [saved.seed + i for i in range(saved.num_seeds)]
+    evaluate = make_train(saved)[2]
+    results = jax.jit(jax.vmap(partial(evaluate, greedy=args.eval_greedy)))(params, eval_keys(seeds)[1])
+    record = eval_record(seeds, None, None, jax.tree.map(np.asarray, results))
+    for i, seed in enumerate(seeds):
+        for split in ("train", "heldout"):
+            curves = np.array([v for k, v in record["per_seed"][str(seed)].items() if k.startswith(split + "/")])
+            if len(curves):
+                print(f"seed {seed}, {split} envs: return per episode of a trial " + " ".join(f"{x:+.3f}" for x in curves.mean(0))
+                      + f" (first {curves[:, 0].mean():+.3f} +- {curves[:, 0].std():.3f} over envs, last "
+                      f"{curves[:, -1].mean():+.3f} +- {curves[:, -1].std():.3f})")  # fmt: skip
+    for split in ("train", "heldout"):
+        if split in record:
+            r = record[split]
+            print(f"{split} envs over {len(seeds)} seed(s): episode 1 {r['first_episode']['mean']:+.4f} +- "
+                  f"{r['first_episode']['std']:.4f}, episode {saved.episodes_per_trial} {r['last_episode']['mean']:+.4f} "
+                  f"+- {r['last_episode']['std']:.4f}")  # fmt: skip
+    path = os.path.abspath(args.eval_model)
+    folder = os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
+    result = {"model": args.eval_model, "trials_per_env": args.eval_episodes, "greedy": args.eval_greedy, **record}
+    write_json(os.path.join(folder, "eval.json"), result)
+    print(f"written to {os.path.join(folder, 'eval.json')}")
+    return result
+
+
+def parse_args() -> Args:
+    """tyro's CLI; with --resume, the defaults come from the checkpoint and a changed flag that would
+    change the run is refused."""
+    args = tyro.cli(Args)
+    error = check_args(args)
+    if not error and args.resume:
+        restored = read_checkpoint(args.resume)
+        saved = args_from_dict(restored["args"])
+        args = tyro.cli(Args, default=saved)
+        error = check_args(args) or resume_error(args, saved, restored["logs"]["global_step"])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return args
 
 
 if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = tyro.cli(Args)
-    error = check_args(args)
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    main(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too: checkpoint, summary, exit
+    args = parse_args()
+    evaluate_model(args) if args.eval_model else main(args)

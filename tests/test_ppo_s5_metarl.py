@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import fields
 
 import jax
@@ -28,7 +29,7 @@ ENV_FLAGS = ["--train-envs", *ENVS["train_envs"], "--heldout-envs", *ENVS["heldo
 
 
 def tiny_args(**kw) -> metarl.Args:
-    return metarl.derive_sizes(metarl.Args(total_timesteps=3 * 48, **{**TINY, **ENVS, **kw}))
+    return metarl.derive_sizes(metarl.Args(**{"total_timesteps": 3 * 48, **TINY, **ENVS, **kw}))
 
 
 def test_gae_bootstraps_across_inner_episodes_and_masks_trial_ends():
@@ -97,6 +98,15 @@ def test_evaluation_is_jitted_deterministic_and_independent_of_the_env_set():
     assert (-1 <= results["train/gymnax/Pendulum-v1"]).all() and (results["train/gymnax/Pendulum-v1"] <= 0).all()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def compile_cache(tmp_path_factory):
+    """The scripts' persistent compilation cache in a temporary folder shared by this module's runs
+    (the same tiny programs compile once), never in the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        yield
+
+
 def run_script(*flags, timeout=600):
     return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
@@ -107,7 +117,7 @@ def test_smoke_run_writes_eval_tags_and_summary(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled in" in result.stdout and "final eval, heldout envs over 2 seed(s)" in result.stdout
     (run_dir,) = glob.glob(str(tmp_path / "metarl__ppo_s5_metarl__5__*"))
-    assert sorted(os.listdir(run_dir)) == ["seed_5", "seed_6", "summary.json"]
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "seed_5", "seed_6", "summary.json"]
     for seed in (5, 6):
         acc = EventAccumulator(os.path.join(run_dir, f"seed_{seed}"))
         acc.Reload()
@@ -159,3 +169,82 @@ def test_help_documents_every_flag():
     out = run_script("--help", timeout=120).stdout
     for field in fields(metarl.Args):
         assert f"--{field.name.replace('_', '-')}" in out, field.name
+
+
+def scalars(run_dir: str) -> dict:
+    """{(seed folder, tag): [(step, value), ...]} of every TensorBoard scalar but SPS (EventAccumulator honours purge_step)."""
+    out = {}
+    for folder in sorted(glob.glob(os.path.join(run_dir, "seed_*"))):
+        events = EventAccumulator(folder)
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag != "charts/SPS":
+                out[os.path.basename(folder), tag] = [(e.step, e.value) for e in events.Scalars(tag)]
+    return out
+
+
+def test_kill_and_resume_is_bit_identical_and_the_saved_model_evaluates(tmp_path):
+    """30 updates in one go, versus a run killed with SIGKILL after its first checkpoint and resumed: the same
+    parameters bit for bit, the same logged scalars and evaluations. The one-go run's saved model loads
+    (file = final checkpoint) and --eval-model, with the run's trial count, reproduces its final evaluation."""
+    flags = [*TINY_FLAGS, *ENV_FLAGS, "--total-timesteps=1440", "--num-seeds=2", "--eval-every=10", "--updates-per-chunk=1",
+             "--checkpoint-every=2", "--save-model"]  # fmt: skip
+    assert run_script(*flags, f"--log-dir={tmp_path / 'one'}").returncode == 0
+    (one,) = glob.glob(str(tmp_path / "one" / "*"))
+    process = subprocess.Popen([sys.executable, SCRIPT, *flags, f"--log-dir={tmp_path / 'two'}"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while process.poll() is None and metarl.latest_checkpoint(next(iter(glob.glob(str(tmp_path / "two" / "*"))), ROOT)) is None:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    (two,) = glob.glob(str(tmp_path / "two" / "*"))
+    assert metarl.latest_checkpoint(two) < 30 and not os.path.exists(os.path.join(two, "summary.json")), "not killed"
+    result = run_script("--resume", two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (args_a, a), (args_b, b) = (metarl.load_model(os.path.join(run, "ppo_s5_metarl.cleanrl_model")) for run in (one, two))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert scalars(one) == scalars(two)
+    summary = [json.load(open(os.path.join(run, "summary.json"))) for run in (one, two)]
+    assert summary[0]["evals"] == summary[1]["evals"] and summary[1]["updates"] == 30
+    assert summary[0]["final_episodic_return"] == summary[1]["final_episodic_return"]
+
+    args_ckpt, from_checkpoint = metarl.load_model(one)
+    assert args_a == args_ckpt and args_a.num_seeds == 2 and args_a.train_envs == ENVS["train_envs"]
+    jax.tree.map(np.testing.assert_array_equal, a, from_checkpoint)
+    result = run_script("--eval-model", os.path.join(one, "ppo_s5_metarl.cleanrl_model"), f"--eval-episodes={TINY['eval_trials']}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(open(os.path.join(one, "eval.json")).read(), parse_constant=pytest.fail)
+    # the same trials (keys), the same parameters, the same stochastic policy: the final evaluation again
+    assert report["trials_per_env"] == TINY["eval_trials"] and not report["greedy"]
+    assert report["per_seed"] == summary[0]["final_eval"]["per_seed"] and report["heldout"] == summary[0]["final_eval"]["heldout"]
+
+
+def test_non_finite_loss_stops_the_run_and_summary_is_strict_json(tmp_path):
+    """A learning rate of 1e30 makes the parameters ~1e30 after one update (one minibatch) and the loss
+    non-finite in the next: the run stops with one line naming the update and the seed, keeps the last good
+    checkpoint, and writes summary.json, strict: 12-step rollouts finish no 20-step episode, so the last
+    update's episodic return is null, not NaN."""
+    flags = {**TINY, "num_minibatches": 1, "episode_length": 20}
+    result = run_script(*[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()], *ENV_FLAGS, "--total-timesteps=192",
+                        "--learning-rate=1e30", "--checkpoint-every=1", "--updates-per-chunk=1", f"--log-dir={tmp_path}")  # fmt: skip
+    assert result.returncode == 1
+    (run_dir,) = glob.glob(str(tmp_path / "*"))
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: non-finite loss/parameters at update 2 (seed 1); last good checkpoint: update 1 in {run_dir}/checkpoints"
+    assert metarl.latest_checkpoint(run_dir) == 1
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read(), parse_constant=pytest.fail)
+    assert summary["updates"] == 1 and summary["final_episodic_return"] == {"1": None}
+
+
+def test_resume_refuses_flags_that_change_the_run():
+    saved = tiny_args()
+    assert metarl.resume_error(tiny_args(checkpoint_every=5, updates_per_chunk=1), saved, 96) is None
+    assert metarl.resume_error(tiny_args(total_timesteps=480), saved, 96) is None  # longer, no annealing
+    error = metarl.resume_error(tiny_args(learning_rate=0.1), saved, 96)
+    assert error.startswith("--resume: --learning-rate 0.1 differs from the checkpoint's 0.001; it would change the run")
+    assert metarl.resume_error(tiny_args(total_timesteps=48), saved, 96) == (
+        "--resume: --total-timesteps 48 is below the 96 steps the checkpoint has done")
+    assert metarl.resume_error(tiny_args(total_timesteps=480, anneal_lr=True), saved, 96) == (
+        "--resume: --total-timesteps 480 differs from the checkpoint's 144; with --anneal-lr it would change the "
+        "learning-rate schedule")
+    assert metarl.strict_json({"a": [float("nan"), np.float32("inf"), 1.5]}) == {"a": [None, None, 1.5]}
