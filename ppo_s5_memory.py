@@ -13,6 +13,8 @@ against memory length. Measured results and settings: README.
 
     python ppo_s5_memory.py --num-seeds 4                               # bsuite's lengths 1..100
     python ppo_s5_memory.py --memory-lengths 255 1023 --num-envs 8 --total-timesteps 20000000
+    python ppo_s5_memory.py --resume runs/MemoryChain__...             # continue a stopped sweep
+    python ppo_s5_memory.py --eval-model runs/MemoryChain__...         # evaluate its saved parameters
     tensorboard --logdir runs
 """
 
@@ -728,18 +730,24 @@ def save_sweep(args: Args, sweep: dict, force: bool = False):
     due = force or step // args.checkpoint_every > sweep["saved_step"] // args.checkpoint_every if manager else False
     if not due or step == sweep["saved_step"]:
         return
-    names, params, items = list(sweep["finished_names"]), list(sweep["finished_params"]), {}
-    if sweep["current"] is not None:
-        pairs, runner = sweep["current"]
-        names += [pair_name(pair) for pair in pairs]
-        params.append(jax.device_get(runner.train_state.params))
-        items["state"] = ocp.args.StandardSave(runner)
+    names, params = trained_models(sweep)
     history = {pair_name(pair): rows for pair, rows in sweep["logs"]["history"].items() if rows}
     logs = {**sweep["logs"], "history": history, "model_pairs": names}
-    items.update(args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs)),
-                 models=ocp.args.StandardSave(jax.tree.map(lambda *x: np.concatenate(x), *params)))  # fmt: skip
+    items = dict(args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs)),
+                 models=ocp.args.StandardSave(params))  # fmt: skip
+    if sweep["current"] is not None:
+        items["state"] = ocp.args.StandardSave(sweep["current"][1])
     manager.save(step, args=ocp.args.Composite(**items))
     sweep["saved_step"] = step
+
+
+def trained_models(sweep: dict) -> tuple[list, dict]:
+    """The names of every (length, seed) trained so far (finished groups first) and their parameters, stacked."""
+    names, params = list(sweep["finished_names"]), list(sweep["finished_params"])
+    if sweep["current"] is not None:
+        names += [pair_name(pair) for pair in sweep["current"][0]]
+        params.append(jax.device_get(sweep["current"][1].train_state.params))
+    return names, jax.tree.map(lambda *x: np.concatenate(x), *params) if params else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -974,10 +982,8 @@ def main(args: Args) -> dict:
         write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         plot_success(args, summary, os.path.join(run_dir, "success_vs_length.png"))
         if args.save_model:  # {"len_{L}_seed_{S}": params} for every (length, seed) trained
-            params = sweep["finished_params"] + ([jax.device_get(sweep["current"][1].train_state.params)] if sweep["current"] else [])
-            names = sweep["finished_names"] + [pair_name(pair) for pair in (sweep["current"] or [[]])[0]]
-            stacked = jax.tree.map(lambda *x: np.concatenate(x), *params) if params else {}
-            models = {name: jax.tree.map(lambda x: x[i], stacked) for i, name in enumerate(names)}
+            names, params = trained_models(sweep)
+            models = {name: jax.tree.map(lambda x: x[i], params) for i, name in enumerate(names)}
             with open(os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
                 f.write(flax.serialization.to_bytes([asdict(args), models]))
         if sweep["manager"]:

@@ -27,6 +27,7 @@ first state (`--fixed-reset`: the goal or target is the trial's task); 16-d proj
 2 layers of width 64; 6.1M steps per seed. What it showed, and its wall time: the README's meta-RL section.
 
     python ppo_s5_metarl.py --num-seeds 3
+    python ppo_s5_metarl.py --resume runs/metarl__...       # continue a stopped run bit for bit
     python ppo_s5_metarl.py --eval-model runs/metarl__...   # the held-out evaluation of a saved model
     tensorboard --logdir runs
 

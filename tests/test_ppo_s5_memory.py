@@ -279,23 +279,25 @@ def scalars(run_dir) -> dict:
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
-    """Two groups (L = 3: 32 updates, L = 40: 24 updates) in one go, versus a run killed with SIGKILL after
-    its first checkpoint and resumed: the same parameters bit for bit, the same logged scalars, the same summary."""
+    """Two groups (L = 3: 32 updates, L = 40: 24 updates) in one go, versus a run killed with SIGKILL inside the
+    second group and resumed (the first group is skipped, its results and parameters come from the checkpoint;
+    the second continues): the same parameters bit for bit, the same logged scalars, the same summary."""
     flags = ["--memory-lengths", "3", "40", "--num-seeds", "2", "--total-timesteps", "4096", "--checkpoint-every", "2",
              "--save-model", *TINY]  # fmt: skip
     assert run_script(*flags, "--log-dir", str(tmp_path / "one"), timeout=570).returncode == 0
     (one,) = (tmp_path / "one").iterdir()
     process = subprocess.Popen([sys.executable, "ppo_s5_memory.py", *flags, "--log-dir", str(tmp_path / "two")], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    while process.poll() is None and mem.latest_checkpoint(str(next(iter((tmp_path / "two").glob("*")), tmp_path))) is None:
+    while process.poll() is None and (mem.latest_checkpoint(str(next((tmp_path / "two").glob("*"), tmp_path))) or 0) <= 32:
         time.sleep(0.01)
     process.kill()
     process.wait()
     (two,) = (tmp_path / "two").iterdir()
     killed_at = mem.latest_checkpoint(str(two))
-    assert killed_at < 32 + 24 and not (two / "summary.json").exists(), "the run ended before it was killed"
+    assert 32 < killed_at < 32 + 24 and not (two / "summary.json").exists(), "the run ended before it was killed"
     result = run_script("--resume", str(two), timeout=570)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "lengths [3]" not in result.stdout and f"resumed at update {killed_at - 32}" in result.stdout
     assert mem.latest_checkpoint(str(two)) == 32 + 24
     (_, a), (_, b) = (mem.load_model(str(run / "ppo_s5_memory.cleanrl_model")) for run in (one, two))
     assert sorted(a) == sorted(b) == ["len_3_seed_1", "len_3_seed_2", "len_40_seed_1", "len_40_seed_2"]
