@@ -8,6 +8,8 @@ its own TensorBoard run.
 
     python ppo_lstm_popgym.py --env-id CartPoleHard --num-seeds 8
     tensorboard --logdir runs
+    python ppo_lstm_popgym.py --resume runs/RUN_FOLDER      # continue after a crash or kill, bit for bit
+    python ppo_lstm_popgym.py --eval-model runs/RUN_FOLDER  # 100 episodes per seed, latest checkpoint
 
 Defaults are the paper's POPGym settings (64 envs x 1024 steps, 30 epochs x 8 minibatches,
 lr 5e-5, GAE lambda 1.0, a recurrent core of width 256). The README gives smaller settings for a CPU.
@@ -53,7 +55,7 @@ class Args:
     save_model: bool = False
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
-    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the updates near 1/25 of them)"""
+    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of the updates)"""
     checkpoint_every: int = 20
     """write a checkpoint of the complete training state every N updates (at the first chunk boundary after each N;
     also at the end and on Ctrl-C/SIGTERM); 0: never"""
@@ -657,7 +659,8 @@ def main(args: Args) -> dict:
     # default: the largest divisor of num_updates up to 1/25 of it, so one program is compiled
     divisors = [d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0]
     chunk = args.updates_per_chunk or max(divisors)
-    run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join(args.log_dir, run_name)
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
     history, run_s, compile_s, runner, failure = [], 0.0, 0.0, None, None
     if args.resume:  # the logs continue from the checkpoint: metrics so far (null -> NaN), run time
@@ -683,8 +686,9 @@ def main(args: Args) -> dict:
     init, update_chunk = make_train(args)
     sharding = seed_sharding(args.num_seeds)
     keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
+    resumed = f", from update {last_saved}" if args.resume else ""
     print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-          f"{args.num_updates} updates of {args.batch_size} steps" + (f", from update {last_saved}" * bool(args.resume)))
+          f"{args.num_updates} updates of {args.batch_size} steps{resumed}")
     start = time.time()
     try:
         left = args.num_updates - len(history)

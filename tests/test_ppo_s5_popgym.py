@@ -215,7 +215,7 @@ def test_load_model_and_evaluation_reproduce_the_trained_policy(tmp_path):
     result = s5.evaluate_model(s5.Args(**{**vars(file_args), "eval_model": model_path, "eval_episodes": 200}))
     with open(os.path.join(run_dir, "eval.json")) as f:
         assert json.loads(f.read(), parse_constant=lambda c: pytest.fail(c)) == result
-    last_rollout_episodes = s5.latest_checkpoint(run_dir, state_target=False)[1]["history"][-1]["episodes"]
+    last_rollout_episodes = s5.restore_checkpoint(run_dir, meta_only=True)[1]["history"][-1]["episodes"]
     for i, seed in enumerate(["1", "2"]):
         trained, evaluated = summary["per_seed"][seed]["final_episodic_return"], result["per_seed"][seed]
         tolerance = 4 * evaluated["std"] * np.sqrt(1 / 200 + 1 / last_rollout_episodes[i])
