@@ -226,6 +226,7 @@ class HigherLower(CardSequenceGame):
 class CountRecallState:
     value_cards: jax.Array  # the value deck in the order shown
     query_cards: jax.Array  # an independently shuffled second deck, in the order shown
+    counts: jax.Array  # [V] how many value cards of each kind have been shown, the current one included
     time: jax.Array
 
 
@@ -258,21 +259,23 @@ class CountRecall(PopGymEnvironment):
         query = self.card_value(state.query_cards[state.time])
         return jnp.concatenate([one_hot(value, self.num_values), one_hot(query, self.num_values)])
 
+    def make_state(self, value_cards: jax.Array, query_cards: jax.Array, time=0) -> CountRecallState:
+        """The state showing card `time` of both decks (also a test hook)."""
+        shown = (jnp.arange(self.num_cards) <= time).astype(jnp.int32)
+        counts = jnp.zeros(self.num_values, jnp.int32).at[self.card_value(value_cards)].add(shown)
+        return CountRecallState(value_cards, query_cards, counts, jnp.int32(time))
+
     def reset_env(self, key, params):
         key_value, key_query = jax.random.split(key)
-        state = CountRecallState(
-            value_cards=shuffled_cards(key_value, self.num_decks),
-            query_cards=shuffled_cards(key_query, self.num_decks),
-            time=jnp.int32(0),
-        )
+        state = self.make_state(shuffled_cards(key_value, self.num_decks), shuffled_cards(key_query, self.num_decks))
         return self.get_obs(state), state
 
     def step_env(self, key, state, action, params):
-        query = self.card_value(state.query_cards[state.time])
-        shown = jnp.arange(self.num_cards) <= state.time
-        count = jnp.sum((self.card_value(state.value_cards) == query) & shown)
+        count = state.counts[self.card_value(state.query_cards[state.time])]  # kept up to date: O(1) a step
         reward = signed_reward(action == count, 1.0 / self.max_episode_length)
-        state = state.replace(time=state.time + 1)
+        time = state.time + 1
+        counts = state.counts + one_hot(self.card_value(state.value_cards[time]), self.num_values).astype(jnp.int32)
+        state = state.replace(counts=counts, time=time)
         terminated = state.time >= self.max_episode_length
         return self.get_obs(state), state, reward, terminated, {}
 

@@ -73,10 +73,9 @@ def state_from_popgym(env_id: str, pg):
     if family in ("Autoencode", "HigherLower"):
         return ep.CardSequenceState(cards=jnp.asarray(pg.deck.idx[::-1], jnp.int32), time=time)
     if family == "CountRecall":
-        return ep.CountRecallState(
+        return make(env_id)[0].make_state(
             value_cards=jnp.asarray(pg.value_deck.idx[::-1], jnp.int32),
             query_cards=jnp.asarray(pg.query_deck.idx[::-1], jnp.int32),
-            time=time,
         )
     if family == "Concentration":
         n = len(pg.deck.idx)
@@ -98,14 +97,15 @@ def pad_batch(tree, size=BATCH):
     return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], size - len(x), axis=0)]), tree)
 
 
-def rollout(env_id: str, states, actions):
-    """Batched env.step from `states` through `actions` [batch, time] in one jitted vmap(scan).
+def rollout(env_id: str, states, actions, path: str = "make"):
+    """Batched steps from `states` through `actions` [batch, time] in one jitted program: with
+    `path="make"` a vmap(scan) of `env.step`, with `path="make_vec"` a scan of the `make_vec` env.
 
     Returns numpy arrays: the observation of each start state [batch, obs], then per step
     [batch, time] the obs before any auto-reset (`info["final_observation"]`), reward,
     terminated, truncated.
     """
-    if env_id not in _ROLLOUTS:
+    if (env_id, path) not in _ROLLOUTS:
         env, params = make(env_id)
 
         def one(state, actions):
@@ -115,10 +115,21 @@ def rollout(env_id: str, states, actions):
 
             return (env.get_obs(state), *jax.lax.scan(body, state, actions)[1])
 
-        _ROLLOUTS[env_id] = jax.jit(jax.vmap(one))
+        def batch(states, actions):
+            vec_env, _ = ep.make_vec(env_id, BATCH)
+
+            def body(states, actions):
+                key = jax.random.key(0)
+                _, states, reward, terminated, truncated, info = vec_env.step(key, states, actions, params)
+                return states, (info["final_observation"], reward, terminated, truncated)
+
+            out = jax.lax.scan(body, states, actions.T)[1]
+            return (jax.vmap(env.get_obs)(states), *(jnp.swapaxes(x, 0, 1) for x in out))
+
+        _ROLLOUTS[env_id, path] = jax.jit(jax.vmap(one) if path == "make" else batch)
     batch = len(actions)
     actions = np.pad(actions, ((0, 0), (0, make(env_id)[0].max_episode_length - actions.shape[1])))
-    out = _ROLLOUTS[env_id](pad_batch(states), pad_batch(jnp.asarray(actions, jnp.int32)))
+    out = _ROLLOUTS[env_id, path](pad_batch(states), pad_batch(jnp.asarray(actions, jnp.int32)))
     return tuple(np.asarray(x)[:batch] for x in out)
 
 
@@ -238,9 +249,10 @@ def play_popgym(env_id, seed, policy, skill):
 
 
 @functools.cache
-def differential(env_id: str):
+def differential(env_id: str, path: str = "make"):
     """popgym episodes over NUM_SEEDS seeds (and, for Concentration, the finish-on-the-last-step
-    sequence), replayed in our env. Returns (popgym records, our per-step outputs)."""
+    sequence), replayed in our env through `make` or `make_vec` (see `rollout`; the bandit, whose
+    popgym draws are injected, only through `make`). Returns (popgym records, our per-step outputs)."""
     env, params = make(env_id)
     family = family_of(env_id)
     runs = [(POLICIES[family], SKILLS[seed % len(SKILLS)]) for seed in range(NUM_SEEDS)]
@@ -255,7 +267,7 @@ def differential(env_id: str):
     if family == "MultiarmedBandit":
         ours = bandit_rollout(env_id, states, actions, np.stack([record["draws"] for record in records]))
     else:
-        ours = rollout(env_id, states, actions)
+        ours = rollout(env_id, states, actions, path)
     return records, ours
 
 
@@ -299,10 +311,12 @@ def test_card_identities_match_popgym_regression_popjaxrl():
 # ---------------------------------------------------------------------------------------------
 # Step-by-step differential tests.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["make", "make_vec"])
 @pytest.mark.parametrize("env_id", ALL_IDS)
-def test_step_by_step_equals_popgym(env_id):
-    env, params = make(env_id)
-    records, (reset_obs, obs, rewards, terminated, truncated) = differential(env_id)
+def test_step_by_step_equals_popgym(env_id, path):
+    if path == "make_vec" and family_of(env_id) == "MultiarmedBandit":
+        pytest.skip("popgym's draws are injected through step_with_draw, which make_vec does not expose")
+    records, (reset_obs, obs, rewards, terminated, truncated) = differential(env_id, path)
     assert reset_obs.dtype == obs.dtype == np.float32
     for i, record in enumerate(records):
         np.testing.assert_array_equal(reset_obs[i], record["reset_obs"])
@@ -574,9 +588,7 @@ def test_countrecall_action_space_regression_popjaxrl(level, expected):
     values = np.asarray(env.card_value(cards))
     kind_first = np.r_[cards[values == 0], cards[values != 0]]  # every card of kind 0 first
     max_count = expected - 1
-    state = ep.CountRecallState(
-        value_cards=jnp.asarray(kind_first, jnp.int32), query_cards=jnp.zeros(env.num_cards, jnp.int32), time=jnp.int32(max_count - 1)
-    )
+    state = env.make_state(jnp.asarray(kind_first, jnp.int32), jnp.zeros(env.num_cards, jnp.int32), time=max_count - 1)
     _, _, reward, _, _, _ = env.step(jax.random.key(0), state, max_count, params)
     assert np.isclose(reward, 1 / (env.num_cards - 1), rtol=1e-6)
 
@@ -586,7 +598,7 @@ def test_countrecall_counts_current_card_regression_popjaxrl(level):
     """popjaxrl's target skipped the value shown with the query; popgym's includes it. The
     exclude-current player, perfect in popjaxrl, must score well below 1 here."""
     env, params = make("CountRecall" + level)
-    state = ep.CountRecallState(value_cards=jnp.arange(env.num_cards), query_cards=jnp.arange(env.num_cards), time=jnp.int32(0))
+    state = env.make_state(jnp.arange(env.num_cards), jnp.arange(env.num_cards))
     # reset shows [value, query] of the same card: the answer is 1, not 0
     assert np.isclose(env.step(jax.random.key(0), state, 1, params)[2], 1 / (env.num_cards - 1), rtol=1e-6)
     assert np.isclose(env.step(jax.random.key(0), state, 0, params)[2], -1 / (env.num_cards - 1), rtol=1e-6)
