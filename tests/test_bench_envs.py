@@ -28,12 +28,15 @@ def test_quick_benchmark_writes_json_and_table(tmp_path):
     # Aliases resolve to canonical ids, in the order given.
     assert [r["env_id"] for r in report["results"]] == ["RepeatFirstEasy", "PositionOnlyCartPoleHard"]
     for r in report["results"]:
-        assert set(r["jax_steps_per_s"]) == {"1", "8"}
-        assert all(v > 0 for v in r["jax_steps_per_s"].values())
-        assert r["popgym_steps_per_s"] > 0
+        assert set(r["jax_steps_per_s"]) == {"1", "8"}  # make_vec at each width
+        assert set(r["gymnax_steps_per_s"]) == {"8"}  # the old path, vmap(env.step), at the widest
+        assert all(v > 0 for v in [*r["jax_steps_per_s"].values(), *r["gymnax_steps_per_s"].values()])
+        assert r["popgym_steps_per_s"] > 0 and r["load_average"] >= 0
         assert r["speedup_widest_vs_popgym"] == pytest.approx(r["jax_steps_per_s"]["8"] / r["popgym_steps_per_s"])
+        assert r["speedup_vs_gymnax"]["8"] == pytest.approx(r["jax_steps_per_s"]["8"] / r["gymnax_steps_per_s"]["8"])
     table = (out / "bench_envs_quick.md").read_text()
     assert "| RepeatFirstEasy |" in table and "| PositionOnlyCartPoleHard |" in table
+    assert "make_vec x8" in table and "gymnax x8" in table
     assert machine["cpu"] in table and machine["jax"] in table
     assert "| RepeatFirstEasy |" in proc.stdout  # the table is printed too
 

@@ -84,9 +84,10 @@ def popgym_action(env, action: int):
 
 
 @functools.cache
-def rollout_fn(env_id):
+def rollout_fn(env_id, path="make"):
     """jit(vmap) over episodes: (states, actions [T]) -> per step (obs, reward, terminated, truncated)
-    exactly as env.step reports them, without the auto-reset (tested on its own below)."""
+    exactly as env.step reports them, without the auto-reset (tested on its own below). With
+    `path="make_vec"` the same through a `make_vec` env of BATCH envs (obs: `final_observation`)."""
     env, params = ours(env_id)
 
     def play(state, actions):
@@ -96,10 +97,19 @@ def rollout_fn(env_id):
 
         return jax.lax.scan(step, state, actions)[1]
 
-    return jax.jit(jax.vmap(play))
+    def play_batch(states, actions):
+        vec_env, _ = E.make_vec(env_id, BATCH)
+
+        def step(states, actions):
+            _, states, reward, terminated, truncated, info = vec_env.step(KEY, states, actions, params)
+            return states, (info["final_observation"], reward, terminated, truncated)
+
+        return [jnp.swapaxes(x, 0, 1) for x in jax.lax.scan(step, states, actions.T)[1]]
+
+    return jax.jit(jax.vmap(play) if path == "make" else play_batch)
 
 
-def run_ours(env_id, states: list, actions: list[np.ndarray]):
+def run_ours(env_id, states: list, actions: list[np.ndarray], path="make"):
     """Our rollouts of several episodes, as numpy arrays [episode, step, ...]."""
     horizon = ours(env_id)[1].max_steps_in_episode
     padded = np.zeros((-(-len(actions) // BATCH) * BATCH, horizon), np.int32)
@@ -107,7 +117,8 @@ def run_ours(env_id, states: list, actions: list[np.ndarray]):
         padded[i, : min(len(a), horizon)] = a[:horizon]
     states = states + [states[0]] * (len(padded) - len(states))
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *states)
-    outputs = [rollout_fn(env_id)(jax.tree.map(lambda x: x[i : i + BATCH], stacked), padded[i : i + BATCH])
+    rollout = rollout_fn(env_id, path)
+    outputs = [rollout(jax.tree.map(lambda x: x[i : i + BATCH], stacked), padded[i : i + BATCH])
                for i in range(0, len(padded), BATCH)]
     return [np.concatenate(parts)[: len(actions)] for parts in zip(*outputs)]
 
@@ -125,9 +136,10 @@ def play_popgym(pop, env, actions):
 Episode = collections.namedtuple("Episode", "ret length terminated truncated")
 
 
-def compare_with_popgym(env_id, policies, seeds=(0, 1, 2)):
-    """For every seed and policy(pop, rng) -> flat actions: play popgym and ours from the same layout
-    and require identical episodes. Returns {policy name: [popgym's Episode for each seed]}."""
+def compare_with_popgym(env_id, policies, seeds=(0, 1, 2), path="make"):
+    """For every seed and policy(pop, rng) -> flat actions: play popgym and ours (through `make` or
+    `make_vec`) from the same layout and require identical episodes. Returns {policy name:
+    [popgym's Episode for each seed]}."""
     env, params = ours(env_id)
     pop = popgym_env(env_id)
     episodes, states, action_lists = [], [], []
@@ -144,7 +156,7 @@ def compare_with_popgym(env_id, policies, seeds=(0, 1, 2)):
             states.append(state)
             action_lists.append(actions)
             episodes.append((policy.__name__, seed, play_popgym(pop, env, actions)))
-    obs, rewards, terminated, truncated = run_ours(env_id, states, action_lists)
+    obs, rewards, terminated, truncated = run_ours(env_id, states, action_lists, path)
     results = {}
     for i, (name, seed, steps) in enumerate(episodes):
         where = f"{env_id} {name} seed {seed}"
@@ -274,8 +286,9 @@ BATTLESHIP_POLICIES = (
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_battleship_matches_popgym_step_by_step(level):
-    results = compare_with_popgym("Battleship" + level, BATTLESHIP_POLICIES)
+@pytest.mark.parametrize("path", ["make", "make_vec"])
+def test_battleship_matches_popgym_step_by_step(level, path):
+    results = compare_with_popgym("Battleship" + level, BATTLESHIP_POLICIES, path=path)
     b2 = ours("Battleship" + level)[0].board_size ** 2
     np.testing.assert_allclose(returns_of(results, "all_ships"), 1.0, atol=1e-9)
     np.testing.assert_allclose(returns_of(results, "never_hit"), -b2 / (b2 - 12), atol=1e-9)
@@ -368,8 +381,9 @@ MINESWEEPER_POLICIES = (
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_minesweeper_matches_popgym_step_by_step(level):
-    results = compare_with_popgym("MineSweeper" + level, MINESWEEPER_POLICIES, seeds=(0, 1, 2, 3))
+@pytest.mark.parametrize("path", ["make", "make_vec"])
+def test_minesweeper_matches_popgym_step_by_step(level, path):
+    results = compare_with_popgym("MineSweeper" + level, MINESWEEPER_POLICIES, seeds=(0, 1, 2, 3), path=path)
     np.testing.assert_allclose(returns_of(results, "clear_all"), 1.0, atol=1e-9)
     np.testing.assert_allclose(returns_of(results, "one_cell_repeats_then_mine"), -1.0, atol=1e-9)
     length = ours("MineSweeper" + level)[1].max_steps_in_episode
@@ -662,7 +676,8 @@ LABYRINTH_POLICIES = (
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("family", MAZE_FAMILIES)
-def test_labyrinth_matches_popgym_step_by_step(family, level):
+@pytest.mark.parametrize("path", ["make", "make_vec"])
+def test_labyrinth_matches_popgym_step_by_step(family, level, path):
     pop = popgym_env(family + level)
     first_seed = {}  # the first seed whose start lies on each side (the view differs on rows/columns 0)
     for seed in range(100):
@@ -672,7 +687,7 @@ def test_labyrinth_matches_popgym_step_by_step(family, level):
             break
     assert len(first_seed) == 4
     seeds = tuple(sorted(first_seed.values())) + (100,)
-    results = compare_with_popgym(family + level, LABYRINTH_POLICIES, seeds)
+    results = compare_with_popgym(family + level, LABYRINTH_POLICIES, seeds, path=path)
     step = 1 / 1024
     # the lowest return: 1023 steps (not 1024) of -1/1024
     np.testing.assert_allclose(returns_of(results, "bump_into_the_edge"), -1023 * step, atol=1e-9)
