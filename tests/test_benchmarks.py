@@ -123,6 +123,7 @@ def test_attention_resets_are_episode_masks():
     np.testing.assert_allclose(y[:7, 1:], causal, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.timeout(600)  # two runs of the driver (the second reads the cells back)
 def test_popgym_table_quick_and_resume(tmp_path):
     out = tmp_path / "results"
     proc = run_bench("bench_popgym_table", "--quick", "--out-dir", str(out), cwd=tmp_path)
@@ -161,6 +162,7 @@ def test_popgym_table_verdict():
     assert verdict({"S5": {"mmer": {"mean": 1.0, "std": 0.0}}}) is None
 
 
+@pytest.mark.timeout(600)
 def test_memory_length_quick(tmp_path):
     out = tmp_path / "results"
     proc = run_bench("bench_memory_length", "--quick", "--out-dir", str(out), cwd=tmp_path)
