@@ -602,9 +602,9 @@ def check_args(args: Args) -> str | None:
             envs_popjax.make("MemoryChain", memory_length=length)
         except (ValueError, TypeError) as error:
             return f"--memory-lengths {length}: {error}"
-    positive = ("num_seeds", "num_bits", "total_timesteps", "num_envs", "num_minibatches", "update_epochs", "hidden_size",
-                "d_model", "ssm_size", "n_layers", "s5_blocks", "learning_rate", "dt_min", "dt_max", "clip_coef",
-                "max_grad_norm", "keep_checkpoints", "eval_episodes")  # fmt: skip
+    positive = ("num_seeds", "num_bits", "total_timesteps", "num_envs", "num_minibatches", "update_epochs",
+                "hidden_size", "d_model", "ssm_size", "n_layers", "s5_blocks", "learning_rate", "dt_min", "dt_max",
+                "clip_coef", "max_grad_norm", "keep_checkpoints", "eval_episodes")  # fmt: skip
     for name in positive + ("num_steps", "updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef"):
         value = getattr(args, name)
         if not value >= 0 or (value == 0 and name in positive):
@@ -661,7 +661,8 @@ def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager | None
     path = os.path.abspath(path)
     path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
     if keep or os.path.isdir(path):
-        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep)))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep))
+        return ocp.CheckpointManager(path, options=options)
 
 
 def latest_checkpoint(path: str) -> int | None:
@@ -698,7 +699,9 @@ def write_json(path: str, obj):
 
 def args_from_dict(saved: dict) -> Args:
     """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
-    fix = lambda v: tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v  # noqa: E731
+    def fix(v):
+        return tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+
     return Args(**{k: fix(v) for k, v in saved.items()})
 
 
@@ -788,7 +791,8 @@ def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict
         init_compiled, *chunk_compiled = pool.map(lambda program: program.compile(), lowered)
     compiled = dict(zip(chunk_lengths, chunk_compiled))
     if done_updates:  # the group was under way at the checkpoint: its state, bit for bit
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), init_lowered.out_info)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                init_lowered.out_info)
         runner = read_checkpoint(run_dir, state=abstract)["state"]
     else:
         runner = jax.block_until_ready(init_compiled(keys, lengths))
@@ -827,10 +831,9 @@ def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict
                 history[pair] += rows[pair]
             if len(bad):
                 (length, seed), saved = pairs[bad[0, 1]], sweep["saved_step"]
-                raise FloatingPointError(
-                    f"non-finite loss/parameters at update {done_updates + bad[0, 0] + 1} (memory length {length}, seed "
-                    f"{seed}); last good checkpoint: " + (f"update {saved} in {run_dir}/checkpoints" if saved else "none")
-                )  # fmt: skip
+                where = f"update {saved} in {run_dir}/checkpoints" if saved else "none"
+                raise FloatingPointError(f"non-finite loss/parameters at update {done_updates + bad[0, 0] + 1} "
+                                         f"(memory length {length}, seed {seed}); last good checkpoint: {where}")  # fmt: skip
             done_updates += n
             clock["env_steps"] += n * batch_size * len(pairs)
             sps = n * batch_size / (time.time() - t)
@@ -943,11 +946,14 @@ def main(args: Args) -> dict:
     pairs_of = {num_steps: [(L, s) for L in group for s in seeds] for num_steps, group in groups.items()}
     logs = {"history": {}, "clock": {"compile_seconds": 0.0, "run_seconds": 0.0, "env_steps": 0}, "updates_done": {}}
     sweep = {"finished_names": [], "finished_params": [], "current": None, "saved_step": 0}
+
+    def is_finished(num_steps):  # all updates of the group with this rollout are done
+        return logs["updates_done"].get(str(num_steps)) == args.total_timesteps // (args.num_envs * num_steps)
+
     if args.resume:  # finished groups' results and parameters; the current group's state is read in run_group
         run_dir, restored = args.resume.rstrip("/"), read_checkpoint(args.resume)
         logs, sweep["saved_step"] = restored["logs"], sum(restored["logs"]["updates_done"].values())
-        finished = [pair_name(pair) for num_steps, pairs in pairs_of.items() for pair in pairs
-                    if logs["updates_done"].get(str(num_steps)) == args.total_timesteps // (args.num_envs * num_steps)]  # fmt: skip
+        finished = [pair_name(pair) for num_steps, pairs in pairs_of.items() if is_finished(num_steps) for pair in pairs]
         sweep["finished_names"] = logs["model_pairs"][: len(finished)]
         sweep["finished_params"] = [jax.tree.map(lambda x: np.asarray(x)[: len(finished)], restored["models"])]
     else:
@@ -955,7 +961,8 @@ def main(args: Args) -> dict:
     run_name, clock = os.path.basename(run_dir), logs["clock"]
     logs["history"] = history = {pair: [tuple(row) for row in logs["history"].get(pair_name(pair), [])]
                                  for pairs in pairs_of.values() for pair in pairs}  # fmt: skip
-    sweep["logs"], sweep["manager"] = logs, checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
+    sweep["logs"] = logs
+    sweep["manager"] = checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
     if args.track:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
         import wandb
 
@@ -965,7 +972,7 @@ def main(args: Args) -> dict:
     failure = None
     try:
         for num_steps, pairs in pairs_of.items():
-            if logs["updates_done"].get(str(num_steps)) != args.total_timesteps // (args.num_envs * num_steps):
+            if not is_finished(num_steps):
                 run_group(args, num_steps, pairs, run_dir, sweep)
         save_sweep(args, sweep, force=True)
     except KeyboardInterrupt:
@@ -1016,8 +1023,8 @@ def evaluate_model(args: Args) -> dict:
     for (length, _), r in zip(pairs, returns):
         per_length.setdefault(str(length), []).append(float(r.mean()))
     result = {"model": args.eval_model, "episodes_per_seed": args.eval_episodes, "greedy": args.eval_greedy,
-              "per_run": per_run, "per_length": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": len(v)}
-                                                 for k, v in per_length.items()},
+              "per_run": per_run, "per_length": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                                                     "seeds": len(v)} for k, v in per_length.items()},
               "overall": {"mean": float(returns.mean()), "std": float(returns.std())}}  # fmt: skip
     for name, run in per_run.items():
         print(f"{name}: return {run['mean']:+.3f} +- {run['std']:.3f}, success {run['success_rate']:.3f}")

@@ -647,7 +647,8 @@ def check_args(args: Args) -> str | None:
                 "episodes_per_trial", "obs_size", "action_size", "eval_trials", "d_model", "ssm_size", "n_layers",
                 "s5_blocks", "learning_rate", "dt_min", "dt_max", "clip_coef", "max_grad_norm", "keep_checkpoints",
                 "eval_episodes")  # fmt: skip
-    for name in positive + ("updates_per_chunk", "eval_every", "episode_length", "checkpoint_every", "vf_coef", "ent_coef"):
+    non_negative = ("updates_per_chunk", "eval_every", "episode_length", "checkpoint_every", "vf_coef", "ent_coef")
+    for name in positive + non_negative:
         value = getattr(args, name)
         if not value >= 0 or (value == 0 and name in positive):
             return f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, got {value}"
@@ -695,12 +696,14 @@ def resume_error(args: Args, saved: Args, steps_done: int) -> str | None:
             continue
         flag = "--" + name.replace("_", "-")
         if name == "total_timesteps" and args.anneal_lr:
-            return f"--resume: {flag} {new} differs from the checkpoint's {old}; with --anneal-lr it would change the learning-rate schedule"
+            return (f"--resume: {flag} {new} differs from the checkpoint's {old}; with --anneal-lr it would change "
+                    "the learning-rate schedule")  # fmt: skip
         if name == "total_timesteps" and new < steps_done:
             return f"--resume: {flag} {new} is below the {steps_done} steps the checkpoint has done"
         if name != "total_timesteps":
             allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
-            return f"--resume: {flag} {new} differs from the checkpoint's {old}; it would change the run (allowed to change: {allowed})"
+            return (f"--resume: {flag} {new} differs from the checkpoint's {old}; it would change the run "
+                    f"(allowed to change: {allowed})")  # fmt: skip
     return None
 
 
@@ -713,7 +716,8 @@ def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager | None
     path = os.path.abspath(path)
     path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
     if keep or os.path.isdir(path):
-        return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep)))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep))
+        return ocp.CheckpointManager(path, options=options)
 
 
 def latest_checkpoint(path: str) -> int | None:
@@ -750,7 +754,9 @@ def write_json(path: str, obj):
 
 def args_from_dict(saved: dict) -> Args:
     """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
-    fix = lambda v: tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v  # noqa: E731
+    def fix(v):
+        return tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+
     return Args(**{k: fix(v) for k, v in saved.items()})
 
 
@@ -855,8 +861,8 @@ def main(args: Args) -> dict:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)  # fmt: skip
     # TensorBoard continues after the checkpoint's step; anything a killed process logged later is purged
-    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=logs["global_step"] + 1 if args.resume else None)
-               for s in seeds]  # fmt: skip
+    purge = logs["global_step"] + 1 if args.resume else None
+    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=purge) for s in seeds]
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     for writer in writers if not args.resume else []:
         writer.add_text("hyperparameters", table)
@@ -871,7 +877,8 @@ def main(args: Args) -> dict:
     # every leaf carries the leading seed axis, sharded; parameters are initialised outside the training jit
     init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
     if args.resume:  # the checkpoint's state, bit for bit, in the structure and sharding of a fresh one
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), init_lowered.out_info)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                init_lowered.out_info)
         runner = read_checkpoint(run_dir, state=abstract)["state"]
     else:
         runner = init_lowered.compile()(keys)
@@ -897,10 +904,11 @@ def main(args: Args) -> dict:
 
     def checkpoint(force=False):  # every --checkpoint-every updates (at the next chunk boundary), at the end, on Ctrl-C
         nonlocal saved
-        if manager and len(returns) != saved and (force or len(returns) // args.checkpoint_every > saved // args.checkpoint_every):
-            manager.save(len(returns), args=ocp.args.Composite(state=ocp.args.StandardSave(runner),
+        done = len(returns)
+        if manager and done != saved and (force or done // args.checkpoint_every > saved // args.checkpoint_every):
+            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(runner),
                          args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs))))  # fmt: skip
-            saved = len(returns)
+            saved = done
 
     failure = None
     try:
