@@ -437,15 +437,16 @@ def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
     return ActorCritic(action_dim, continuous, memory), action_dim, continuous
 
 
-def make_env(args: Args):
-    env, env_params = envs_popjax.make(args.env_id)
-    return envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env)), env_params
+def make_env(args: Args, num_envs: int):
+    """`num_envs` batched envs that reset only those whose episode ended; the observation carries the previous
+    action and the first-step flag, `info` the episode statistics (envs_popjax.make_vec)."""
+    return envs_popjax.make_vec(args.env_id, num_envs, wrappers=True)
 
 
 def make_train(args: Args):
     """Returns `(init, update_chunk)`, pure functions of one seed: `init(key) -> RunnerState` and
     `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`."""
-    env, env_params = make_env(args)
+    env, env_params = make_env(args, args.num_envs)
     network, action_dim, continuous = build_network(args, env, env_params)
     obs_size = env.observation_space(env_params).shape[0]
     new_carry = partial(S5Memory.initialize_carry, ssm_size=args.ssm_size, n_layers=args.n_layers, conj_sym=args.conj_sym)
@@ -464,7 +465,7 @@ def make_train(args: Args):
         dummy_obs = jnp.zeros((1, args.num_envs, obs_size))
         params = network.init(key_params, new_carry(args.num_envs), dummy_obs, jnp.ones((1, args.num_envs), bool))
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=optimizer)
-        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(key_env, args.num_envs), env_params)
+        obs, env_state = env.reset(key_env, env_params)
         done = jnp.ones(args.num_envs, bool)  # the first observation starts an episode
         return RunnerState(train_state, env_state, obs, done, new_carry(args.num_envs), key)
 
@@ -474,10 +475,7 @@ def make_train(args: Args):
         policy = jax.tree.map(lambda p: p[0], policy)
         action = policy_sample(key_action, policy, continuous)
         log_prob = policy_log_prob(policy, action, continuous)
-        env_keys = jax.random.split(key_env, args.num_envs)
-        obs, env_state, reward, terminated, truncated, info = jax.vmap(env.step, (0, 0, 0, None))(
-            env_keys, runner.env_state, action, env_params
-        )
+        obs, env_state, reward, terminated, truncated, info = env.step(key_env, runner.env_state, action, env_params)
         done = terminated | truncated  # POPGym returns are finite-horizon: truncation ends it too
         transition = Transition(
             runner.obs, runner.done, action, log_prob, value[0], reward, info["returned_episode"],
@@ -567,7 +565,7 @@ def make_train(args: Args):
 def make_evaluate(args: Args):
     """`evaluate(params, key) -> returns[eval_episodes]`, pure, one seed: one episode in each of --eval-episodes
     parallel envs, played to its end (the memory starts cleared, as in training)."""
-    env, env_params = make_env(args)
+    env, env_params = make_env(args, args.eval_episodes)
     network, _, continuous = build_network(args, env, env_params)
     n = args.eval_episodes
 
@@ -581,14 +579,12 @@ def make_evaluate(args: Args):
                 action = policy[0] if continuous else jnp.argmax(policy, -1)
             else:
                 action = policy_sample(key_action, policy, continuous)
-            obs, env_state, _, terminated, truncated, info = jax.vmap(env.step, (0, 0, 0, None))(
-                jax.random.split(key_env, n), env_state, action, env_params
-            )
+            obs, env_state, _, terminated, truncated, info = env.step(key_env, env_state, action, env_params)
             returns = jnp.where(ended, returns, info["returned_episode_return"])  # kept from each env's first end
             return env_state, obs, terminated | truncated, carry, key, returns, ended | info["returned_episode"]
 
         key, key_reset = jax.random.split(key)
-        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(key_reset, n), env_params)
+        obs, env_state = env.reset(key_reset, env_params)
         carry = S5Memory.initialize_carry(n, args.ssm_size, args.n_layers, args.conj_sym)
         state = (env_state, obs, jnp.ones(n, bool), carry, key, jnp.zeros(n), jnp.zeros(n, bool))
         return jax.lax.while_loop(lambda s: ~s[-1].all(), step, state)[-2]
@@ -608,7 +604,7 @@ NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef")
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
     try:
-        make_env(args)  # an unknown id, or MemoryChain-L with L < 1
+        make_env(args, 1)  # an unknown id, or MemoryChain-L with L < 1
     except ValueError as error:
         return f"--env-id: {error}"
     domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
