@@ -429,10 +429,9 @@ def rollout_length(args: Args, memory_length: int) -> int:
     return args.num_steps or -(-32 // (memory_length + 1)) * (memory_length + 1)
 
 
-def build(args: Args):
-    """The wrapped MemoryChain env, its params, the network and the carry constructor."""
-    env, env_params = envs_popjax.make("MemoryChain", num_bits=args.num_bits)
-    env = envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env))
+def build(args: Args, num_envs: int):
+    """`num_envs` wrapped MemoryChain envs (envs_popjax.make_vec), their params, the network, the carry constructor."""
+    env, env_params = envs_popjax.make_vec("MemoryChain", num_envs, wrappers=True, num_bits=args.num_bits)
     memory = S5Memory(
         d_model=args.d_model, ssm_size=args.ssm_size, n_layers=args.n_layers, blocks=args.s5_blocks,
         conj_sym=args.conj_sym, clip_eigs=args.clip_eigs, dt_min=args.dt_min, dt_max=args.dt_max,
@@ -447,7 +446,7 @@ def make_train(args: Args, num_steps: int):
     """Returns `(init, update_chunk, num_updates)` for one (length, seed) with rollouts of
     `num_steps`: `init(key, memory_length) -> RunnerState` and
     `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`, both pure."""
-    env, env_params, network, new_carry = build(args)
+    env, env_params, network, new_carry = build(args, args.num_envs)
     obs_size = env.observation_space(env_params).shape[0]
     num_updates = args.total_timesteps // (args.num_envs * num_steps)
 
@@ -466,7 +465,7 @@ def make_train(args: Args, num_steps: int):
         dummy_obs = jnp.zeros((1, args.num_envs, obs_size))
         net_params = network.init(key_params, new_carry(args.num_envs), dummy_obs, jnp.ones((1, args.num_envs), bool))
         train_state = TrainState.create(apply_fn=network.apply, params=net_params, tx=optimizer)
-        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(key_env, args.num_envs), params)
+        obs, env_state = env.reset(key_env, params)
         done = jnp.ones(args.num_envs, bool)  # the first observation starts an episode
         return RunnerState(train_state, params, env_state, obs, done, new_carry(args.num_envs), key)
 
@@ -474,10 +473,8 @@ def make_train(args: Args, num_steps: int):
         key, key_action, key_env = jax.random.split(runner.key, 3)
         carry, logits, value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
         action = jax.random.categorical(key_action, logits[0])
-        env_keys = jax.random.split(key_env, args.num_envs)
-        obs, env_state, reward, terminated, truncated, info = jax.vmap(env.step, (0, 0, 0, None))(
-            env_keys, runner.env_state, action, runner.env_params
-        )
+        step = env.step(key_env, runner.env_state, action, runner.env_params)
+        obs, env_state, reward, terminated, truncated, info = step
         done = terminated | truncated
         transition = Transition(
             runner.obs, runner.done, action, log_prob_of(logits[0], action), value[0], reward, info["returned_episode"]
@@ -563,21 +560,19 @@ def make_evaluate(args: Args, num_episodes: int, num_steps: int, greedy: bool):
     """`evaluate(params, memory_length, key) -> returns[num_episodes]`: `num_episodes` envs each play one
     episode from a zero memory (as in training, where every rollout starts an episode) for `num_steps`
     >= L + 1 steps; later episodes are not counted. The return is +1 (right answer) or -1."""
-    env, env_params, network, new_carry = build(args)
+    env, env_params, network, new_carry = build(args, num_episodes)
 
     def evaluate(params, memory_length, key):
         env_params_l = env_params.replace(memory_length=memory_length)
         key_reset, key_run = jax.random.split(key)
-        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(key_reset, num_episodes), env_params_l)
+        obs, env_state = env.reset(key_reset, env_params_l)
 
         def step(state, key):
             carry, obs, done, env_state, active, returns = state
             key_action, key_env = jax.random.split(key)
             carry, logits, _ = network.apply(params, carry, obs[None], done[None])
             action = jnp.argmax(logits[0], -1) if greedy else jax.random.categorical(key_action, logits[0])
-            obs, env_state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
-                jax.random.split(key_env, num_episodes), env_state, action, env_params_l
-            )
+            obs, env_state, reward, terminated, truncated, _ = env.step(key_env, env_state, action, env_params_l)
             done = terminated | truncated
             return (carry, obs, done, env_state, active & ~done, returns + active * reward), None
 
