@@ -222,7 +222,7 @@ def finish(report: dict, out_dir: str, out_name: str) -> Path:
     run_s = {m: sum(r["run_seconds"] for row in report["results"].values() if (r := row.get(m)) and r.get("sps")) for m in MODELS}
     report["sps_overall"] = {m: steps[m] / run_s[m] if run_s[m] else None for m in MODELS}
     report["wall_seconds_total"] = sum(r.get("wall_seconds", r["compile_seconds"] + r["run_seconds"]) for r in cells)
-    report["load_range"] = load_range(r for r in cells if r.get("source") == "run here")
+    report["load_range"] = load_range(cells)  # recorded when each cell ran, also for cells read back
     out = write_results(out_dir, out_name, report, markdown(report))
     plot(report, out / f"{out_name}.png")
     return out
@@ -244,7 +244,10 @@ def main(args: Args) -> dict:
             error = (ppo_s5_memory if model == "S5" else ppo_lstm_popgym).check_args(a)
             if error:
                 raise SystemExit(f"L={L} {model}: {error}")
-    previous = [json.loads(Path(p).read_text()) for p in args.previous]
+    previous = [  # keyed "L/memory" like the cells below
+        {"results": {f"{L}/{m}": cell for L, row in json.loads(Path(p).read_text())["results"].items() for m, cell in row.items()
+                     if m in MODELS}} for p in args.previous
+    ]  # fmt: skip
     out_name = args.out_name or ("bench_memory_length_quick" if args.quick else "bench_memory_length")
     runs_dir = Path(args.out_dir) / f"{out_name}_runs"
     machine = machine_info()
@@ -275,7 +278,7 @@ def main(args: Args) -> dict:
                 r["source"] = "run here"
             if "success" not in r:  # from a run folder: success per seed, by the S5 script's rule
                 r |= s5_result(r, L) if model == "S5" else lstm_result(a, cells[L]["S5"], run_dir)
-            row[model] = {k: v for k, v in r.items() if k not in ("per_run", "per_length", "args", "per_seed")}
+            row[model] = {k: v for k, v in r.items() if k not in ("per_length", "args", "per_seed")}  # per_run: complete_for
             row[model] |= {"run_dir": str(run_dir), "script_args": r.get("script_args") or r["args"]}
             print(f"== L={L} {model}: success {fmt_rates(r['success'])}, solved {sum(r['solved'])}/{len(r['solved'])} "
                   f"({r['source']}, load {load_average()})", flush=True)  # fmt: skip

@@ -205,7 +205,7 @@ def finish(report: dict, out_dir: str, out_name: str) -> Path:
     verdicts = [verdict(c) for c in report["by_env"].values()]
     report["tally"] = {v: verdicts.count(v) for v in ("S5", "tie", "LSTM")} | {"cells": sum(v is not None for v in verdicts)}
     report["wall_seconds_total"] = sum(r.get("wall_seconds", r.get("compile_seconds", 0) + r.get("run_seconds", 0)) for r in done)
-    report["load_range"] = load_range(r for r in done if r.get("source") == "run here")
+    report["load_range"] = load_range(done)  # recorded when each cell ran, also for cells read back
     out = write_results(out_dir, out_name, {k: v for k, v in report.items() if k != "by_env"}, markdown(report))
     plot(report, out / f"{out_name}.png")
     return out
