@@ -52,7 +52,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
@@ -203,6 +203,35 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3).
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class S5Config:
+    """The S5 memory's settings; the names are Args' S5 flags (documented there)."""
+
+    d_model: int = 256
+    ssm_size: int = 256
+    n_layers: int = 4
+    s5_blocks: int = 1
+    conj_sym: bool = True
+    clip_eigs: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    activation: str = "full_glu"
+    prenorm: bool = False
+    postnorm: bool = False
+    s5_scan: str = "parallel"
+
+    @classmethod
+    def from_args(cls, args) -> "S5Config":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def error(self) -> str | None:
+        """What to change when the state does not split into even blocks, else None."""
+        if self.ssm_size % self.s5_blocks or (self.conj_sym and (self.ssm_size // self.s5_blocks) % 2):
+            return (f"--ssm-size {self.ssm_size} must split into --s5-blocks {self.s5_blocks} equal blocks"
+                    + (" of even size (conjugate symmetry keeps half of each)" if self.conj_sym else ""))  # fmt: skip
+        return None
+
+
 @lru_cache  # called at every trace of every layer; the eigendecomposition is the slow part
 def hippo_n_diagonalised(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues and eigenvectors of the normal part of HiPPO-LegS (S5 section 4.1).
@@ -256,25 +285,19 @@ def resettable_sequential_scan(lambda_bar, bu, resets, h0):
 class S5SSM(nn.Module):
     """One S5 state-space layer: complex diagonal Lambda, B, C, real D, learnable step, ZOH."""
 
-    d_model: int
-    ssm_size: int
-    blocks: int = 1
-    conj_sym: bool = True
-    clip_eigs: bool = False
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    scan: str = "parallel"
+    config: S5Config
 
     @nn.compact
     def __call__(self, h0, u, resets):
-        if self.ssm_size % self.blocks or (self.conj_sym and (self.ssm_size // self.blocks) % 2):
-            raise ValueError("ssm_size / blocks must be an integer, and even with conj_sym")
-        block_size = self.ssm_size // self.blocks
+        cfg = self.config
+        if error := cfg.error():
+            raise ValueError(error)
+        block_size = cfg.ssm_size // cfg.s5_blocks
         eigenvalues, eigenvectors = hippo_n_diagonalised(block_size)
-        if self.conj_sym:  # eigenvalues come in conjugate pairs: keep one of each (S5 app. C.1)
+        if cfg.conj_sym:  # eigenvalues come in conjugate pairs: keep one of each (S5 app. C.1)
             eigenvalues, eigenvectors = eigenvalues[: block_size // 2], eigenvectors[:, : block_size // 2]
-        eigenvalues = np.tile(eigenvalues, self.blocks)
-        v = np.kron(np.eye(self.blocks), eigenvectors)  # block-diagonal copies: [P, P_kept]
+        eigenvalues = np.tile(eigenvalues, cfg.s5_blocks)
+        v = np.kron(np.eye(cfg.s5_blocks), eigenvectors)  # block-diagonal copies: [P, P_kept]
         v_inv = v.conj().T
         n_states = eigenvalues.shape[0]
 
@@ -282,23 +305,23 @@ class S5SSM(nn.Module):
         lambda_im = self.param("lambda_im", lambda _: jnp.asarray(eigenvalues.imag, jnp.float32))
 
         def init_b(key):  # B~ = V^-1 B with B lecun-normal, stored as (real, imag)
-            b = jnp.asarray(v_inv) @ nn.initializers.lecun_normal()(key, (self.ssm_size, self.d_model))
+            b = jnp.asarray(v_inv) @ nn.initializers.lecun_normal()(key, (cfg.ssm_size, cfg.d_model))
             return jnp.stack([b.real, b.imag], -1).astype(jnp.float32)
 
         def init_c(key):  # C~ = C V with C lecun-normal
-            c = nn.initializers.lecun_normal()(key, (self.d_model, self.ssm_size, 2))
+            c = nn.initializers.lecun_normal()(key, (cfg.d_model, cfg.ssm_size, 2))
             c = (c[..., 0] + 1j * c[..., 1]) @ jnp.asarray(v)
             return jnp.stack([c.real, c.imag], -1).astype(jnp.float32)
 
+        def init_log_step(key):  # log dt uniform in [log dt_min, log dt_max), one per state
+            return jax.random.uniform(key, (n_states,), minval=math.log(cfg.dt_min), maxval=math.log(cfg.dt_max))
+
         b_param = self.param("B", init_b)
         c_param = self.param("C", init_c)
-        d = self.param("D", nn.initializers.normal(stddev=1.0), (self.d_model,))
-        log_step = self.param(
-            "log_step",
-            lambda key: jax.random.uniform(key, (n_states,), minval=math.log(self.dt_min), maxval=math.log(self.dt_max)),
-        )
+        d = self.param("D", nn.initializers.normal(stddev=1.0), (cfg.d_model,))
+        log_step = self.param("log_step", init_log_step)
 
-        if self.clip_eigs:
+        if cfg.clip_eigs:
             lambda_re = jnp.minimum(lambda_re, -1e-4)
         lam = lambda_re + 1j * lambda_im
         b_tilde = b_param[..., 0] + 1j * b_param[..., 1]
@@ -310,9 +333,9 @@ class S5SSM(nn.Module):
         # Real inputs and outputs: two real matmuls do the work of complex ones at half the FLOPs.
         bu = u @ jnp.concatenate([b_bar.real, b_bar.imag]).T  # [..., 2 P_kept]
         bu = jax.lax.complex(bu[..., :n_states], bu[..., n_states:])
-        scan = {"parallel": resettable_parallel_scan, "sequential": resettable_sequential_scan}[self.scan]
+        scan = {"parallel": resettable_parallel_scan, "sequential": resettable_sequential_scan}[cfg.s5_scan]
         x = scan(lambda_bar, bu, resets, h0)
-        c_out = jnp.concatenate([c_tilde.real, -c_tilde.imag], axis=1) * (2.0 if self.conj_sym else 1.0)
+        c_out = jnp.concatenate([c_tilde.real, -c_tilde.imag], axis=1) * (2.0 if cfg.conj_sym else 1.0)
         y = jnp.concatenate([x.real, x.imag], -1) @ c_out.T + d * u  # 2 Re(C~ x) + D u
         return x[-1], y
 
@@ -320,30 +343,27 @@ class S5SSM(nn.Module):
 class S5Block(nn.Module):
     """S5 -> activation -> residual, with optional LayerNorms before and after."""
 
-    ssm: dict
-    activation: str = "full_glu"
-    prenorm: bool = False
-    postnorm: bool = False
+    config: S5Config
 
     @nn.compact
     def __call__(self, h0, x, resets):
         skip = x
-        if self.prenorm:
+        if self.config.prenorm:
             x = nn.LayerNorm(name="prenorm")(x)
-        h, x = S5SSM(**self.ssm)(h0, x, resets)
-        width = x.shape[-1]
-        if self.activation == "full_glu":
+        h, x = S5SSM(self.config)(h0, x, resets)
+        width, activation = x.shape[-1], self.config.activation
+        if activation == "full_glu":
             x = nn.gelu(x)
             x = nn.Dense(width)(x) * nn.sigmoid(nn.Dense(width)(x))
-        elif self.activation == "half_glu1":
+        elif activation == "half_glu1":
             x = nn.gelu(x)
             x = x * nn.sigmoid(nn.Dense(width)(x))
-        elif self.activation == "half_glu2":
+        elif activation == "half_glu2":
             x = x * nn.sigmoid(nn.Dense(width)(nn.gelu(x)))
         else:
             x = nn.gelu(x)
         x = skip + x
-        if self.postnorm:
+        if self.config.postnorm:
             x = nn.LayerNorm(name="postnorm")(x)
         return h, x
 
@@ -356,35 +376,20 @@ class S5Memory(nn.Module):
     per layer; make it with `S5Memory.initialize_carry`.
     """
 
-    d_model: int = 256
-    ssm_size: int = 256
-    n_layers: int = 4
-    blocks: int = 1
-    conj_sym: bool = True
-    clip_eigs: bool = False
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    activation: str = "full_glu"
-    prenorm: bool = False
-    postnorm: bool = False
-    scan: str = "parallel"
+    config: S5Config
 
     @nn.compact
     def __call__(self, carry, x, resets):
-        ssm = dict(
-            d_model=self.d_model, ssm_size=self.ssm_size, blocks=self.blocks, conj_sym=self.conj_sym,
-            clip_eigs=self.clip_eigs, dt_min=self.dt_min, dt_max=self.dt_max, scan=self.scan,
-        )  # fmt: skip
         new_carry = []
         for h0 in carry:
-            h, x = S5Block(ssm, self.activation, self.prenorm, self.postnorm)(h0, x, resets)
+            h, x = S5Block(self.config)(h0, x, resets)
             new_carry.append(h)
         return tuple(new_carry), x
 
     @staticmethod
-    def initialize_carry(batch_size: int, ssm_size: int, n_layers: int, conj_sym: bool = True):
-        n_states = ssm_size // 2 if conj_sym else ssm_size
-        return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(n_layers))
+    def initialize_carry(batch_size: int, config: S5Config):
+        n_states = config.ssm_size // 2 if config.conj_sym else config.ssm_size
+        return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(config.n_layers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +404,7 @@ class ActorCritic(nn.Module):
     def __call__(self, carry, obs, resets):
         dense = lambda n, scale=math.sqrt(2): nn.Dense(n, kernel_init=nn.initializers.orthogonal(scale))  # noqa: E731
         x = nn.leaky_relu(dense(128)(obs))
-        x = nn.leaky_relu(dense(self.memory.d_model)(x))
+        x = nn.leaky_relu(dense(self.memory.config.d_model)(x))
         carry, x = self.memory(carry, x, resets)
         actor = nn.leaky_relu(dense(128, 2.0)(nn.leaky_relu(dense(128, 2.0)(x))))
         mean = dense(self.action_dim, 0.01)(actor)
@@ -472,11 +477,7 @@ def make_envs(args: Args, env_ids) -> list[envs_popjax.MetaEnv]:
 
 
 def build_network(args: Args) -> ActorCritic:
-    memory = S5Memory(
-        d_model=args.d_model, ssm_size=args.ssm_size, n_layers=args.n_layers, blocks=args.s5_blocks,
-        conj_sym=args.conj_sym, clip_eigs=args.clip_eigs, dt_min=args.dt_min, dt_max=args.dt_max,
-        activation=args.activation, prenorm=args.prenorm, postnorm=args.postnorm, scan=args.s5_scan,
-    )  # fmt: skip
+    memory = S5Memory(S5Config.from_args(args))
     return ActorCritic(args.action_size, memory)
 
 
@@ -489,7 +490,7 @@ def make_train(args: Args):
     pool = envs_popjax.MetaEnvPool(train_envs, args.num_envs)
     eval_envs = [("train", env) for env in train_envs] + [("heldout", env) for env in make_envs(args, heldout_ids)]
     network = build_network(args)
-    new_carry = partial(S5Memory.initialize_carry, ssm_size=args.ssm_size, n_layers=args.n_layers, conj_sym=args.conj_sym)
+    new_carry = partial(S5Memory.initialize_carry, config=S5Config.from_args(args))
     num_episodes = args.episodes_per_trial
 
     def learning_rate(count):  # CleanRL's linear annealing, once per update
@@ -666,10 +667,8 @@ def check_args(args: Args) -> str | None:
                 f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")  # fmt: skip
     if args.updates_per_chunk and args.eval_every and args.eval_every % args.updates_per_chunk:
         return f"--eval-every {args.eval_every} must be a multiple of --updates-per-chunk {args.updates_per_chunk}"
-    block = args.ssm_size // args.s5_blocks
-    if args.ssm_size % args.s5_blocks or (args.conj_sym and block % 2):
-        return (f"--ssm-size {args.ssm_size} must split into --s5-blocks {args.s5_blocks} equal blocks"
-                + (" of even size (conjugate symmetry keeps half of each)" if args.conj_sym else ""))  # fmt: skip
+    if error := S5Config.from_args(args).error():
+        return error
     if args.dt_min > args.dt_max:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
     if args.resume and args.eval_model:

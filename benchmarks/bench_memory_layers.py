@@ -51,7 +51,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
 from bench_common import load_average, machine_info, machine_line, write_results, written_files  # noqa: E402
 from ppo_lstm_popgym import RNNMemory  # noqa: E402
-from ppo_s5_popgym import S5Memory  # noqa: E402
+from ppo_s5_popgym import S5Config, S5Memory  # noqa: E402
 
 SERIES = ("s5_parallel", "s5_sequential", "lstm", "attention")
 
@@ -145,13 +145,9 @@ class AttentionMemory(nn.Module):
 def build_layer(name: str, args: Args):
     """(module, initial carry) for one series."""
     if name in ("s5_parallel", "s5_sequential"):
-        if name == "s5_sequential" and "scan" not in S5Memory.__dataclass_fields__:
-            raise ValueError("this ppo_s5_popgym.S5Memory has no `scan` option")
-        module = S5Memory(
-            d_model=args.d_model, ssm_size=args.ssm_size, n_layers=args.n_layers,
-            scan="parallel" if name == "s5_parallel" else "sequential",
-        )  # fmt: skip
-        return module, S5Memory.initialize_carry(args.batch_size, args.ssm_size, args.n_layers)
+        scan = "parallel" if name == "s5_parallel" else "sequential"
+        config = S5Config(d_model=args.d_model, ssm_size=args.ssm_size, n_layers=args.n_layers, s5_scan=scan)
+        return S5Memory(config), S5Memory.initialize_carry(args.batch_size, config)
     if name == "lstm":
         return RNNMemory(hidden_size=args.d_model), RNNMemory.initialize_carry(args.batch_size, args.d_model)
     if name == "attention":

@@ -93,7 +93,7 @@ def minibatch_gradient(name: str, module, overrides: dict, args: Args) -> dict:
     network, _, _ = module.build_network(script_args, env, env_params)
     obs_size = env.observation_space(env_params).shape[0]
     if module is ppo_s5_popgym:
-        carry = module.S5Memory.initialize_carry(args.sequences, script_args.ssm_size, script_args.n_layers)
+        carry = module.S5Memory.initialize_carry(args.sequences, module.S5Config.from_args(script_args))
     else:
         carry = module.RNNMemory.initialize_carry(args.sequences, script_args.hidden_size)
     T, B = args.sequence_length, args.sequences

@@ -65,7 +65,7 @@ def test_memory_resets_at_trial_boundaries_only():
     np.testing.assert_array_equal(np.flatnonzero(obs_seq[:, 0, -1]), [0, 3, 6, 9, 12])  # episode starts
 
     network = metarl.build_network(args)
-    carry0 = metarl.S5Memory.initialize_carry(1, args.ssm_size, args.n_layers)
+    carry0 = metarl.S5Memory.initialize_carry(1, metarl.S5Config.from_args(args))
     params = network.init(jax.random.key(1), carry0, obs_seq, done_seq)
     apply = jax.jit(network.apply)
     _, (mean, _), value = apply(params, carry0, obs_seq, done_seq)

@@ -75,17 +75,16 @@ def test_hippo_n_diagonalisation_reconstructs_normal_matrix():
 
 
 def make_memory(**kw):
-    cfg = dict(d_model=8, ssm_size=16, n_layers=2, blocks=1)
-    cfg.update(kw)
-    return s5.S5Memory(**cfg), cfg
+    cfg = s5.S5Config(**{"d_model": 8, "ssm_size": 16, "n_layers": 2, "s5_blocks": 1, **kw})
+    return s5.S5Memory(cfg), cfg
 
 
 MEMORY_VARIANTS = {
     "paper": {},
-    "blocks4_clip": dict(blocks=4, clip_eigs=True),
+    "blocks4_clip": dict(s5_blocks=4, clip_eigs=True),
     "norms_half_glu1": dict(prenorm=True, postnorm=True, activation="half_glu1"),
     "no_conj_sym_half_glu2": dict(conj_sym=False, activation="half_glu2"),
-    "gelu_sequential": dict(activation="gelu", scan="sequential"),
+    "gelu_sequential": dict(activation="gelu", s5_scan="sequential"),
 }
 
 
@@ -94,9 +93,9 @@ def test_memory_one_step_at_a_time_equals_parallel_pass(variant):
     memory, cfg = make_memory(**MEMORY_VARIANTS[variant])
     T, B = 12, 3
     key_x, key_init = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(key_x, (T, B, cfg["d_model"]))
+    x = jax.random.normal(key_x, (T, B, cfg.d_model))
     resets = jnp.zeros((T, B), bool).at[0, 0].set(True).at[4, 1].set(True).at[5, 1].set(True).at[7].set(True)
-    carry = s5.S5Memory.initialize_carry(B, cfg["ssm_size"], cfg["n_layers"], memory.conj_sym)
+    carry = s5.S5Memory.initialize_carry(B, cfg)
     params = memory.init(key_init, carry, x, resets)
     # a non-zero starting carry, as at the start of a later rollout
     carry, _ = memory.apply(params, carry, x[::-1], jnp.zeros((T, B), bool))
@@ -114,8 +113,8 @@ def test_memory_one_step_at_a_time_equals_parallel_pass(variant):
 def test_reset_gives_same_output_as_fresh_carry():
     memory, cfg = make_memory()
     T, B = 10, 2
-    x = jax.random.normal(jax.random.key(1), (T, B, cfg["d_model"]))
-    zero = s5.S5Memory.initialize_carry(B, cfg["ssm_size"], cfg["n_layers"])
+    x = jax.random.normal(jax.random.key(1), (T, B, cfg.d_model))
+    zero = s5.S5Memory.initialize_carry(B, cfg)
     params = memory.init(jax.random.key(2), zero, x, jnp.zeros((T, B), bool))
     warm, _ = memory.apply(params, zero, x, jnp.zeros((T, B), bool))  # some non-zero state
     resets = jnp.zeros((T, B), bool).at[6].set(True)
@@ -127,9 +126,9 @@ def test_reset_gives_same_output_as_fresh_carry():
 
 
 def test_blocks_give_block_diagonal_initial_state_matrix():
-    memory, cfg = make_memory(blocks=4, n_layers=1)
+    memory, cfg = make_memory(s5_blocks=4, n_layers=1)
     params = memory.init(
-        jax.random.key(0), s5.S5Memory.initialize_carry(1, 16, 1), jnp.zeros((1, 1, 8)), jnp.zeros((1, 1), bool)
+        jax.random.key(0), s5.S5Memory.initialize_carry(1, cfg), jnp.zeros((1, 1, 8)), jnp.zeros((1, 1), bool)
     )
     ssm = params["params"]["S5Block_0"]["S5SSM_0"]
     lam = np.asarray(ssm["lambda_re"] + 1j * ssm["lambda_im"])
