@@ -1,18 +1,18 @@
-"""PPO with a resettable LSTM (or GRU) memory on POPGym, in one file: the recurrent baseline
-of Lu et al., "Structured State Space Models for In-Context Reinforcement Learning" (NeurIPS 2023).
+"""PPO with a resettable LSTM (or GRU) memory on POPGym, in one file: the recurrent baseline of Lu et al.,
+"Structured State Space Models for In-Context Reinforcement Learning" (NeurIPS 2023).
 
-Everything but the memory is ppo_s5_popgym.py line for line: the recurrent state is cleared at
-episode boundaries with the same convention as the S5 scan, but a cell steps through time one
-input at a time (lax.scan). Seeds are a vmapped (and device-sharded) leading axis; each seed gets
-its own TensorBoard run.
+Everything but the memory is ppo_s5_popgym.py line for line: the recurrent state is cleared at episode boundaries
+with the same convention as the S5 scan, but a cell steps through time one input at a time (lax.scan). Seeds are a
+vmapped (and device-sharded) leading axis; each seed gets its own TensorBoard run.
 
     python ppo_lstm_popgym.py --env-id CartPoleHard --num-seeds 8
     tensorboard --logdir runs
     python ppo_lstm_popgym.py --resume runs/RUN_FOLDER      # continue after a crash or kill, bit for bit
     python ppo_lstm_popgym.py --eval-model runs/RUN_FOLDER  # 100 episodes per seed, latest checkpoint
+    python ppo_lstm_popgym.py --num-seeds 8 --distributed   # in every process of a SLURM/MPI job: seeds over all
 
-Defaults are the paper's POPGym settings (64 envs x 1024 steps, 30 epochs x 8 minibatches,
-lr 5e-5, GAE lambda 1.0, a recurrent core of width 256). The README gives smaller settings for a CPU.
+Defaults are the paper's POPGym settings (64 envs x 1024 steps, 30 epochs x 8 minibatches, lr 5e-5, GAE lambda 1.0,
+a recurrent core of width 256). The README gives smaller settings for a CPU.
 """
 
 import importlib.util
@@ -59,13 +59,11 @@ class Args:
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of the updates)"""
     checkpoint_every: int = 20
-    """write a checkpoint of the complete training state every N updates (at the first chunk boundary after each N;
-    also at the end and on Ctrl-C/SIGTERM); 0: never"""
+    """checkpoint the whole training state every N updates (at chunk ends, the end, Ctrl-C/SIGTERM); 0: never"""
     keep_checkpoints: int = 3
     """how many of the latest checkpoints to keep"""
     resume: str = ""
-    """continue the run in this run folder from its latest checkpoint, to its --total-timesteps (the other flags come
-    from the checkpoint; only --total-timesteps (without --anneal-lr) and the logging/running flags may change)"""
+    """continue this run folder from its latest checkpoint (only --total-timesteps and running flags may change)"""
     eval_model: str = ""
     """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
     eval_episodes: int = 100
@@ -73,8 +71,7 @@ class Args:
     eval_greedy: bool = False
     """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
     compile_cache: str = "~/.cache/s5_icrl_jax"
-    """JAX persistent compilation cache folder, so a repeated or resumed run starts fast; empty string: off
-    (the JAX_COMPILATION_CACHE_DIR environment variable, if set, wins)"""
+    """JAX's persistent compilation cache, so reruns start fast ('': off; JAX_COMPILATION_CACHE_DIR wins)"""
     track: bool = False
     """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
     wandb_project_name: str = "s5-icrl"
@@ -140,16 +137,10 @@ class Args:
     """PPO updates per seed (total_timesteps // batch_size)"""
 
 
-# ---------------------------------------------------------------------------------------------
-# LSTM / GRU memory, reset at episode boundaries with the same convention as the S5 scan.
-# ---------------------------------------------------------------------------------------------
+# LSTM / GRU memory, reset at episode boundaries with the same convention as the S5 scan -------------------------------
 class RNNMemory(nn.Module):
-    """A resettable LSTM or GRU: `(carry, x[T, B, H], resets[T, B]) -> (carry, y[T, B, H])`.
-
-    `resets[t, b] = True` means x[t, b] is the first input of a new episode: the carry is replaced
-    by the initial (zero) carry before x[t, b] is consumed. The carry is `(c, h)` ([B, H] float32
-    each) for the LSTM and `h` for the GRU; make it with `RNNMemory.initialize_carry`.
-    """
+    """A resettable LSTM or GRU: `(carry, x[T, B, H], resets[T, B]) -> (carry, y[T, B, H])`. `resets[t, b]`: x[t, b]
+    starts an episode, so the carry is zeroed before it. Carry: `(c, h)` (LSTM) or `h` (GRU), [B, H] float32 each."""
 
     hidden_size: int = 256
     cell: str = "lstm"
@@ -174,9 +165,7 @@ class RNNMemory(nn.Module):
         return RNNMemory.make_cell(cell, hidden_size).initialize_carry(jax.random.key(0), (batch_size, hidden_size))
 
 
-# ---------------------------------------------------------------------------------------------
-# Actor-critic: shared encoder and recurrent trunk, separate actor and critic heads (paper, app. B).
-# ---------------------------------------------------------------------------------------------
+# Actor-critic: shared encoder and recurrent trunk, separate actor and critic heads (paper, app. B) --------------------
 class ActorCritic(nn.Module):
     action_dim: int
     continuous: bool
@@ -221,9 +210,7 @@ def policy_entropy(policy, continuous: bool):
     return -jnp.sum(jnp.exp(log_p) * log_p, -1)
 
 
-# ---------------------------------------------------------------------------------------------
-# PPO
-# ---------------------------------------------------------------------------------------------
+# PPO ------------------------------------------------------------------------------------------------------------------
 class Transition(NamedTuple):
     obs: jax.Array
     done: jax.Array  # the flag *before* the step: obs is the first of an episode (drives resets)
@@ -246,8 +233,8 @@ class RunnerState(NamedTuple):
 
 
 def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda):
-    """GAE over [T, ...] arrays. dones[t] = obs t starts an episode, so step t is bootstrapped
-    unless the *next* flag (dones[t + 1], or last_done) is set. Returns (advantages, returns)."""
+    """GAE over [T, ...] arrays. dones[t] = obs t starts an episode, so step t is bootstrapped unless the *next* flag
+    (dones[t + 1], or last_done) is set. Returns (advantages, returns)."""
 
     def backward(carry, step):
         gae, next_value, next_done = carry
@@ -262,18 +249,17 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
     return advantages, advantages + values
 
 
+def make_env(args: Args, num_envs: int):
+    """`num_envs` batched envs (envs_popjax.make_vec): obs + previous action + first-step flag, episode stats in info"""
+    return envs_popjax.make_vec(args.env_id, num_envs, wrappers=True)
+
+
 def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
     action_space = env.action_space(env_params)
     continuous = not isinstance(action_space, spaces.Discrete)
     action_dim = envs_popjax.action_size(action_space)
     memory = RNNMemory(hidden_size=args.hidden_size, cell=args.cell)
     return ActorCritic(action_dim, continuous, memory), action_dim, continuous
-
-
-def make_env(args: Args, num_envs: int):
-    """`num_envs` batched envs that reset only those whose episode ended; the observation carries the previous
-    action and the first-step flag, `info` the episode statistics (envs_popjax.make_vec)."""
-    return envs_popjax.make_vec(args.env_id, num_envs, wrappers=True)
 
 
 def make_train(args: Args):
@@ -289,9 +275,8 @@ def make_train(args: Args):
         return args.learning_rate * frac if args.anneal_lr else args.learning_rate
 
     # flatten: one vector for the optimizer instead of one per leaf, a smaller program to compile
-    optimizer = optax.flatten(
-        optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
-    )
+    clip = optax.clip_by_global_norm(args.max_grad_norm)
+    optimizer = optax.flatten(optax.chain(clip, optax.adam(learning_rate, eps=1e-5)))
 
     def init(key) -> RunnerState:
         key, key_params, key_env = jax.random.split(key, 3)
@@ -304,16 +289,15 @@ def make_train(args: Args):
 
     def env_step(runner: RunnerState, _):
         key, key_action, key_env = jax.random.split(runner.key, 3)
-        carry, policy, value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
+        step_inputs = (runner.carry, runner.obs[None], runner.done[None])  # a sequence of one step
+        carry, policy, value = network.apply(runner.train_state.params, *step_inputs)
         policy = jax.tree.map(lambda p: p[0], policy)
         action = policy_sample(key_action, policy, continuous)
         log_prob = policy_log_prob(policy, action, continuous)
         obs, env_state, reward, terminated, truncated, info = env.step(key_env, runner.env_state, action, env_params)
         done = terminated | truncated  # POPGym returns are finite-horizon: truncation ends it too
-        transition = Transition(
-            runner.obs, runner.done, action, log_prob, value[0], reward, info["returned_episode"],
-            info["returned_episode_return"], info["returned_episode_length"],
-        )  # fmt: skip
+        episode = (info["returned_episode"], info["returned_episode_return"], info["returned_episode_length"])
+        transition = Transition(runner.obs, runner.done, action, log_prob, value[0], reward, *episode)
         return RunnerState(runner.train_state, env_state, obs, done, carry, key), transition
 
     def ppo_loss(params, carry, batch: Transition, advantages, returns):
@@ -323,9 +307,8 @@ def make_train(args: Args):
         ratio = jnp.exp(log_ratio)
         if args.norm_adv:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg_loss = jnp.maximum(
-            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        ).mean()
+        clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+        pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
         if args.clip_vloss:
             value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
             v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
@@ -345,9 +328,8 @@ def make_train(args: Args):
         initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
         runner, batch = jax.lax.scan(env_step, runner, None, args.num_steps)
         _, _, last_value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
-        advantages, returns = compute_gae(
-            batch.reward, batch.value, batch.done, last_value[0], runner.done, args.gamma, args.gae_lambda
-        )
+        advantages, returns = compute_gae(batch.reward, batch.value, batch.done, last_value[0], runner.done,
+                                          args.gamma, args.gae_lambda)
 
         def epoch(train_state, key):
             # Minibatches split the envs: each keeps whole sequences and its own starting carry.
@@ -358,10 +340,8 @@ def make_train(args: Args):
                 x = x.reshape(x.shape[:env_axis] + (args.num_minibatches, -1) + x.shape[env_axis + 1 :])
                 return jnp.moveaxis(x, env_axis, 0)
 
-            minibatches = (
-                jax.tree.map(lambda x: split_envs(x, 0), initial_carry),
-                jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)),
-            )
+            carries = jax.tree.map(lambda x: split_envs(x, 0), initial_carry)
+            minibatches = (carries, jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)))
 
             def minibatch_step(train_state, minibatch):
                 carry, (mb, mb_adv, mb_ret) = minibatch
@@ -376,16 +356,18 @@ def make_train(args: Args):
 
         var_returns = jnp.var(returns)
         n_episodes = batch.episode_done.sum()
+        def per_episode(x):  # the mean over the episodes ended in this rollout (NaN: none)
+            return (x * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan)
+
+        losses_finite = jnp.isfinite(jnp.stack([stats[k] for k in ("policy_loss", "value_loss", "entropy")])).all()
         metrics = {k: v.mean() for k, v in stats.items()}
         metrics.update(
             explained_variance=jnp.where(var_returns == 0, jnp.nan, 1 - jnp.var(returns - batch.value) / var_returns),
             episodes=n_episodes,
-            # mean return of the episodes completed in this rollout (NaN if none completed)
-            episodic_return=(batch.episode_return * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan),
-            episodic_length=(batch.episode_length * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan),
+            episodic_return=per_episode(batch.episode_return),
+            episodic_length=per_episode(batch.episode_length),
             learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
-            finite=jnp.isfinite(jnp.stack([stats[k] for k in ("policy_loss", "value_loss", "entropy")])).all()
-            & jnp.isfinite(optax.tree.norm(train_state.params)),  # checked by the host after each chunk
+            finite=losses_finite & jnp.isfinite(optax.tree.norm(train_state.params)),  # checked after each chunk
         )
         return runner, metrics
 
@@ -425,9 +407,7 @@ def make_evaluate(args: Args):
     return evaluate
 
 
-# ---------------------------------------------------------------------------------------------
-# Running: input checks, seeds and devices
-# ---------------------------------------------------------------------------------------------
+# Running: input checks, processes, seeds and devices, compiling -------------------------------------------------------
 POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size",
             "learning_rate", "clip_coef", "max_grad_norm", "keep_checkpoints", "eval_episodes")
 NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef")
@@ -440,17 +420,17 @@ def check_args(args: Args) -> str | None:
     except ValueError as error:
         return f"--env-id: {error}"
     domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
-               (("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]  # fmt: skip
+               (("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]
     for names, domain, ok in domains:
         for name in names:
             if not (math.isfinite(value := getattr(args, name)) and ok(value)):
                 return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % args.num_minibatches:
         return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
-                "(minibatches split the envs into whole sequences)")  # fmt: skip
+                "(minibatches split the envs into whole sequences)")
     if args.total_timesteps < args.num_envs * args.num_steps:
         return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes "
-                f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")  # fmt: skip
+                f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
@@ -462,12 +442,19 @@ def check_args(args: Args) -> str | None:
     return None
 
 
+def derive_sizes(args: Args) -> Args:
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_updates = args.total_timesteps // args.batch_size
+    return args
+
+
 def start_distributed(args: Args):
     """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
     if args.distributed and not jax.distributed.is_initialized():
         jax.extend.backend.clear_backends()  # importing gymnax made an array (frozen_lake), which started JAX
-        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None,
-                                   None if args.process_id < 0 else args.process_id)  # fmt: skip
+        process_id = None if args.process_id < 0 else args.process_id
+        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None, process_id)
 
 
 def seed_sharding(num_seeds: int):
@@ -495,30 +482,27 @@ def to_host(tree):
 
 
 def local_seeds(sharding, num_seeds: int) -> list[int]:
-    """Indices of the seeds whose shards this process holds."""
+    """Indices of the seeds whose shards this process holds (it writes their TensorBoard runs)."""
     indices = sharding.addressable_devices_indices_map((num_seeds,)).values()
     return sorted({i for (index,) in indices for i in range(num_seeds)[index]})
 
 
+def default_chunk(num_updates: int) -> int:
+    """The largest divisor of num_updates up to 1/25 of it, so that one program is compiled."""
+    return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
+
+
 def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
-    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and
-    compile `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
+    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and compile
+    `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
     Returns `(runner_state with a leading seed axis on every leaf, {length: compiled chunk})`."""
     init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
-    lowered = [init_lowered] + [
-        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
-        .lower(init_lowered.out_info) for n in sorted(chunk_lengths)
-    ]  # fmt: skip
+    chunk = lambda n: jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding,  # noqa: E731
+                              out_shardings=sharding).lower(init_lowered.out_info)
+    lowered = [init_lowered] + [chunk(n) for n in sorted(chunk_lengths)]
     with ThreadPoolExecutor(len(lowered)) as pool:
         init_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
     return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks))
-
-
-def derive_sizes(args: Args) -> Args:
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_updates = args.total_timesteps // args.batch_size
-    return args
 
 
 def enable_compile_cache(folder: str):
@@ -529,12 +513,10 @@ def enable_compile_cache(folder: str):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
-# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
 # may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
 RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
-                     "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
+                     "wandb_project_name", "wandb_entity", "save_model")
 NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
 LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
 
@@ -568,7 +550,7 @@ def run_folder(path: str) -> str:
 def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
     """A run's `checkpoints/`, to read (no `args`) or to write (keeps the latest --keep-checkpoints). Step = PPO
     updates done; items: `state` (every seed's RunnerState, PRNG keys as key_data) and `meta` (JSON: the Args, the
-    per-update metrics so far, run seconds so far)."""
+    per-update metrics so far, run seconds so far). Every process of a --distributed run writes its own shards."""
     folder = os.path.join(run_folder(path), "checkpoints")
     if args is None and not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
@@ -621,9 +603,9 @@ def load_model(path: str) -> tuple[Args, dict]:
 
 def parse_args() -> tuple[Args, str | None]:
     """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
-    flag that would change that run's math is refused."""
+    flag that would change that run's math is refused. --distributed joins the other processes here."""
     args = tyro.cli(Args)
-    if not args.eval_model:  # before any other JAX call (the checkpoint read below is one); check_args refuses both
+    if not args.eval_model:  # before any other JAX call (reading a checkpoint is one); check_args refuses both
         start_distributed(args)
     if not (path := args.resume or args.eval_model):
         return args, None
@@ -640,18 +622,16 @@ def parse_args() -> tuple[Args, str | None]:
     except (FileNotFoundError, ValueError) as error:
         return args, f"{flag}: {error}"
     args = tyro.cli(Args, default=saved)
+    if args.resume and (new := args.total_timesteps) < done:
+        return args, f"--resume: --total-timesteps {new} is below the {done} steps the checkpoint has done"
     for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
         new, old, option = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
-        if new == old or (name == "total_timesteps" and (args.eval_model or (new >= done and not args.anneal_lr))):
+        if new == old or (name == "total_timesteps" and (args.eval_model or not args.anneal_lr)):
             continue
-        if name == "total_timesteps" and new < done:
-            return args, f"--resume: {option} {new} is below the {done} steps the checkpoint has done"
-        if name == "total_timesteps":
-            return args, f"--resume: {option} {new} differs from the checkpoint's {old}; with --anneal-lr it would " \
-                         "change the learning-rate schedule"  # fmt: skip
         allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
-        return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; it would change the run " \
-                     f"(allowed to change: {allowed})"  # fmt: skip
+        why = f"it would change the run (allowed to change: {allowed})"
+        why = "with --anneal-lr it would change the learning-rate schedule" if name == "total_timesteps" else why
+        return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; {why}"
     return args, None
 
 
@@ -661,91 +641,88 @@ def evaluate_model(args: Args) -> dict:
     seeds = [args.seed + i for i in range(args.num_seeds)]
     keys = jax.vmap(jax.random.key)(jnp.array(seeds))
     returns = to_host(jax.jit(jax.vmap(make_evaluate(args)))(load_model(args.eval_model)[1], keys))  # [seeds, N]
-    result = strict_json({"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy,
-                          "episodes_per_seed": args.eval_episodes, "mean": returns.mean(1).mean(),
-                          "std": returns.mean(1).std(),  # of the seeds' means
-                          "per_seed": {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)}})
+    means = returns.mean(1)
+    result = strict_json({
+        "model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy,
+        "episodes_per_seed": args.eval_episodes, "mean": means.mean(), "std": means.std(),  # of the seeds' means
+        "per_seed": {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)},
+    })
     for s, r in result["per_seed"].items():
         print(f"seed {s}: return {r['mean']:.4f} +- {r['std']:.4f} over {args.eval_episodes} episodes")
     write_json(path := os.path.join(run_folder(args.eval_model), "eval.json"), result)
     print(f"{'greedy' if args.eval_greedy else 'sampled'} return over {args.num_seeds} seed(s): "
-          f"{result['mean']:.4f} +- {result['std']:.4f}; written to {path}")  # fmt: skip
+          f"{result['mean']:.4f} +- {result['std']:.4f}; written to {path}")
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop, logging
-# ---------------------------------------------------------------------------------------------
-def summarize(args: Args, history: list[dict], compile_s: float, run_s: float) -> dict:
-    """Per-seed and across-seed results from the per-update metrics (arrays of [seeds])."""
+# Training loop, logging -----------------------------------------------------------------------------------------------
+def summarize(args: Args, history: list[dict], mmer, compile_s: float, run_s: float) -> dict:
+    """Per-seed and across-seed results: the MMER is the loop's running maximum (`mmer`: [seeds], -inf before a
+    first finished episode), the final return the last logged one (history: per-iteration metrics of [seeds])."""
     seeds = [args.seed + i for i in range(args.num_seeds)]
     returns = np.array([h["episodic_return"] for h in history], float).reshape(len(history), args.num_seeds)
-    finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the updates that completed episodes
-    last = lambda f: float(f[-1]) if f.size else None  # noqa: E731
-    per_seed = {str(s): {"mmer": float(f.max()) if f.size else None, "final_episodic_return": last(f)}
-                for s, f in zip(seeds, finished)}  # fmt: skip
-    steps = len(history) * args.batch_size
-    summary = {"env_id": args.env_id, "updates": len(history), "global_step": steps, "compile_seconds": compile_s,
-               "run_seconds": run_s, "sps": steps * args.num_seeds / run_s if run_s > 0 else None,
-               "per_seed": per_seed}  # fmt: skip
+    finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the iterations that completed episodes
+    per_seed = {str(s): {"mmer": float(m) if np.isfinite(m) else None,
+                         "final_episodic_return": float(f[-1]) if f.size else None}
+                for s, m, f in zip(seeds, mmer, finished)}
+    global_step = len(history) * args.batch_size
+    summary = {"env_id": args.env_id, "updates": len(history), "global_step": global_step,
+               "compile_seconds": compile_s, "run_seconds": run_s,
+               "sps": global_step * args.num_seeds / run_s if run_s > 0 else None, "per_seed": per_seed}
     for key in ("mmer", "final_episodic_return"):
         values = [v[key] for v in per_seed.values() if v[key] is not None]
         summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
     return summary
 
 
-def log_update(writers: dict, update: dict, mmer, step: int):
+def log_iteration(writers: dict, metrics: dict, mmer, global_step: int):
+    """One PPO iteration's scalars into the TensorBoard run of each of this process's seeds (`writers`: {index:})."""
     for i, writer in writers.items():
-        if not np.isnan(update["episodic_return"][i]):
-            writer.add_scalar("charts/episodic_return", update["episodic_return"][i], step)
-            writer.add_scalar("charts/episodic_length", update["episodic_length"][i], step)
-            writer.add_scalar("charts/mmer", mmer[i], step)
-        writer.add_scalar("charts/learning_rate", update["learning_rate"][i], step)
-        for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                     "explained_variance"):  # fmt: skip
-            writer.add_scalar(f"losses/{name}", update[name][i], step)
+        if not np.isnan(metrics["episodic_return"][i]):
+            for name in ("episodic_return", "episodic_length"):
+                writer.add_scalar(f"charts/{name}", metrics[name][i], global_step)
+            writer.add_scalar("charts/mmer", mmer[i], global_step)
+        writer.add_scalar("charts/learning_rate", metrics["learning_rate"][i], global_step)
+        for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+            writer.add_scalar(f"losses/{name}", metrics[name][i], global_step)
+        writer.add_scalar("losses/explained_variance", metrics["explained_variance"][i], global_step)
 
 
 def main(args: Args) -> dict:
-    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json."""
+    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json.
+    With --distributed, process 0 alone prints and writes summary.json, the model and wandb."""
     start_distributed(args)
     derive_sizes(args)
-    leader = jax.process_index() == 0  # process 0 alone prints and writes summary.json, the model and wandb
+    leader = jax.process_index() == 0
     say = print if leader else lambda *_, **__: None
-    # default: the largest divisor of num_updates up to 1/25 of it, so one program is compiled
-    divisors = [d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0]
-    chunk = args.updates_per_chunk or max(divisors)
+    chunk = args.updates_per_chunk or default_chunk(args.num_updates)
     stamp = int(time.time())
     if jax.process_count() > 1:  # one run folder for all processes: process 0's clock
         stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp)))
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}"
-    run_dir = args.resume or os.path.join(args.log_dir, run_name)
+    run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
     history, run_s, compile_s, runner, failure = [], 0.0, 0.0, None, None
     if args.resume:  # the logs continue from the checkpoint: metrics so far (null -> NaN), run time
         meta = restore_checkpoint(run_dir, meta_only=True)[1]
         history, run_s = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]], meta["run_seconds"]
+    mmer = np.fmax.reduce([np.full(args.num_seeds, -np.inf)] + [h["episodic_return"] for h in history])
     if args.track and leader:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)  # fmt: skip
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
     sharding = seed_sharding(args.num_seeds)
     # on --resume TensorBoard drops what the interrupted run logged after the checkpoint (purge_step)
     purge_step = len(history) * args.batch_size + 1 if args.resume else None
     writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step)
-               for i in local_seeds(sharding, args.num_seeds)}  # this process's seeds
+               for i in local_seeds(sharding, args.num_seeds)}
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     for writer in [] if args.resume else writers.values():
         writer.add_text("hyperparameters", table)
     manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
     last_saved = len(history)
-    mmer = np.full(args.num_seeds, -np.inf)
-    for update in history:
-        mmer = np.fmax(mmer, update["episodic_return"])
 
     init, update_chunk = make_train(args)
-    keys = seed_keys(seeds, sharding)
     resumed = f", from update {last_saved}" if args.resume else ""
     say(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
         f"{args.num_updates} updates of {args.batch_size} steps{resumed}")
@@ -753,7 +730,7 @@ def main(args: Args) -> dict:
     try:
         left = args.num_updates - len(history)
         lengths = {min(chunk, left), left % chunk} - {0}
-        runner, compiled_chunk = compile_training(init, update_chunk, keys, sharding, lengths)
+        runner, compiled_chunk = compile_training(init, update_chunk, seed_keys(seeds, sharding), sharding, lengths)
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start
@@ -765,27 +742,27 @@ def main(args: Args) -> dict:
             metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
             run_s += elapsed
-            if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, then stop
+            if not (finite := metrics.pop("finite")).all():  # log the iterations before the first bad one, then stop
                 n, i = min((u, i) for i, u in zip(*np.nonzero(~finite)))
                 failure = f"non-finite loss/parameters at update {len(history) + n + 1} (seed {seeds[i]})"
             for u in range(n):
                 history.append({k: v[:, u] for k, v in metrics.items()})
                 mmer = np.fmax(mmer, history[-1]["episodic_return"])
-                log_update(writers, history[-1], mmer, step := len(history) * args.batch_size)
+                log_iteration(writers, history[-1], mmer, global_step := len(history) * args.batch_size)
             if failure:
                 break
             runner, sps = new_runner, n * args.batch_size / elapsed
             for writer in writers.values():
-                writer.add_scalar("charts/SPS", sps, step)
+                writer.add_scalar("charts/SPS", sps, global_step)
                 writer.flush()
             if args.checkpoint_every and len(history) // args.checkpoint_every > last_saved // args.checkpoint_every:
                 last_saved = save_checkpoint(manager, runner, args, history, run_s)
-            eta = run_s / len(history) * (args.num_updates - len(history))
-            last = history[-1]["episodic_return"]
-            mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
+            iteration, last = len(history), history[-1]["episodic_return"]
+            mean_return = np.nanmean(last) if np.isfinite(last).any() else float("nan")
             mean_mmer = mmer[np.isfinite(mmer)].mean() if np.isfinite(mmer).any() else float("nan")
-            say(f"step {step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)
+            say(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+                f"(all seeds) | return {mean_return:+.3f} | mmer {mean_mmer:+.3f} | "
+                f"ETA {run_s / iteration * (args.num_updates - iteration):.0f} s", flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
@@ -794,23 +771,20 @@ def main(args: Args) -> dict:
                 last_saved = save_checkpoint(manager, runner, args, history, run_s)
             manager.wait_until_finished()
             manager.close()
-        summary = summarize(args, history, compile_s, run_s)
-        for s in seeds:
-            r = summary["per_seed"][str(s)]
+        summary = summarize(args, history, mmer, compile_s, run_s)
+        for s, r in summary["per_seed"].items():
             say(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
         if summary["mmer"]:
-            mean, std = summary["mmer"]["mean"], summary["mmer"]["std"]
-            say(f"MMER over {args.num_seeds} seed(s): {mean:.4f} +- {std:.4f} | "
-                f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
+            say(f"MMER over {args.num_seeds} seed(s): {summary['mmer']['mean']:.4f} +- {summary['mmer']['std']:.4f} | "
+                f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
         if leader:
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model and runner is not None:
-            params = to_host(runner.train_state.params)  # every process takes part in the gather
-            path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+            params = to_host(runner.train_state.params)  # a leading [num_seeds] axis; every process gathers
             if leader:
-                with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
+                with open(path := os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
                     f.write(flax.serialization.to_bytes([asdict(args), params]))
-            say(f"model saved to {path}")
+                print(f"model saved to {path}")
         for writer in writers.values():
             writer.close()
         if args.track and leader:
