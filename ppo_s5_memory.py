@@ -1,15 +1,11 @@
-"""PPO with a resettable S5 memory on bsuite's MemoryChain, swept over memory lengths (the memory
-length experiment of Lu et al., "Structured State Space Models for In-Context Reinforcement
-Learning", NeurIPS 2023), in one file.
+"""PPO with a resettable S5 memory on bsuite's MemoryChain, swept over memory lengths (the memory length experiment of
+Lu et al., "Structured State Space Models for In-Context Reinforcement Learning", NeurIPS 2023), in one file.
 
-The agent sees a context bit (+-1) at the start of an episode and must answer it L steps later;
-only that last step is rewarded (+1 right, -1 wrong). Episodes last L + 1 steps and all envs start
-together, so the default rollout (a multiple of L + 1) makes every training sequence hold whole
-episodes: the answer's gradient reaches the step that saw the context. Every (memory length, seed)
-pair that shares a rollout length is one entry of a single vmapped program (the memory length is
-an env param, not a shape); the groups train one after the other. Each pair gets its own
-TensorBoard run; the run folder also gets a summary table, JSON and a plot of success rate
-against memory length. Measured results and settings: README.
+The agent sees a context bit (+-1) at the start of an episode and must answer it L steps later; only that last step
+is rewarded (+1 right, -1 wrong). Every (memory length, seed) pair that shares a rollout length is one entry of a
+single vmapped program (the memory length is an env param, not a shape), sharded over the devices of every process;
+the groups train one after the other. Each pair gets its own TensorBoard run; the run folder also gets a summary
+table, JSON and a plot of success rate against memory length.
 
     python ppo_s5_memory.py --num-seeds 4                               # bsuite's lengths 1..100
     python ppo_s5_memory.py --memory-lengths 255 1023 --num-envs 8 --total-timesteps 20000000
@@ -33,6 +29,7 @@ from typing import Literal, NamedTuple
 import flax.linen as nn
 import flax.serialization
 import jax
+import jax.extend
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
@@ -40,6 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 import tyro
 from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 import envs_popjax
@@ -68,32 +66,38 @@ class Args:
     save_model: bool = False
     """save the parameters of every (length, seed) and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
-    """PPO updates per jitted chunk between progress/TensorBoard writes (0: about 1/25 of a group's run)"""
+    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of a group's)"""
     checkpoint_every: int = 20
-    """write a checkpoint of the complete training state every N updates (at the first chunk boundary after
-    each N; also at the end and on Ctrl-C/SIGTERM); 0: never. Here N counts the updates of the whole sweep:
-    a checkpoint holds the finished groups' results and parameters and the current group's training state"""
+    """checkpoint the sweep (finished groups' results and parameters, the current group's training state) every N
+    updates over all groups, at the first chunk boundary after each N, at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
     """how many of the latest checkpoints to keep"""
     resume: str = ""
-    """continue the run in this run folder from its latest checkpoint, to its --total-timesteps (the other flags come
-    from the checkpoint; only the logging/running flags may change): finished groups are skipped, the group under
-    way continues bit for bit"""
+    """continue the sweep in this run folder from its latest checkpoint (the other flags come from the checkpoint;
+    only the logging/running flags may change): finished groups are skipped, the group under way continues"""
     eval_model: str = ""
     """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
     eval_episodes: int = 100
-    """episodes per seed played by --eval-model (per memory length and seed here)"""
+    """episodes per (length, seed) played by --eval-model"""
     eval_greedy: bool = False
-    """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
+    """--eval-model acts greedily (argmax) instead of sampling"""
     compile_cache: str = "~/.cache/s5_icrl_jax"
-    """JAX persistent compilation cache folder, so a repeated or resumed run starts fast; empty string: off
-    (the JAX_COMPILATION_CACHE_DIR environment variable, if set, wins)"""
+    """JAX persistent compilation cache folder ('': off; the JAX_COMPILATION_CACHE_DIR environment variable wins)"""
     track: bool = False
     """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
     wandb_project_name: str = "s5-icrl"
     """the Weights & Biases project"""
     wandb_entity: str | None = None
     """the Weights & Biases entity (team)"""
+    distributed: bool = False
+    """one process of a multi-process run (jax.distributed): seeds are sharded over the devices of all processes;
+    the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) is detected unless the three flags below are given"""
+    coordinator_address: str = ""
+    """with --distributed: HOST:PORT of process 0 (empty: detected)"""
+    num_processes: int = 0
+    """with --distributed: the number of processes (0: detected)"""
+    process_id: int = -1
+    """with --distributed: this process's index, 0 to --num-processes - 1 (-1: detected)"""
 
     # Algorithm specific arguments
     memory_lengths: tuple[int, ...] = BSUITE_MEMORY_LENGTHS
@@ -103,12 +107,11 @@ class Args:
     total_timesteps: int = 1_000_000
     """environment steps per (length, seed)"""
     learning_rate: float = 1e-3
-    """Adam learning rate (1e-3 solved L = 32 on 4/4 seeds in 300k steps where 2.5e-4 solved 2/4)"""
+    """Adam learning rate"""
     num_envs: int = 16
     """parallel environments per (length, seed)"""
     num_steps: int = 0
-    """steps per env per rollout; 0: per length, the smallest multiple of L + 1 that is >= 32, so every
-    training sequence holds whole episodes (lengths with the same rollout are vmapped together)"""
+    """steps per env per rollout; 0: per length, the smallest multiple of L + 1 that is >= 32 (see rollout_length)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero over training"""
     gamma: float = 0.99
@@ -162,9 +165,7 @@ class Args:
     postnorm: bool = False
     """LayerNorm after each residual (its own parameters, separate from the prenorm's)"""
     s5_scan: Literal["auto", "parallel", "sequential"] = "auto"
-    """how the resettable recurrence is evaluated: associative scan or lax.scan (same numbers to
-    round-off); auto: lax.scan on CPU (faster there, and compiles in a fraction of the time), the
-    associative scan on GPU/TPU"""
+    """the recurrence as an associative scan or lax.scan (same numbers to round-off); auto: lax.scan on CPU"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,12 +379,18 @@ class ActorCritic(nn.Module):
         return carry, logits, value
 
 
-def log_prob_of(logits, action):
-    return jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
+# The policy helpers of every script, for discrete actions only (MemoryChain's answer), so without `continuous`.
+def policy_sample(key, policy):
+    return jax.random.categorical(key, policy)
 
 
-def entropy_of(logits):
-    log_p = jax.nn.log_softmax(logits)
+def policy_log_prob(policy, action):
+    log_p = jax.nn.log_softmax(policy)
+    return jnp.take_along_axis(log_p, action[..., None], -1)[..., 0]
+
+
+def policy_entropy(policy):
+    log_p = jax.nn.log_softmax(policy)
     return -jnp.sum(jnp.exp(log_p) * log_p, -1)
 
 
@@ -411,8 +418,8 @@ class RunnerState(NamedTuple):
 
 
 def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda):
-    """GAE over [T, ...] arrays. dones[t] = obs t starts an episode, so step t is bootstrapped
-    unless the *next* flag (dones[t + 1], or last_done) is set. Returns (advantages, returns)."""
+    """GAE over [T, ...] arrays; dones[t]: obs t starts an episode, so step t is bootstrapped unless the next flag
+    (dones[t + 1], or last_done) is set. Returns (advantages, returns)."""
 
     def backward(carry, step):
         gae, next_value, next_done = carry
@@ -428,27 +435,25 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
 
 
 def rollout_length(args: Args, memory_length: int) -> int:
-    """Steps per env per rollout for a length: --num-steps, or the smallest multiple of L + 1 that is
-    >= 32. All envs start together and episodes last L + 1 steps, so every rollout (one training
-    sequence per env) then starts an episode and holds whole episodes only."""
+    """Steps per env per rollout: --num-steps, or the smallest multiple of L + 1 that is >= 32. Episodes last L + 1
+    steps and all envs start together, so every training sequence then holds whole episodes only."""
     return args.num_steps or -(-32 // (memory_length + 1)) * (memory_length + 1)
 
 
-def build(args: Args, num_envs: int):
-    """`num_envs` wrapped MemoryChain envs (envs_popjax.make_vec), their params, the network, the carry constructor."""
-    env, env_params = envs_popjax.make_vec("MemoryChain", num_envs, wrappers=True, num_bits=args.num_bits)
-    memory = S5Memory(S5Config.from_args(args))
-    network = ActorCritic(env.action_space(env_params).n, args.hidden_size, memory)
-    new_carry = partial(S5Memory.initialize_carry, config=S5Config.from_args(args))
-    return env, env_params, network, new_carry
+def make_env(args: Args, num_envs: int):
+    """`num_envs` wrapped MemoryChain envs (envs_popjax.make_vec) and their params (the memory length: per pair)."""
+    return envs_popjax.make_vec("MemoryChain", num_envs, wrappers=True, num_bits=args.num_bits)
+
+
+def build_network(args: Args, env, env_params) -> ActorCritic:
+    return ActorCritic(env.action_space(env_params).n, args.hidden_size, S5Memory(S5Config.from_args(args)))
 
 
 def make_train(args: Args, num_steps: int):
-    """Returns `(init, update_chunk, num_updates)` for one (length, seed) with rollouts of
-    `num_steps`: `init(key, memory_length) -> RunnerState` and
-    `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`, both pure."""
-    env, env_params, network, new_carry = build(args, args.num_envs)
-    obs_size = env.observation_space(env_params).shape[0]
+    """`(init, update_chunk, num_updates)` for one (length, seed) with rollouts of `num_steps`, both pure:
+    `init(key, memory_length) -> RunnerState`, `update_chunk(runner_state, num_updates) -> (runner_state, metrics)`."""
+    env, env_params = make_env(args, args.num_envs)
+    network, config = build_network(args, env, env_params), S5Config.from_args(args)
     num_updates = args.total_timesteps // (args.num_envs * num_steps)
 
     def learning_rate(count):  # CleanRL's linear annealing, once per update
@@ -456,63 +461,58 @@ def make_train(args: Args, num_steps: int):
         return args.learning_rate * frac if args.anneal_lr else args.learning_rate
 
     # flatten: one vector for the optimizer instead of ~60 leaves, a smaller program to compile
-    optimizer = optax.flatten(
-        optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
-    )
+    clip_adam = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
+    optimizer = optax.flatten(clip_adam)
 
     def init(key, memory_length) -> RunnerState:
         key, key_params, key_env = jax.random.split(key, 3)
         params = env_params.replace(memory_length=memory_length)
-        dummy_obs = jnp.zeros((1, args.num_envs, obs_size))
-        net_params = network.init(key_params, new_carry(args.num_envs), dummy_obs, jnp.ones((1, args.num_envs), bool))
+        dummy_obs = jnp.zeros((1, args.num_envs, env.observation_space(env_params).shape[0]))
+        carry = S5Memory.initialize_carry(args.num_envs, config)
+        net_params = network.init(key_params, carry, dummy_obs, jnp.ones((1, args.num_envs), bool))
         train_state = TrainState.create(apply_fn=network.apply, params=net_params, tx=optimizer)
         obs, env_state = env.reset(key_env, params)
         done = jnp.ones(args.num_envs, bool)  # the first observation starts an episode
-        return RunnerState(train_state, params, env_state, obs, done, new_carry(args.num_envs), key)
+        return RunnerState(train_state, params, env_state, obs, done, carry, key)
 
     def env_step(runner: RunnerState, _):
         key, key_action, key_env = jax.random.split(runner.key, 3)
-        carry, logits, value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
-        action = jax.random.categorical(key_action, logits[0])
+        params = runner.train_state.params
+        carry, logits, value = network.apply(params, runner.carry, runner.obs[None], runner.done[None])
+        action = policy_sample(key_action, logits[0])
         step = env.step(key_env, runner.env_state, action, runner.env_params)
         obs, env_state, reward, terminated, truncated, info = step
-        done = terminated | truncated
-        transition = Transition(
-            runner.obs, runner.done, action, log_prob_of(logits[0], action), value[0], reward, info["returned_episode"]
-        )
-        return runner._replace(env_state=env_state, obs=obs, done=done, carry=carry, key=key), transition
+        log_prob = policy_log_prob(logits[0], action)
+        transition = Transition(runner.obs, runner.done, action, log_prob, value[0], reward, info["returned_episode"])
+        runner = runner._replace(env_state=env_state, obs=obs, done=terminated | truncated, carry=carry, key=key)
+        return runner, transition
 
     def ppo_loss(params, carry, batch: Transition, advantages, returns):
         _, logits, value = network.apply(params, carry, batch.obs, batch.done)
-        log_ratio = log_prob_of(logits, batch.action) - batch.log_prob
+        log_ratio = policy_log_prob(logits, batch.action) - batch.log_prob
         ratio = jnp.exp(log_ratio)
         if args.norm_adv:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg_loss = jnp.maximum(
-            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        ).mean()
+        clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+        pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
         if args.clip_vloss:
             value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
             v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
         else:
             v_loss = 0.5 * ((value - returns) ** 2).mean()
-        entropy = entropy_of(logits).mean()
+        entropy = policy_entropy(logits).mean()
         loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        stats = dict(
-            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
-            old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
-            approx_kl=((ratio - 1) - log_ratio).mean(),
-            clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
-        )  # fmt: skip
-        return loss, stats
+        old_approx_kl, approx_kl = (-log_ratio).mean(), ((ratio - 1) - log_ratio).mean()  # joschu.net/blog/kl-approx
+        clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+        return loss, dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, old_approx_kl=old_approx_kl,
+                          approx_kl=approx_kl, clipfrac=clipfrac)
 
     def update_step(runner: RunnerState, _):
         initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
         runner, batch = jax.lax.scan(env_step, runner, None, num_steps)
         _, _, last_value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
-        advantages, returns = compute_gae(
-            batch.reward, batch.value, batch.done, last_value[0], runner.done, args.gamma, args.gae_lambda
-        )
+        advantages, returns = compute_gae(batch.reward, batch.value, batch.done, last_value[0], runner.done,
+                                          args.gamma, args.gae_lambda)
 
         def epoch(train_state, key):
             # Minibatches split the envs: each keeps whole sequences and its own starting carry.
@@ -523,10 +523,8 @@ def make_train(args: Args, num_steps: int):
                 x = x.reshape(x.shape[:env_axis] + (args.num_minibatches, -1) + x.shape[env_axis + 1 :])
                 return jnp.moveaxis(x, env_axis, 0)
 
-            minibatches = (
-                jax.tree.map(lambda x: split_envs(x, 0), initial_carry),
-                jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)),
-            )
+            minibatches = (jax.tree.map(lambda x: split_envs(x, 0), initial_carry),
+                           jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)))
 
             def minibatch_step(train_state, minibatch):
                 carry, (mb, mb_adv, mb_ret) = minibatch
@@ -538,7 +536,6 @@ def make_train(args: Args, num_steps: int):
         key, key_epochs = jax.random.split(runner.key)
         train_state, stats = jax.lax.scan(epoch, runner.train_state, jax.random.split(key_epochs, args.update_epochs))
         runner = runner._replace(train_state=train_state, key=key)
-
         var_returns = jnp.var(returns)
         metrics = {k: v.mean() for k, v in stats.items()}
         metrics.update(
@@ -558,133 +555,158 @@ def make_train(args: Args, num_steps: int):
 
 
 def make_evaluate(args: Args, num_episodes: int, num_steps: int, greedy: bool):
-    """`evaluate(params, memory_length, key) -> returns[num_episodes]`: `num_episodes` envs each play one
-    episode from a zero memory (as in training, where every rollout starts an episode) for `num_steps`
-    >= L + 1 steps; later episodes are not counted. The return is +1 (right answer) or -1."""
-    env, env_params, network, new_carry = build(args, num_episodes)
+    """`evaluate(params, memory_length, key) -> returns[num_episodes]` (+1 or -1): `num_episodes` envs each play one
+    episode from a zero memory (as every training rollout starts one) in `num_steps` >= L + 1 steps."""
+    env, env_params = make_env(args, num_episodes)
+    network, config = build_network(args, env, env_params), S5Config.from_args(args)
 
     def evaluate(params, memory_length, key):
-        env_params_l = env_params.replace(memory_length=memory_length)
+        length_params = env_params.replace(memory_length=memory_length)
         key_reset, key_run = jax.random.split(key)
-        obs, env_state = env.reset(key_reset, env_params_l)
+        obs, env_state = env.reset(key_reset, length_params)
 
         def step(state, key):
             carry, obs, done, env_state, active, returns = state
             key_action, key_env = jax.random.split(key)
             carry, logits, _ = network.apply(params, carry, obs[None], done[None])
-            action = jnp.argmax(logits[0], -1) if greedy else jax.random.categorical(key_action, logits[0])
-            obs, env_state, reward, terminated, truncated, _ = env.step(key_env, env_state, action, env_params_l)
+            action = jnp.argmax(logits[0], -1) if greedy else policy_sample(key_action, logits[0])
+            obs, env_state, reward, terminated, truncated, _ = env.step(key_env, env_state, action, length_params)
             done = terminated | truncated
             return (carry, obs, done, env_state, active & ~done, returns + active * reward), None
 
         ones = jnp.ones(num_episodes, bool)
-        init = (new_carry(num_episodes), obs, ones, env_state, ones, jnp.zeros(num_episodes))
+        init = (S5Memory.initialize_carry(num_episodes, config), obs, ones, env_state, ones, jnp.zeros(num_episodes))
         return jax.lax.scan(step, init, jax.random.split(key_run, num_steps))[0][-1]
 
     return evaluate
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks, --resume
+# Running: input checks, processes and devices, compiling
 # ---------------------------------------------------------------------------------------------
+POSITIVE = (
+    "num_seeds num_bits total_timesteps num_envs num_minibatches update_epochs hidden_size d_model ssm_size n_layers "
+    "s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm keep_checkpoints eval_episodes"
+).split()
+NON_NEGATIVE = "num_steps updates_per_chunk checkpoint_every vf_coef ent_coef".split()
+
+
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
     if not args.memory_lengths:
         return "--memory-lengths is empty: give at least one length, e.g. --memory-lengths 1 2 4 8"
     if min(args.memory_lengths) < 1:
         return f"--memory-lengths must all be >= 1 (an episode lasts L + 1 steps), got {min(args.memory_lengths)}"
-    for length in args.memory_lengths:
-        try:  # the env's own check of its params, without compiling anything
-            envs_popjax.make("MemoryChain", memory_length=length)
-        except (ValueError, TypeError) as error:
-            return f"--memory-lengths {length}: {error}"
-    positive = ("num_seeds", "num_bits", "total_timesteps", "num_envs", "num_minibatches", "update_epochs",
-                "hidden_size", "d_model", "ssm_size", "n_layers", "s5_blocks", "learning_rate", "dt_min", "dt_max",
-                "clip_coef", "max_grad_norm", "keep_checkpoints", "eval_episodes")  # fmt: skip
-    for name in positive + ("num_steps", "updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef"):
-        value = getattr(args, name)
-        if not value >= 0 or (value == 0 and name in positive):
-            return f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, got {value}"
-    for name in ("gamma", "gae_lambda", "solve_threshold"):
-        if not 0 <= getattr(args, name) <= 1:
-            return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
-    if not 0 < args.success_window <= 1:
-        return f"--success-window must be in (0, 1], got {args.success_window}"
+    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
+               (("gamma", "gae_lambda", "solve_threshold"), "in [0, 1]", lambda v: 0 <= v <= 1),
+               (("success_window",), "in (0, 1]", lambda v: 0 < v <= 1)]  # fmt: skip
+    for names, domain, ok in domains:
+        for name in names:
+            if not (math.isfinite(value := getattr(args, name)) and ok(value)):
+                return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % args.num_minibatches:
         return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
-                "(minibatches split the envs into whole sequences)")  # fmt: skip
+                "(minibatches split the envs into whole sequences)")
     longest, length = max((rollout_length(args, length), length) for length in args.memory_lengths)
     if args.total_timesteps < args.num_envs * longest:
         return (f"--total-timesteps {args.total_timesteps} gives zero updates at L = {length}: one update takes "
-                f"--num-envs x rollout steps = {args.num_envs} x {longest} = {args.num_envs * longest} steps")  # fmt: skip
+                f"--num-envs x rollout steps = {args.num_envs} x {longest} = {args.num_envs * longest} steps")
     if error := S5Config.from_args(args).error():
         return error
     if args.dt_min > args.dt_max:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
     if args.resume and args.eval_model:
         return "--resume and --eval-model exclude each other"
-    for flag, path in (("--resume", args.resume), ("--eval-model", args.eval_model)):
-        if path and not (flag == "--eval-model" and os.path.isfile(path)) and latest_checkpoint(path) is None:
-            return f"{flag}: {path} is neither a .cleanrl_model file nor a run folder with checkpoints/"
+    if args.distributed and args.eval_model:
+        return "--eval-model runs in one process; drop --distributed"
+    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
+        return "--coordinator-address, --num-processes and --process-id are for a multi-process run: add --distributed"
+    if args.distributed and args.num_seeds % jax.process_count():
+        return (f"--num-seeds {args.num_seeds} must be divisible by the {jax.process_count()} processes of the "
+                "--distributed run (each process trains its share of every (length, seed) group)")
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     return None
 
 
+def start_distributed(args: Args):
+    """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
+    if args.distributed and not jax.distributed.is_initialized():
+        jax.extend.backend.clear_backends()  # importing gymnax made an array (frozen_lake), which started JAX
+        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None,
+                                   None if args.process_id < 0 else args.process_id)
+
+
+def seed_sharding(num_seeds: int):
+    """Shard the leading seed axis over the devices of every process: in each, as many local devices as divide its
+    seeds (one process: as many devices as divide the seeds)."""
+    per_process = math.gcd(num_seeds // jax.process_count(), jax.local_device_count())
+    by_process = [[d for d in jax.devices() if d.process_index == p][:per_process] for p in range(jax.process_count())]
+    devices = [d for process_devices in by_process for d in process_devices]
+    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))  # not jax.make_mesh: Explicit axes break vmapped random
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def seed_keys(seeds: list[int], sharding):
+    """jax.random.key(seed) for every seed, as one [num_seeds] key array laid out by `sharding` (each process builds
+    only its own shards; bit-identical to jax.vmap(jax.random.key)(seeds))."""
+    data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+    return jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, sharding, lambda index: data[index]))
+
+
+def to_host(tree):
+    """Every seed's values as numpy arrays on every process (an all-gather across processes)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def compile_training(init, update_chunk, inputs, sharding, chunk_lengths):
+    """Initialise every (length, seed) pair (`inputs`: their keys and memory lengths, sharded; parameters outside the
+    training jit) and compile `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
+    Returns `(runner_state with a leading pair axis on every leaf, {length: compiled chunk})`."""
+    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(*inputs)
+    lowered = [init_lowered] + [
+        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
+        .lower(init_lowered.out_info) for n in sorted(chunk_lengths)
+    ]  # fmt: skip
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        init_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
+    return init_compiled(*inputs), dict(zip(sorted(chunk_lengths), chunks))
+
+
+def default_chunk(num_updates: int) -> int:
+    """Updates per compiled chunk: the largest divisor of num_updates up to num_updates // 25 (one program)."""
+    return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
+
+
+def enable_compile_cache(folder: str):
+    """JAX's persistent compilation cache in `folder` ('': off); JAX_COMPILATION_CACHE_DIR, if set, wins."""
+    folder = os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
+# ---------------------------------------------------------------------------------------------
 # may differ from the checkpoint's on --resume: they do not change the sweep's math
-RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache",
-                     "track", "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
-NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy")
-
-
-def resume_error(args: Args, saved: Args) -> str | None:
-    """A flag given with --resume that would change the sweep; the budget too: finished groups keep theirs."""
-    for name, new in asdict(args).items():
-        if name not in RESUME_MAY_CHANGE + NOT_COMPARED and new != (old := getattr(saved, name)):
-            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
-            return (f"--resume: --{name.replace('_', '-')} {new} differs from the checkpoint's {old}; "
-                    f"it would change the run (allowed to change: {allowed})")  # fmt: skip
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax), strict JSON, loading a saved model
-# ---------------------------------------------------------------------------------------------
-def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager | None:
-    """The checkpoints of a run folder (or of its `checkpoints/` folder): written keeping the latest `keep`,
-    or only read (keep 0; None if the folder does not exist)."""
-    path = os.path.abspath(path)
-    path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-    if keep or os.path.isdir(path):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep))
-        return ocp.CheckpointManager(path, options=options)
-
-
-def latest_checkpoint(path: str) -> int | None:
-    return (manager := checkpoint_manager(path)) and manager.latest_step()
-
-
-def read_checkpoint(path: str, state=None) -> dict:
-    """The latest checkpoint's items: `args` and `logs` (JSON), `models`, and `state` if its abstract
-    structure (with shardings) is given, restored bit for bit into that structure."""
-    items = dict(args=ocp.args.JsonRestore(), logs=ocp.args.JsonRestore(), models=ocp.args.StandardRestore())
-    if state is not None:
-        items["state"] = ocp.args.StandardRestore(state)
-    manager = checkpoint_manager(path)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
-    manager.close()
-    return restored
+RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
+                     "wandb_project_name", "wandb_entity", "save_model")
+NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "distributed", "coordinator_address",
+                "num_processes", "process_id")
 
 
 def strict_json(x):
-    """NaN and inf -> None (JSON null), recursively: `json.dump(..., allow_nan=False)` then writes strict JSON."""
+    """NaN and +-inf -> None, numpy -> Python: what json.dump(..., allow_nan=False) accepts."""
     if isinstance(x, dict):
         return {str(k): strict_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
+    if isinstance(x, (list, tuple, np.ndarray)):
         return [strict_json(v) for v in x]
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(x) else None
-    return int(x) if isinstance(x, np.integer) else x
+    return x.item() if isinstance(x, np.generic) else x
 
 
 def write_json(path: str, obj):
@@ -692,51 +714,53 @@ def write_json(path: str, obj):
         json.dump(strict_json(obj), f, indent=2, allow_nan=False)
 
 
-def args_from_dict(saved: dict) -> Args:
-    """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
+def args_from(saved: dict) -> Args:
+    """Args from their JSON or msgpack form (msgpack stores a tuple as {"0": ..., "1": ...}, JSON as a list)."""
     def fix(v):
-        return tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+        if isinstance(v, dict):
+            return tuple(v[k] for k in sorted(v, key=int))
+        return tuple(v) if isinstance(v, list) else v
 
-    return Args(**{k: fix(v) for k, v in saved.items()})
+    return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved})
+
+
+def run_folder(path: str) -> str:
+    """The run folder of a `.cleanrl_model` file, of a run folder or of its `checkpoints/` folder."""
+    path = os.path.abspath(path)
+    return os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
 
 
 def pair_name(pair) -> str:
     return f"len_{pair[0]}_seed_{pair[1]}"
 
 
-def load_model(path: str) -> tuple[Args, dict]:
-    """(Args, {"len_{L}_seed_{S}": params}) from a `--save-model` file or from a run folder's (or
-    checkpoints folder's) latest checkpoint, which holds every (length, seed) trained so far: the
-    finished groups' final parameters and the current group's parameters at the checkpoint."""
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            saved = flax.serialization.msgpack_restore(f.read())
-        return args_from_dict(saved["0"]), saved["1"]
-    restored = read_checkpoint(path)
-    stacked = jax.tree.map(np.asarray, restored["models"])
-    models = {name: jax.tree.map(lambda x: x[i], stacked) for i, name in enumerate(restored["logs"]["model_pairs"])}
-    return args_from_dict(restored["args"]), models
+def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
+    """A run's `checkpoints/`, to read (no `args`) or to write (keeps the latest --keep-checkpoints). Step = PPO
+    updates done over all groups; items: `meta` (JSON: the Args, every pair's history, the clock, updates done per
+    group, the names of the pairs in `models`), `models` (the parameters of every pair trained so far, stacked,
+    finished groups first) and `state` (the RunnerState of the group under way, PRNG keys as key_data)."""
+    folder = os.path.join(run_folder(path), "checkpoints")
+    if args is None and not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
+    options = ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints, create=True) if args else None
+    return ocp.CheckpointManager(folder, options=options)
 
 
-def save_sweep(args: Args, sweep: dict, force: bool = False):
-    """Checkpoint the sweep when --checkpoint-every updates of the sweep have passed since the last one
-    (or when `force`d and anything is new). Step: updates done over all groups so far. Items: the Args;
-    the logs (every pair's history, the clock, updates done per group); `models`: the parameters of
-    every pair trained so far, stacked (finished groups first, in `logs["model_pairs"]` order); `state`:
-    the current group's complete training state (absent between groups)."""
-    step, manager = sum(sweep["logs"]["updates_done"].values()), sweep["manager"]
-    due = force or step // args.checkpoint_every > sweep["saved_step"] // args.checkpoint_every if manager else False
-    if not due or step == sweep["saved_step"]:
-        return
-    names, params = trained_models(sweep)
-    history = {pair_name(pair): rows for pair, rows in sweep["logs"]["history"].items() if rows}
-    logs = {**sweep["logs"], "history": history, "model_pairs": names}
-    items = dict(args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs)),
-                 models=ocp.args.StandardSave(params))  # fmt: skip
-    if sweep["current"] is not None:
-        items["state"] = ocp.args.StandardSave(sweep["current"][1])
-    manager.save(step, args=ocp.args.Composite(**items))
-    sweep["saved_step"] = step
+def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: bool = False):
+    """(step, meta, state) of the latest checkpoint: `state["models"]` (unless meta_only) and, given `target` (the
+    group under way's fresh init), `state["runner"]` in its structure and shardings (bit-identical to the saved)."""
+    manager = checkpoints(path)
+    if (step := manager.latest_step()) is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint")
+    items = {"meta": ocp.args.JsonRestore()} | ({} if meta_only else {"models": ocp.args.StandardRestore()})
+    if target is not None:
+        items["state"] = ocp.args.StandardRestore(target._replace(key=jax.random.key_data(target.key)))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    manager.close()
+    state = {"models": restored.get("models")}
+    if target is not None:
+        state["runner"] = restored["state"]._replace(key=jax.random.wrap_key_data(restored["state"].key))
+    return step, restored["meta"], state
 
 
 def trained_models(sweep: dict) -> tuple[list, dict]:
@@ -744,111 +768,96 @@ def trained_models(sweep: dict) -> tuple[list, dict]:
     names, params = list(sweep["finished_names"]), list(sweep["finished_params"])
     if sweep["current"] is not None:
         names += [pair_name(pair) for pair in sweep["current"][0]]
-        params.append(jax.device_get(sweep["current"][1].train_state.params))
+        params.append(to_host(sweep["current"][1].train_state.params))
     return names, jax.tree.map(lambda *x: np.concatenate(x), *params) if params else {}
 
 
-# ---------------------------------------------------------------------------------------------
-# Running: (length, seed) groups, logging, summary table / JSON / plot, evaluation
-# ---------------------------------------------------------------------------------------------
-def default_chunk(num_updates: int) -> int:
-    """About 1/25 of the updates, preferring a divisor of num_updates (one compile instead of two)."""
-    target = max(1, num_updates // 25)
-    return next((d for d in range(target, 2 * target + 1) if num_updates % d == 0), target)
+def save_checkpoint(args: Args, sweep: dict, force: bool = False):
+    """Checkpoint the sweep once --checkpoint-every more updates (over all groups) are done, or when `force`d and
+    anything is new; every process calls it at the same points (each writes its own shards)."""
+    step, manager = sum(sweep["logs"]["updates_done"].values()), sweep["manager"]
+    due = manager and (force or step // args.checkpoint_every > sweep["saved_step"] // args.checkpoint_every)
+    if not due or step == sweep["saved_step"]:
+        return
+    names, models = trained_models(sweep)
+    history = {pair_name(pair): rows for pair, rows in sweep["logs"]["history"].items() if rows}
+    meta = strict_json({"args": asdict(args), **sweep["logs"], "history": history, "model_pairs": names})
+    items = dict(meta=ocp.args.JsonSave(meta), models=ocp.args.StandardSave(models))
+    if sweep["current"] is not None:
+        runner = sweep["current"][1]
+        items["state"] = ocp.args.StandardSave(runner._replace(key=jax.random.key_data(runner.key)))
+    manager.save(step, args=ocp.args.Composite(**items))
+    sweep["saved_step"] = step
 
 
-def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict):
-    """Train all (length, seed) `pairs` sharing rollouts of `num_steps` as one vmapped program, sharded
-    over the devices, from scratch or from the checkpoint's state if the group was under way. Appends
-    (global_step, episodes, successes) per update to the pair's history; checkpoints between chunks."""
-    init, update_chunk, num_updates = make_train(args, num_steps)
-    batch_size, chunk = args.num_envs * num_steps, args.updates_per_chunk or default_chunk(num_updates)
-    devices = jax.devices()[: math.gcd(len(pairs), jax.device_count())]
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("pair",)), jax.sharding.PartitionSpec("pair"))
-    keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array([s for _, s in pairs])), sharding)
-    lengths = jax.device_put(jnp.array([length for length, _ in pairs], jnp.int32), sharding)
-    history, clock, updates_done = sweep["logs"]["history"], sweep["logs"]["clock"], sweep["logs"]["updates_done"]
-    done_updates = updates_done.get(str(num_steps), 0)
-    print(f"rollouts of {num_steps} steps for lengths {sorted({L for L, _ in pairs})}: {len(pairs)} (length, seed) pairs "
-          f"on {len(devices)} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} steps"
-          + (f", resumed at update {done_updates}" if done_updates else ""))  # fmt: skip
-    start = time.time()
-    # Every leaf carries the leading pair axis, sharded. Parameters are initialised outside the
-    # training jit, and the initialiser and the update chunks (at most two lengths) are compiled at
-    # the same time: XLA compiles a program on one thread, and the machine has more.
-    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys, lengths)
-    chunk_lengths = sorted({min(chunk, num_updates - done_updates), (num_updates - done_updates) % chunk} - {0})
-    lowered = [init_lowered] + [
-        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
-        .lower(init_lowered.out_info) for n in chunk_lengths
-    ]  # fmt: skip
-    with ThreadPoolExecutor(len(lowered)) as pool:
-        init_compiled, *chunk_compiled = pool.map(lambda program: program.compile(), lowered)
-    compiled = dict(zip(chunk_lengths, chunk_compiled))
-    if done_updates:  # the group was under way at the checkpoint: its state, bit for bit
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                init_lowered.out_info)
-        runner = read_checkpoint(run_dir, state=abstract)["state"]
-    else:
-        runner = jax.block_until_ready(init_compiled(keys, lengths))
-    clock["compile_seconds"] += time.time() - start
-    print(f"initialised and compiled in {time.time() - start:.1f} s")
-    # TensorBoard continues after the last logged step; anything a killed process logged later is purged
-    writers = {pair: SummaryWriter(os.path.join(run_dir, pair_name(pair)), purge_step=history[pair][-1][0] + 1
-                                   if history[pair] else 0) for pair in pairs}  # fmt: skip
-    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for (length, _), writer in writers.items():
-        if not done_updates:
-            writer.add_text("hyperparameters", f"{table}\n|memory_length|{length}|\n|rollout_steps|{num_steps}|")
-    sweep["current"], run_s, resumed_at = (pairs, runner), 0.0, done_updates
+def load_model(path: str) -> tuple[Args, dict]:
+    """(Args, {"len_{L}_seed_{S}": params}) from a `--save-model` file or from a run folder's latest checkpoint, which
+    holds every (length, seed) trained so far (the group under way's parameters at the checkpoint)."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        return args_from(saved["0"]), saved["1"]
+    _, meta, state = restore_checkpoint(path)
+    models = jax.tree.map(np.asarray, state["models"])
+    return args_from(meta["args"]), {name: jax.tree.map(lambda x: x[i], models) for i, name in
+                                     enumerate(meta["model_pairs"])}
+
+
+def parse_args() -> tuple[Args, str | None]:
+    """The CLI: `(args, error or None)`. --distributed joins the run first (before any other JAX call); with --resume
+    the defaults are the checkpoint's Args, and a flag that would change the sweep is refused."""
+    args = tyro.cli(Args)
+    start_distributed(args)
+    if (error := check_args(args)) or not (path := args.resume or args.eval_model):
+        return args, error
+    flag = "--resume" if args.resume else "--eval-model"
     try:
-        while done_updates < num_updates:
-            n = min(chunk, num_updates - done_updates)
-            t = time.time()
-            new_runner, metrics = compiled[n](runner)
-            metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [pairs, n]
-            run_s += time.time() - t
-            clock["run_seconds"] += time.time() - t
-            bad = np.argwhere(~metrics.pop("finite").T)  # (update in chunk, pair) of non-finite updates
-            rows = {pair: [] for pair in pairs}
-            for u in range(bad[0, 0] if len(bad) else n):  # only the updates before a non-finite one
-                step = (done_updates + u + 1) * batch_size
-                for i, pair in enumerate(pairs):
-                    m = {k: float(v[i, u]) for k, v in metrics.items()}
-                    episodes, successes = int(m.pop("episodes")), int(m.pop("successes"))
-                    rows[pair].append((step, episodes, successes))
-                    if episodes:  # episodes completed in this rollout; the return is 2 * success_rate - 1
-                        m.update(success_rate=successes / episodes, episodic_return=(2 * successes - episodes) / episodes)
-                    for name, value in m.items():
-                        section = "charts" if name in ("success_rate", "episodic_return", "learning_rate") else "losses"
-                        writers[pair].add_scalar(f"{section}/{name}", value, step)
-            for pair in pairs:  # history, state and update count change together (a checkpoint saves them)
-                history[pair] += rows[pair]
-            if len(bad):
-                (length, seed), saved = pairs[bad[0, 1]], sweep["saved_step"]
-                where = f"update {saved} in {run_dir}/checkpoints" if saved else "none"
-                raise FloatingPointError(f"non-finite loss/parameters at update {done_updates + bad[0, 0] + 1} "
-                                         f"(memory length {length}, seed {seed}); last good checkpoint: {where}")  # fmt: skip
-            done_updates += n
-            clock["env_steps"] += n * batch_size * len(pairs)
-            sps = n * batch_size / (time.time() - t)
-            for pair in pairs:
-                writers[pair].add_scalar("charts/SPS", sps, done_updates * batch_size)
-                writers[pair].flush()
-            runner, sweep["current"], updates_done[str(num_steps)] = new_runner, (pairs, new_runner), done_updates
-            save_sweep(args, sweep)
-            episodes, successes = metrics["episodes"][:, -1].sum(), metrics["successes"][:, -1].sum()
-            eta = run_s / (done_updates - resumed_at) * (num_updates - done_updates)
-            print(f"step {done_updates * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS {sps * len(pairs):,.0f} "
-                  f"(all pairs) | success {successes / max(episodes, 1):.3f} (all pairs) | ETA {eta:.0f} s", flush=True)  # fmt: skip
-    finally:
-        for writer in writers.values():
-            writer.close()
-    sweep["finished_names"] += [pair_name(pair) for pair in pairs]
-    sweep["finished_params"].append(jax.device_get(runner.train_state.params))
-    sweep["current"] = None
+        meta = None if args.eval_model and os.path.isfile(path) else restore_checkpoint(path, meta_only=True)[1]
+    except FileNotFoundError as error:
+        return args, f"{flag}: {error}"
+    if args.eval_model:
+        return args, None
+    saved = args_from(meta["args"])
+    args = tyro.cli(Args, default=saved)
+    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED):
+        if (new := getattr(args, name)) != (old := getattr(saved, name)):
+            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
+            return args, (f"--resume: --{name.replace('_', '-')} {new} differs from the checkpoint's {old}; it would "
+                          f"change the run (allowed to change: {allowed})")
+    return args, check_args(args)
 
 
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: every saved (length, seed) plays --eval-episodes episodes; prints and writes eval.json."""
+    saved, models = load_model(args.eval_model)
+    enable_compile_cache(args.compile_cache)
+    if saved.s5_scan == "auto":
+        saved.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    pairs = sorted(tuple(int(x) for x in name.split("_")[1::2]) for name in models)  # "len_{L}_seed_{S}"
+    params = jax.tree.map(lambda *x: jnp.stack(x), *(models[pair_name(pair)] for pair in pairs))
+    lengths, seeds = jnp.array([L for L, _ in pairs]), jnp.array([s for _, s in pairs])
+    evaluate = make_evaluate(saved, args.eval_episodes, int(lengths.max()) + 1, args.eval_greedy)
+    keys = jax.vmap(lambda s, L: jax.random.fold_in(jax.random.key(s), L))(seeds, lengths)
+    returns = np.asarray(jax.jit(jax.vmap(evaluate))(params, lengths, keys))  # [pairs, episodes], each +-1
+    per_run = {pair_name(p): {"memory_length": p[0], "seed": p[1], "mean": float(r.mean()), "std": float(r.std()),
+                              "success_rate": float((r > 0).mean())} for p, r in zip(pairs, returns)}
+    per_length = {}
+    for (length, _), r in zip(pairs, returns):
+        per_length.setdefault(str(length), []).append(float(r.mean()))
+    result = {"model": args.eval_model, "episodes_per_seed": args.eval_episodes, "greedy": args.eval_greedy,
+              "per_run": per_run, "overall": {"mean": float(returns.mean()), "std": float(returns.std())},
+              "per_length": {k: {"mean": np.mean(v), "std": np.std(v), "seeds": len(v)} for k, v in per_length.items()}}
+    for name, run in per_run.items():
+        print(f"{name}: return {run['mean']:+.3f} +- {run['std']:.3f}, success {run['success_rate']:.3f}")
+    write_json(path := os.path.join(run_folder(args.eval_model), "eval.json"), result)
+    print(f"overall over {len(pairs)} (length, seed) pair(s) x {args.eval_episodes} episodes: return "
+          f"{result['overall']['mean']:+.3f} +- {result['overall']['std']:.3f}; written to {path}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop: (length, seed) groups, logging, summary table / JSON / plot
+# ---------------------------------------------------------------------------------------------
 def summarize(args: Args, history: dict, clock: dict) -> dict:
     """Final success rate and verdicts per (length, seed), then per length over seeds."""
     per_run, per_length = {}, {}
@@ -860,7 +869,7 @@ def summarize(args: Args, history: dict, clock: dict) -> dict:
         final = float(recent[:, 2].sum() / recent[:, 1].sum()) if recent[:, 1].sum() else None
         overall = float(rows[:, 2].sum() / rows[:, 1].sum()) if rows[:, 1].sum() else None
         regret_ratio = None if overall is None else (1 - overall) / 0.5  # bsuite: error rate / random's
-        per_run[f"len_{length}_seed_{seed}"] = run = {
+        per_run[pair_name((length, seed))] = run = {
             "memory_length": length, "seed": seed, "updates": len(rows), "global_step": int(rows[-1, 0]),
             "episodes": int(rows[:, 1].sum()), "final_episodes": int(recent[:, 1].sum()), "final_success_rate": final,
             "training_success_rate": overall, "bsuite_regret_ratio": regret_ratio,
@@ -874,13 +883,15 @@ def summarize(args: Args, history: dict, clock: dict) -> dict:
         lengths[str(length)] = {
             "rollout_steps": rollout_length(args, length), "seeds": len(runs), "final_success_rates": rates,
             "final_success_rate": {"mean": float(np.mean(rates)), "std": float(np.std(rates))} if rates else None,
-            "solved_seeds": sum(r["solved"] for r in runs), "bsuite_learned_seeds": sum(r["bsuite_learned"] for r in runs),
+            "solved_seeds": sum(r["solved"] for r in runs),
+            "bsuite_learned_seeds": sum(r["bsuite_learned"] for r in runs),
         }  # fmt: skip
     all_solved = [int(k) for k, v in lengths.items() if v["solved_seeds"] == v["seeds"] == args.num_seeds]
     return {
         "solve_rule": f"final success rate (completed episodes of the last {args.success_window:.0%} of updates, "
         f"at least {MIN_VERDICT_EPISODES}) >= {args.solve_threshold}",
-        "bsuite_rule": f"bsuite's score: (1 - success rate over all training episodes) / 0.5 < {BSUITE_REGRET_THRESHOLD}",
+        "bsuite_rule": "bsuite's score: (1 - success rate over all training episodes) / 0.5 < "
+        f"{BSUITE_REGRET_THRESHOLD}",
         "largest_length_solved_by_all_seeds": max(all_solved, default=None),
         "compile_seconds": clock["compile_seconds"], "run_seconds": clock["run_seconds"],
         "sps": clock["env_steps"] / clock["run_seconds"] if clock["run_seconds"] > 0 else None,
@@ -890,166 +901,212 @@ def summarize(args: Args, history: dict, clock: dict) -> dict:
 
 def summary_table(args: Args, summary: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = ["| memory length | rollout | final success per seed | mean +- std | solved | bsuite learned |", "|-:|-:|-|-|-|-|"]
+    lines = ["| memory length | rollout | final success per seed | mean +- std | solved | bsuite learned |",
+             "|-:|-:|-|-|-|-|"]
     for length, row in summary["per_length"].items():
         rate = row["final_success_rate"] or {"mean": None, "std": None}
         lines.append(f"| {length} | {row['rollout_steps']} | {' '.join(map(fmt, row['final_success_rates']))} | "
                      f"{fmt(rate['mean'])} +- {fmt(rate['std'])} | {row['solved_seeds']}/{row['seeds']} | "
-                     f"{row['bsuite_learned_seeds']}/{row['seeds']} |")  # fmt: skip
+                     f"{row['bsuite_learned_seeds']}/{row['seeds']} |")
     return "\n".join(lines + ["", f"solved: {summary['solve_rule']}", f"bsuite learned: {summary['bsuite_rule']}",
                               f"largest memory length solved by all {args.num_seeds} seed(s): "
-                              f"{summary['largest_length_solved_by_all_seeds']}"])  # fmt: skip
+                              f"{summary['largest_length_solved_by_all_seeds']}"])
 
 
 def plot_success(args: Args, summary: dict, path: str):
     fig, ax = plt.subplots(figsize=(7, 4))
     rows = [(int(L), rate) for L, row in summary["per_length"].items() for rate in row["final_success_rates"]]
     ax.scatter(*zip(*rows) if rows else ([], []), s=12, alpha=0.4, label="seeds")
-    means = [(int(L), row["final_success_rate"]["mean"]) for L, row in summary["per_length"].items() if row["final_success_rates"]]
+    means = [(int(L), row["final_success_rate"]["mean"]) for L, row in summary["per_length"].items()
+             if row["final_success_rates"]]
     ax.plot(*zip(*means) if means else ([], []), "o-", color="C1", label=f"mean over {args.num_seeds} seed(s)")
     ax.axhline(args.solve_threshold, color="C2", ls="--", lw=1, label=f"solved (>= {args.solve_threshold})")
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="random")
     ax.set(xscale="log" if rows else "linear", ylim=(0, 1.02), xlabel="memory length L", ylabel="final success rate",
-           title=f"PPO + S5 on bsuite MemoryChain, {args.total_timesteps:,} steps per run")  # fmt: skip
+           title=f"PPO + S5 on bsuite MemoryChain, {args.total_timesteps:,} steps per run")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def enable_compile_cache(folder: str):
-    """JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, if set, wins): a rerun skips compiling."""
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(folder)
-    if folder:
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+def log_iteration(writer, metrics: dict, global_step: int) -> tuple:
+    """One pair's metrics of one PPO iteration to its TensorBoard run (writer None: another process holds the pair);
+    returns its history row (global_step, episodes, successes)."""
+    m = {k: float(v) for k, v in metrics.items()}
+    episodes, successes = int(m.pop("episodes")), int(m.pop("successes"))
+    if episodes:  # episodes completed in this rollout; the return is 2 * success_rate - 1
+        m.update(success_rate=successes / episodes, episodic_return=(2 * successes - episodes) / episodes)
+    for name, value in m.items() if writer else ():
+        section = "charts" if name in ("success_rate", "episodic_return", "learning_rate") else "losses"
+        writer.add_scalar(f"{section}/{name}", value, global_step)
+    return global_step, episodes, successes
+
+
+def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict):
+    """Train the (length, seed) `pairs` whose rollouts last `num_steps` as one vmapped program, sharded over the
+    devices of every process, from scratch or from the checkpoint if the group was under way. Appends each
+    iteration's (global_step, episodes, successes) to every pair's history; checkpoints between chunks."""
+    init, update_chunk, num_updates = make_train(args, num_steps)
+    batch_size, chunk = args.num_envs * num_steps, args.updates_per_chunk or default_chunk(num_updates)
+    logs, lead = sweep["logs"], jax.process_index() == 0
+    history, clock, done = logs["history"], logs["clock"], logs["updates_done"].get(str(num_steps), 0)
+    sharding, lengths = seed_sharding(len(pairs)), np.array([length for length, _ in pairs], np.int32)
+    inputs = (seed_keys([seed for _, seed in pairs], sharding),
+              jax.make_array_from_callback(lengths.shape, sharding, lambda index: lengths[index]))
+    if lead:
+        print(f"rollouts of {num_steps} steps for lengths {sorted(set(lengths.tolist()))}: {len(pairs)} (length, seed) "
+              f"pairs on {sharding.mesh.size} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} "
+              "steps" + (f", resumed at update {done}" if done else ""))
+    start = time.time()
+    runner, compiled = compile_training(init, update_chunk, inputs, sharding,
+                                        {min(chunk, num_updates - done), (num_updates - done) % chunk} - {0})
+    if done:  # the group was under way at the checkpoint: its state, bit for bit
+        runner = restore_checkpoint(run_dir, runner)[2]["runner"]
+    clock["compile_seconds"] += time.time() - start
+    if lead:
+        print(f"initialised and compiled in {time.time() - start:.1f} s")
+    # this process's pairs; TensorBoard continues after the last logged step (what a killed run logged later: purged)
+    held = [i for index in sharding.addressable_devices_indices_map((len(pairs),)).values()
+            for i in range(len(pairs))[index[0]]]
+    writers = {pairs[i]: SummaryWriter(os.path.join(run_dir, pair_name(pairs[i])),
+                                       purge_step=history[pairs[i]][-1][0] + 1 if history[pairs[i]] else 0)
+               for i in held}
+    table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    for (length, _), writer in writers.items() if not done else ():
+        writer.add_text("hyperparameters", f"{table}\n|memory_length|{length}|\n|rollout_steps|{num_steps}|")
+    sweep["current"], run_s, resumed_at = (pairs, runner), 0.0, done
+    try:
+        while done < num_updates:
+            n, t = min(chunk, num_updates - done), time.time()
+            new_runner, metrics = compiled[n](runner)
+            metrics = to_host(jax.block_until_ready(metrics))  # [pairs, n]
+            run_s += time.time() - t
+            clock["run_seconds"] += time.time() - t
+            bad = np.argwhere(~metrics.pop("finite").T)  # (update in chunk, pair) of non-finite updates
+            rows = {pair: [] for pair in pairs}
+            for iteration in range(done + 1, done + 1 + (bad[0, 0] if len(bad) else n)):  # those before a bad one
+                for i, pair in enumerate(pairs):
+                    pair_metrics = {k: v[i, iteration - done - 1] for k, v in metrics.items()}
+                    rows[pair].append(log_iteration(writers.get(pair), pair_metrics, iteration * batch_size))
+            for pair in pairs:  # history, state and update count change together (a checkpoint saves them)
+                history[pair] += rows[pair]
+            if len(bad):
+                (length, seed), saved = pairs[bad[0, 1]], sweep["saved_step"]
+                where = f"update {saved} in {run_dir}/checkpoints" if saved else "none"
+                raise FloatingPointError(f"non-finite loss/parameters at update {done + bad[0, 0] + 1} "
+                                         f"(memory length {length}, seed {seed}); last good checkpoint: {where}")
+            done += n
+            clock["env_steps"] += n * batch_size * len(pairs)
+            sps = n * batch_size / (time.time() - t)
+            for writer in writers.values():
+                writer.add_scalar("charts/SPS", sps, done * batch_size)
+                writer.flush()
+            runner, sweep["current"], logs["updates_done"][str(num_steps)] = new_runner, (pairs, new_runner), done
+            save_checkpoint(args, sweep)
+            episodes, successes = metrics["episodes"][:, -1].sum(), metrics["successes"][:, -1].sum()
+            eta = run_s / (done - resumed_at) * (num_updates - done)
+            if lead:
+                print(f"step {done * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS "
+                      f"{sps * len(pairs):,.0f} (all pairs) | success {successes / max(episodes, 1):.3f} (all pairs) | "
+                      f"ETA {eta:.0f} s", flush=True)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    sweep["finished_names"] += [pair_name(pair) for pair in pairs]
+    sweep["finished_params"].append(to_host(runner.train_state.params))
+    sweep["current"] = None
 
 
 def main(args: Args) -> dict:
-    enable_compile_cache(args.compile_cache)
+    """Train (or with --resume continue) the sweep; returns its summary. TensorBoard per pair, checkpoints, and in the
+    run folder a summary table, summary.json and a plot."""
+    start_distributed(args)
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
         args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    enable_compile_cache(args.compile_cache)
     lengths, seeds = sorted(set(args.memory_lengths)), [args.seed + i for i in range(args.num_seeds)]
-    groups = {}  # rollout length -> the memory lengths trained together in one vmapped program
+    lead = jax.process_index() == 0
+    groups = {}  # rollout length -> the (length, seed) pairs trained together in one vmapped program
     for length in lengths:
-        groups.setdefault(rollout_length(args, length), []).append(length)
-    cut = [length for length in lengths if rollout_length(args, length) % (length + 1)]
-    if cut:
+        groups.setdefault(rollout_length(args, length), []).extend((length, seed) for seed in seeds)
+    if (cut := [length for length in lengths if rollout_length(args, length) % (length + 1)]) and lead:
         print(f"note: --num-steps {args.num_steps} is not a multiple of L + 1 for lengths {cut}: their episodes are "
               "cut between training sequences, where no gradient flows from the answer back to the context",
-              file=sys.stderr)  # fmt: skip
-    pairs_of = {num_steps: [(L, s) for L in group for s in seeds] for num_steps, group in groups.items()}
+              file=sys.stderr)
     logs = {"history": {}, "clock": {"compile_seconds": 0.0, "run_seconds": 0.0, "env_steps": 0}, "updates_done": {}}
     sweep = {"finished_names": [], "finished_params": [], "current": None, "saved_step": 0}
 
-    def is_finished(num_steps):  # all updates of the group with this rollout are done
+    def finished(num_steps):  # all updates of the group with this rollout are done
         return logs["updates_done"].get(str(num_steps)) == args.total_timesteps // (args.num_envs * num_steps)
 
-    if args.resume:  # finished groups' results and parameters; the current group's state is read in run_group
-        run_dir, restored = args.resume.rstrip("/"), read_checkpoint(args.resume)
-        logs, sweep["saved_step"] = restored["logs"], sum(restored["logs"]["updates_done"].values())
-        finished = [pair_name(pair) for num_steps, pairs in pairs_of.items() if is_finished(num_steps) for pair in pairs]
-        sweep["finished_names"] = logs["model_pairs"][: len(finished)]
-        sweep["finished_params"] = [jax.tree.map(lambda x: np.asarray(x)[: len(finished)], restored["models"])]
+    if args.resume:  # finished groups' results and parameters; the group under way's state is read in run_group
+        run_dir = args.resume.rstrip("/")
+        sweep["saved_step"], meta, state = restore_checkpoint(run_dir)
+        logs = {key: meta[key] for key in logs}
+        n = sum(len(pairs) for num_steps, pairs in groups.items() if finished(num_steps))
+        sweep["finished_names"] = meta["model_pairs"][:n]
+        sweep["finished_params"] = [jax.tree.map(lambda x: np.asarray(x)[:n], state["models"])]
     else:
-        run_dir = os.path.join(args.log_dir, f"MemoryChain__{args.exp_name}__{args.seed}__{int(time.time())}")
+        stamp = multihost_utils.broadcast_one_to_all(np.int32(time.time())) if jax.process_count() > 1 else time.time()
+        run_dir = os.path.join(args.log_dir, f"MemoryChain__{args.exp_name}__{args.seed}__{int(stamp)}")
     run_name, clock = os.path.basename(run_dir), logs["clock"]
     logs["history"] = history = {pair: [tuple(row) for row in logs["history"].get(pair_name(pair), [])]
-                                 for pairs in pairs_of.values() for pair in pairs}  # fmt: skip
-    sweep["logs"] = logs
-    sweep["manager"] = checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
-    if args.track:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
+                                 for pairs in groups.values() for pair in pairs}
+    sweep["logs"], sweep["manager"] = logs, checkpoints(run_dir, args) if args.checkpoint_every else None
+    os.makedirs(run_dir, exist_ok=True)
+    if args.track and lead:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)  # fmt: skip
-    print(f"{run_name}: {len(lengths)} memory length(s) x {args.num_seeds} seed(s), {len(groups)} rollout length(s)")
+                   name=run_name, save_code=True)
+    if lead:
+        print(f"{run_name}: {len(lengths)} memory length(s) x {args.num_seeds} seed(s), "
+              f"{len(groups)} rollout length(s)")
     failure = None
     try:
-        for num_steps, pairs in pairs_of.items():
-            if not is_finished(num_steps):
+        for num_steps, pairs in groups.items():
+            if not finished(num_steps):
                 run_group(args, num_steps, pairs, run_dir, sweep)
-        save_sweep(args, sweep, force=True)
+        save_checkpoint(args, sweep, force=True)
     except KeyboardInterrupt:
         print("\ninterrupted; writing what was logged and a checkpoint", file=sys.stderr)
-        save_sweep(args, sweep, force=True)
+        save_checkpoint(args, sweep, force=True)
     except FloatingPointError as error:  # the last good checkpoint stays the latest
         failure = str(error)
     finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
         summary = summarize(args, history, clock)
-        text = summary_table(args, summary)
-        print(f"{text}\ncompile {clock['compile_seconds']:.1f} s, run {clock['run_seconds']:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
-        with open(os.path.join(run_dir, "summary.md"), "w") as f:
-            f.write(text + "\n")
-        write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
-        plot_success(args, summary, os.path.join(run_dir, "success_vs_length.png"))
-        if args.save_model:  # {"len_{L}_seed_{S}": params} for every (length, seed) trained
-            names, params = trained_models(sweep)
-            models = {name: jax.tree.map(lambda x: x[i], params) for i, name in enumerate(names)}
-            with open(os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
-                f.write(flax.serialization.to_bytes([asdict(args), models]))
+        models = trained_models(sweep) if args.save_model else None  # every process: gathers the shards
+        if lead:
+            text = summary_table(args, summary)
+            print(f"{text}\ncompile {clock['compile_seconds']:.1f} s, run {clock['run_seconds']:.1f} s, "
+                  f"{summary['sps'] or 0:,.0f} steps/s")
+            with open(os.path.join(run_dir, "summary.md"), "w") as f:
+                f.write(text + "\n")
+            write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
+            plot_success(args, summary, os.path.join(run_dir, "success_vs_length.png"))
+            if models:  # {"len_{L}_seed_{S}": params} for every (length, seed) trained
+                params = {name: jax.tree.map(lambda x: x[i], models[1]) for i, name in enumerate(models[0])}
+                with open(os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
+                    f.write(flax.serialization.to_bytes([asdict(args), params]))
+            if args.track:
+                wandb.finish()
+            print(f"results in {run_dir}")
         if sweep["manager"]:
             sweep["manager"].wait_until_finished()
             sweep["manager"].close()
-        if args.track:
-            wandb.finish()
-        print(f"results in {run_dir}")
     if failure:
         print(f"error: {failure}", file=sys.stderr)
         sys.exit(1)
     return summary
 
 
-def evaluate_model(args: Args) -> dict:
-    """--eval-model: every saved (length, seed) plays --eval-episodes episodes; eval.json beside the model."""
-    saved, models = load_model(args.eval_model)
-    enable_compile_cache(args.compile_cache)
-    if saved.s5_scan == "auto":
-        saved.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
-    pairs = sorted(tuple(int(x) for x in name.split("_")[1::2]) for name in models)  # "len_{L}_seed_{S}"
-    params = jax.tree.map(lambda *x: jnp.stack(x), *(models[pair_name(pair)] for pair in pairs))
-    lengths, seeds = jnp.array([L for L, _ in pairs]), jnp.array([s for _, s in pairs])
-    evaluate = make_evaluate(saved, args.eval_episodes, int(lengths.max()) + 1, args.eval_greedy)
-    keys = jax.vmap(lambda s, L: jax.random.fold_in(jax.random.key(s), L))(seeds, lengths)
-    returns = np.asarray(jax.jit(jax.vmap(evaluate))(params, lengths, keys))  # [pairs, episodes], each +-1
-    per_run = {pair_name(p): {"memory_length": p[0], "seed": p[1], "mean": float(r.mean()), "std": float(r.std()),
-                              "success_rate": float((r > 0).mean())} for p, r in zip(pairs, returns)}  # fmt: skip
-    per_length = {}
-    for (length, _), r in zip(pairs, returns):
-        per_length.setdefault(str(length), []).append(float(r.mean()))
-    result = {"model": args.eval_model, "episodes_per_seed": args.eval_episodes, "greedy": args.eval_greedy,
-              "per_run": per_run, "per_length": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)),
-                                                     "seeds": len(v)} for k, v in per_length.items()},
-              "overall": {"mean": float(returns.mean()), "std": float(returns.std())}}  # fmt: skip
-    for name, run in per_run.items():
-        print(f"{name}: return {run['mean']:+.3f} +- {run['std']:.3f}, success {run['success_rate']:.3f}")
-    print(f"overall over {len(pairs)} (length, seed) pair(s) x {args.eval_episodes} episodes: return "
-          f"{result['overall']['mean']:+.3f} +- {result['overall']['std']:.3f}")  # fmt: skip
-    path = os.path.abspath(args.eval_model)
-    folder = os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
-    write_json(os.path.join(folder, "eval.json"), result)
-    print(f"written to {os.path.join(folder, 'eval.json')}")
-    return result
-
-
-def parse_args() -> Args:
-    """tyro's CLI; with --resume, the defaults come from the checkpoint and a changed flag that would
-    change the run is refused."""
-    args = tyro.cli(Args)
-    error = check_args(args)
-    if not error and args.resume:
-        saved = args_from_dict(read_checkpoint(args.resume)["args"])
-        args = tyro.cli(Args, default=saved)
-        error = check_args(args) or resume_error(args, saved)
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    return args
-
-
 if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too: checkpoint, summary, exit
-    args = parse_args()
+    args, error = parse_args()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     evaluate_model(args) if args.eval_model else main(args)

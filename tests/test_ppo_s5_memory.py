@@ -3,7 +3,9 @@
 The env is checked step by step against bsuite's definition (bsuite/environments/memory_chain.py,
 restated below in plain Python): observation layout, the context only at the start, the query at
 t = L - 1, reward only on step L + 1, episodes of L + 1 steps, terminated and never truncated,
-auto-reset. Then the id forms of `make`, a smoke sweep over two lengths, and the input checks.
+auto-reset. Then the id forms of `make`, the rollout and chunk rules, the summary verdicts, the input checks, and one
+sweep over two lengths (shared by the tests of its outputs, --save-model/load_model/--eval-model, --resume refusal
+and kill-and-resume bit-identity); a non-finite loss stops the run. --distributed: tests/test_distributed.py.
 """
 
 import json
@@ -171,7 +173,9 @@ def test_rollout_lengths_and_chunks():
         steps = mem.rollout_length(args, L)
         assert steps % (L + 1) == 0 and steps >= 32 and steps - (L + 1) < 32
     assert mem.rollout_length(mem.Args(num_steps=16), 100) == 16
-    assert mem.default_chunk(390) == 15 and mem.default_chunk(3) == 1 and mem.default_chunk(101) == 4
+    # the largest divisor of the updates up to 1/25 of them: one compiled chunk length
+    assert mem.default_chunk(390) == 15 and mem.default_chunk(3) == 1 and mem.default_chunk(101) == 1
+    assert mem.default_chunk(400) == 16 and mem.default_chunk(96) == 3
 
 
 def test_summary_verdicts():
@@ -220,50 +224,39 @@ def run_script(*flags, **kwargs):
     return subprocess.run([sys.executable, "ppo_s5_memory.py", *flags], cwd=ROOT, capture_output=True, text=True, **kwargs)
 
 
-def test_smoke_sweep_writes_table_plot_json_and_tensorboard(tmp_path):
-    """Two lengths with different rollouts (32 and 41 steps: two vmapped groups), 2 seeds, tiny budget."""
-    tiny = ["--num-seeds", "2", "--total-timesteps", "1024", "--num-envs", "4", "--num-minibatches", "2",
-            "--update-epochs", "1", "--d-model", "8", "--ssm-size", "8", "--hidden-size", "8", "--n-layers", "1"]  # fmt: skip
-    result = run_script("--memory-lengths", "40", "3", *tiny, "--log-dir", str(tmp_path), timeout=570)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 3 | 32 |" in result.stdout and "| 40 | 41 |" in result.stdout
-    (run_dir,) = tmp_path.iterdir()
-    assert (run_dir / "summary.md").read_text().splitlines()[2].startswith("| 3 | 32 |")
-    assert (run_dir / "success_vs_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert sorted(summary["per_length"]) == ["3", "40"] and len(summary["per_run"]) == 4
-    for L, row in summary["per_length"].items():
-        assert row["seeds"] == 2 and len(row["final_success_rates"]) == 2
-        assert all(0 <= rate <= 1 for rate in row["final_success_rates"])
-    run = summary["per_run"]["len_40_seed_2"]
-    assert run["updates"] == 1024 // (4 * 41) == 6 and run["global_step"] == 6 * 4 * 41 and run["episodes"] == 6 * 4 * 1
-    assert summary["args"]["memory_lengths"] == [40, 3]
-    for L in (3, 40):
-        for seed in (1, 2):
-            events = EventAccumulator(str(run_dir / f"len_{L}_seed_{seed}"))
-            events.Reload()
-            assert {"charts/success_rate", "charts/episodic_return", "charts/SPS", "losses/value_loss"} <= set(events.Tags()["scalars"])
-            assert events.Scalars("charts/success_rate")[-1].step == {3: 1024, 40: 6 * 4 * 41}[L]
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--memory-lengths", "4", "0"], "--memory-lengths must all be >= 1"),
-        (["--memory-lengths"], "--memory-lengths is empty"),
-        (["--num-envs", "6", "--num-minibatches", "4"], "must be divisible by --num-minibatches"),
-        (["--memory-lengths", "100", "--total-timesteps", "1000"], "gives zero updates"),
-    ],
-)
-def test_bad_inputs_fail_before_compiling(flags, message, tmp_path):
-    result = run_script(*flags, "--log-dir", str(tmp_path), timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
-    assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
+def test_bad_inputs_fail_before_compiling(tmp_path):
+    """The CLI stops with one line on stderr, no traceback and nothing written; check_args names what to change."""
+    result = run_script("--memory-lengths", "4", "0", "--log-dir", str(tmp_path), timeout=120)
+    assert result.returncode == 2 and not any(tmp_path.iterdir())
+    assert result.stderr.strip() == "error: --memory-lengths must all be >= 1 (an episode lasts L + 1 steps), got 0"
+    for changes, message in [
+        (dict(memory_lengths=()), "--memory-lengths is empty"),
+        (dict(num_envs=6, num_minibatches=4), "must be divisible by --num-minibatches"),
+        (dict(memory_lengths=(100,), total_timesteps=1000), "gives zero updates"),
+        (dict(resume="a", eval_model="b"), "--resume and --eval-model exclude each other"),
+        (dict(distributed=True, eval_model="b"), "--eval-model runs in one process; drop --distributed"),
+        (dict(process_id=0), "add --distributed"),
+        (dict(coordinator_address="127.0.0.1:1234"), "add --distributed"),
+    ]:
+        error = mem.check_args(mem.Args(**changes))
+        assert error is not None and message in error and "\n" not in error, (changes, error)
 
 
 TINY = ["--num-envs", "4", "--num-minibatches", "2", "--update-epochs", "1", "--d-model", "8", "--ssm-size", "8",
         "--hidden-size", "8", "--n-layers", "1", "--updates-per-chunk", "1"]  # fmt: skip
+# two groups (L = 3: 32 updates of 32 steps, L = 40: 24 updates of 41 steps), 2 seeds; checkpoints every 2 updates
+SWEEP = ["--memory-lengths", "40", "3", "--num-seeds", "2", "--total-timesteps", "4096", "--checkpoint-every", "2",
+         "--save-model", *TINY]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    """One uninterrupted sweep, shared by the tests below: (run folder, its stdout)."""
+    log_dir = tmp_path_factory.mktemp("sweep")
+    result = run_script(*SWEEP, "--log-dir", str(log_dir), timeout=570)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = log_dir.iterdir()
+    return run_dir, result.stdout
 
 
 def scalars(run_dir) -> dict:
@@ -278,32 +271,81 @@ def scalars(run_dir) -> dict:
     return out
 
 
+def test_sweep_writes_table_plot_json_and_tensorboard(sweep_run):
+    """Two lengths with different rollouts (32 and 41 steps: two vmapped groups), 2 seeds, tiny budget."""
+    run_dir, stdout = sweep_run
+    assert "| 3 | 32 |" in stdout and "| 40 | 41 |" in stdout
+    assert (run_dir / "summary.md").read_text().splitlines()[2].startswith("| 3 | 32 |")
+    assert (run_dir / "success_vs_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert sorted(summary["per_length"]) == ["3", "40"] and len(summary["per_run"]) == 4
+    for L, row in summary["per_length"].items():
+        assert row["seeds"] == 2 and len(row["final_success_rates"]) == 2
+        assert all(0 <= rate <= 1 for rate in row["final_success_rates"])
+    run = summary["per_run"]["len_40_seed_2"]
+    assert run["updates"] == 4096 // (4 * 41) == 24 and run["global_step"] == 24 * 4 * 41 and run["episodes"] == 24 * 4
+    assert summary["args"]["memory_lengths"] == [40, 3]
+    tags = scalars(run_dir)
+    for L in (3, 40):
+        for seed in (1, 2):
+            folder = f"len_{L}_seed_{seed}"
+            assert {"charts/success_rate", "charts/episodic_return", "losses/value_loss"} <= {t for f, t in tags if f == folder}
+            assert tags[folder, "charts/success_rate"][-1][0] == {3: 4096, 40: 24 * 4 * 41}[L]
+            events = EventAccumulator(str(run_dir / folder))
+            events.Reload()
+            assert "charts/SPS" in events.Tags()["scalars"]
+
+
+def test_load_and_evaluate_a_saved_model(sweep_run):
+    """load_model reads the same parameters from the --save-model file and from the final checkpoint;
+    --eval-model plays the episodes and writes strict eval.json beside the model."""
+    run_dir, _ = sweep_run
+    args, from_file = mem.load_model(str(run_dir / "ppo_s5_memory.cleanrl_model"))
+    args_ckpt, from_checkpoint = mem.load_model(str(run_dir / "checkpoints"))
+    assert args == args_ckpt and args.memory_lengths == (40, 3) and args.total_timesteps == 4096
+    assert sorted(from_file) == sorted(from_checkpoint) == ["len_3_seed_1", "len_3_seed_2", "len_40_seed_1", "len_40_seed_2"]
+    for name in from_file:
+        jax.tree.map(np.testing.assert_array_equal, from_file[name], from_checkpoint[name])
+    result = run_script("--eval-model", str(run_dir), "--eval-episodes", "20", "--eval-greedy", timeout=570)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "eval.json").read_text(), parse_constant=pytest.fail)
+    assert report["episodes_per_seed"] == 20 and report["greedy"] and set(report["per_length"]) == {"3", "40"}
+    for run in report["per_run"].values():  # every episode ends with +1 or -1
+        assert abs(run["mean"]) <= 1 and run["success_rate"] == pytest.approx((run["mean"] + 1) / 2)
+
+
+def test_resume_refuses_a_flag_that_changes_the_run(sweep_run):
+    result = run_script("--resume", str(sweep_run[0]), "--gamma", "0.9", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --resume: --gamma 0.9 differs from the checkpoint's 0.99; it would change the run (allowed to change: "
+        "--log-dir, --updates-per-chunk, --checkpoint-every, --keep-checkpoints, --compile-cache, --track, "
+        "--wandb-project-name, --wandb-entity, --save-model)"
+    )
+
+
 def checkpoint_names(log_dir) -> list[str]:
     """The names in the checkpoints folder of the one run under log_dir (read without orbax: the run may be writing)."""
     return [name for path in log_dir.glob("*/checkpoints") for name in os.listdir(path)]
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
-    """Two groups (L = 3: 32 updates, L = 40: 24 updates) in one go, versus a run killed with SIGKILL inside the
-    second group and resumed (the first group is skipped, its results and parameters come from the checkpoint;
-    the second continues): the same parameters bit for bit, the same logged scalars, the same summary."""
-    flags = ["--memory-lengths", "3", "40", "--num-seeds", "2", "--total-timesteps", "4096", "--checkpoint-every", "2",
-             "--save-model", *TINY]  # fmt: skip
-    assert run_script(*flags, "--log-dir", str(tmp_path / "one"), timeout=570).returncode == 0
-    (one,) = (tmp_path / "one").iterdir()
-    process = subprocess.Popen([sys.executable, "ppo_s5_memory.py", *flags, "--log-dir", str(tmp_path / "two")], cwd=ROOT,
+def test_kill_and_resume_is_bit_identical(sweep_run, tmp_path):
+    """The sweep in one go, versus a run killed with SIGKILL inside the second group and resumed (the first group is
+    skipped, its results and parameters come from the checkpoint; the second continues): the same parameters bit for
+    bit, the same logged scalars, the same summary."""
+    one = sweep_run[0]
+    process = subprocess.Popen([sys.executable, "ppo_s5_memory.py", *SWEEP, "--log-dir", str(tmp_path)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    while process.poll() is None and max(map(int, filter(str.isdigit, checkpoint_names(tmp_path / "two"))), default=0) <= 32:
+    while process.poll() is None and max(map(int, filter(str.isdigit, checkpoint_names(tmp_path))), default=0) <= 32:
         time.sleep(0.01)  # committed checkpoints only (orbax writes into a temporary folder, then renames it)
     process.kill()
     process.wait()
-    (two,) = (tmp_path / "two").iterdir()
-    killed_at = mem.latest_checkpoint(str(two))
+    (two,) = tmp_path.iterdir()
+    killed_at = mem.restore_checkpoint(str(two), meta_only=True)[0]
     assert 32 < killed_at < 32 + 24 and not (two / "summary.json").exists(), "the run ended before it was killed"
     result = run_script("--resume", str(two), timeout=570)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lengths [3]" not in result.stdout and f"resumed at update {killed_at - 32}" in result.stdout
-    assert mem.latest_checkpoint(str(two)) == 32 + 24
+    assert mem.restore_checkpoint(str(two), meta_only=True)[0] == 32 + 24
     (_, a), (_, b) = (mem.load_model(str(run / "ppo_s5_memory.cleanrl_model")) for run in (one, two))
     assert sorted(a) == sorted(b) == ["len_3_seed_1", "len_3_seed_2", "len_40_seed_1", "len_40_seed_2"]
     for name in a:
@@ -311,25 +353,6 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert scalars(one) == scalars(two)
     summary = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
     assert summary[0]["per_run"] == summary[1]["per_run"]
-
-
-def test_load_and_evaluate_a_saved_model(tmp_path):
-    """load_model reads the same parameters from the --save-model file and from the final checkpoint;
-    --eval-model plays the episodes and writes strict eval.json beside the model."""
-    flags = ["--memory-lengths", "3", "--num-seeds", "2", "--total-timesteps", "512", "--save-model", *TINY]
-    assert run_script(*flags, "--log-dir", str(tmp_path), timeout=570).returncode == 0
-    (run_dir,) = tmp_path.iterdir()
-    args, from_file = mem.load_model(str(run_dir / "ppo_s5_memory.cleanrl_model"))
-    args_ckpt, from_checkpoint = mem.load_model(str(run_dir / "checkpoints"))
-    assert args == args_ckpt and args.memory_lengths == (3,) and args.total_timesteps == 512
-    for name in ("len_3_seed_1", "len_3_seed_2"):
-        jax.tree.map(np.testing.assert_array_equal, from_file[name], from_checkpoint[name])
-    result = run_script("--eval-model", str(run_dir), "--eval-episodes", "20", "--eval-greedy", timeout=570)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run_dir / "eval.json").read_text(), parse_constant=pytest.fail)
-    assert report["episodes_per_seed"] == 20 and report["greedy"] and set(report["per_length"]) == {"3"}
-    for run in report["per_run"].values():  # every episode ends with +1 or -1
-        assert run["memory_length"] == 3 and abs(run["mean"]) <= 1 and run["success_rate"] == pytest.approx((run["mean"] + 1) / 2)
 
 
 def test_non_finite_loss_stops_the_run(tmp_path):
@@ -345,18 +368,6 @@ def test_non_finite_loss_stops_the_run(tmp_path):
     assert last.startswith("error: non-finite loss/parameters at update ") and "(memory length 3, seed 1)" in last, last
     bad = int(last.split("at update ")[1].split()[0])
     assert bad == 2 and last.endswith(f"last good checkpoint: update {bad - 1} in {run_dir}/checkpoints")
-    assert mem.latest_checkpoint(str(run_dir)) == bad - 1
+    assert mem.restore_checkpoint(str(run_dir), meta_only=True)[0] == bad - 1
     summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=pytest.fail)
     assert summary["per_run"]["len_3_seed_1"]["updates"] == bad - 1
-
-
-def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
-    assert run_script("--memory-lengths", "3", "--num-seeds", "1", "--total-timesteps", "256", *TINY,
-                      "--log-dir", str(tmp_path), timeout=570).returncode == 0  # fmt: skip
-    (run_dir,) = tmp_path.iterdir()
-    result = run_script("--resume", str(run_dir), "--gamma", "0.9", timeout=120)
-    assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --resume: --gamma 0.9 differs from the checkpoint's 0.99; it would change the run (allowed to change: "
-        "--log-dir, --updates-per-chunk, --checkpoint-every, --keep-checkpoints, --compile-cache, --track, "
-        "--wandb-project-name, --wandb-entity, --save-model)"
-    )
