@@ -35,10 +35,11 @@ import optax
 import orbax.checkpoint as ocp
 import tyro
 from flax.training.train_state import TrainState
-from gymnax.environments import spaces
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-import envs_popjax
+# envs_popjax (and gymnax) is imported where first used: importing gymnax runs a JAX computation, and a --distributed
+# process must join the multi-process run before any (start_distributed)
 
 
 @dataclass
@@ -78,6 +79,15 @@ class Args:
     """the Weights & Biases project"""
     wandb_entity: str | None = None
     """the Weights & Biases entity (team)"""
+    distributed: bool = False
+    """one process of a multi-process run (jax.distributed): seeds are sharded over the devices of all processes;
+    the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) is detected unless the three flags below are given"""
+    coordinator_address: str = ""
+    """with --distributed: HOST:PORT of process 0 (empty: detected)"""
+    num_processes: int = 0
+    """with --distributed: the number of processes (0: detected)"""
+    process_id: int = -1
+    """with --distributed: this process's index, 0 to --num-processes - 1 (-1: detected)"""
 
     # Algorithm specific arguments (defaults: the paper's POPGym settings)
     env_id: str = "RepeatPreviousEasy"
@@ -431,8 +441,10 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
 
 
 def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
+    import envs_popjax  # not at the top: see the note below the imports
+
     action_space = env.action_space(env_params)
-    continuous = not isinstance(action_space, spaces.Discrete)
+    continuous = not isinstance(action_space, envs_popjax.spaces.Discrete)
     action_dim = envs_popjax.action_size(action_space)
     memory = S5Memory(S5Config.from_args(args))
     return ActorCritic(action_dim, continuous, memory), action_dim, continuous
@@ -441,6 +453,8 @@ def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
 def make_env(args: Args, num_envs: int):
     """`num_envs` batched envs that reset only those whose episode ended; the observation carries the previous
     action and the first-step flag, `info` the episode statistics (envs_popjax.make_vec)."""
+    import envs_popjax  # not at the top: see the note below the imports
+
     return envs_popjax.make_vec(args.env_id, num_envs, wrappers=True)
 
 
@@ -599,7 +613,7 @@ def make_evaluate(args: Args):
 POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "d_model",
             "ssm_size", "n_layers", "s5_blocks", "learning_rate", "clip_coef", "max_grad_norm", "dt_min", "dt_max",
             "keep_checkpoints", "eval_episodes")  # fmt: skip
-NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef")
+NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef", "num_processes")
 
 
 def check_args(args: Args) -> str | None:
@@ -626,15 +640,50 @@ def check_args(args: Args) -> str | None:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
+    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
+        return "--coordinator-address, --num-processes and --process-id describe a multi-process run: add --distributed"
+    if args.distributed and args.eval_model:
+        return "--eval-model runs in one process; drop --distributed"
+    if args.distributed and args.num_seeds % jax.process_count():
+        return f"--num-seeds {args.num_seeds} must be divisible by the number of processes, {jax.process_count()}"
     return None
 
 
+def start_distributed(args: Args):
+    """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
+    if args.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None,
+                                   None if args.process_id < 0 else args.process_id)  # fmt: skip
+
+
 def seed_sharding(num_seeds: int):
-    """Shard the leading seed axis over as many devices as divide the number of seeds."""
-    devices = jax.devices()
-    n = math.gcd(num_seeds, len(devices))
-    mesh = jax.sharding.Mesh(np.array(devices[:n]), ("seed",))
+    """Shard the leading seed axis over the devices of every process: in each, as many local devices as divide its
+    seeds (one process: as many devices as divide the seeds)."""
+    per_process = math.gcd(num_seeds // jax.process_count(), jax.local_device_count())
+    by_process = [[d for d in jax.devices() if d.process_index == p][:per_process] for p in range(jax.process_count())]
+    devices = [d for process_devices in by_process for d in process_devices]
+    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))  # not jax.make_mesh: Explicit axes break vmapped random
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def seed_keys(seeds: list[int], sharding):
+    """jax.random.key(seed) for every seed, as one [num_seeds] key array laid out by `sharding` (each process builds
+    only its own shards; bit-identical to jax.vmap(jax.random.key)(seeds))."""
+    data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+    return jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, sharding, lambda index: data[index]))
+
+
+def to_host(tree):
+    """Every seed's values as numpy arrays on every process (an all-gather across processes)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def local_seeds(sharding, num_seeds: int) -> list[int]:
+    """The seed indices whose shards this process holds."""
+    index_map = sharding.addressable_devices_indices_map((num_seeds,))
+    return sorted({i for index in index_map.values() for i in range(num_seeds)[index[0]]})
 
 
 def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
@@ -675,6 +724,7 @@ def enable_compile_cache(folder: str):
 RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
                      "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
 NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
+LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
 
 
 def strict_json(x):
@@ -694,7 +744,7 @@ def write_json(path: str, obj):
 
 
 def args_from(saved: dict) -> Args:
-    return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+    return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved and f.name not in LAUNCH})
 
 
 def run_folder(path: str) -> str:
@@ -711,18 +761,25 @@ def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
     if args is None and not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
     options = ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints, create=True) if args else None
-    return ocp.CheckpointManager(folder, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(folder, options=options, item_handlers=handlers)
 
 
 def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: bool = False):
     """(step, meta, state) of the latest checkpoint. The state takes `target`'s structure and sharding (a fresh
-    init: the resumed arrays are bit-identical), or comes as nested dicts without one."""
+    init: the resumed arrays are bit-identical), or comes as nested dicts on this process's first device without
+    one (whichever processes and devices wrote it)."""
     manager = checkpoints(path)
     if (step := manager.latest_step()) is None:
         raise FileNotFoundError(f"{path} holds no checkpoint")
     items = {"meta": ocp.args.JsonRestore()}
-    if not meta_only:
-        items["state"] = ocp.args.StandardRestore(target and target._replace(key=jax.random.key_data(target.key)))
+    if not meta_only and target is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                manager.item_metadata(step)["state"])  # fmt: skip
+        items["state"] = ocp.args.StandardRestore(abstract)
+    elif not meta_only:
+        items["state"] = ocp.args.StandardRestore(target._replace(key=jax.random.key_data(target.key)))
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     manager.close()
     state = restored.get("state")
@@ -731,7 +788,8 @@ def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: 
 
 def save_checkpoint(manager, runner: RunnerState, args: Args, history: list, run_s: float) -> int:
     """Checkpoint `runner` (the last completed chunk); written in the background while training goes on."""
-    step = int(np.asarray(runner.train_state.step).flat[0]) // (args.num_minibatches * args.update_epochs)
+    optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]  # the same in every seed
+    step = int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
     if step not in manager.all_steps():
         meta = strict_json({"args": asdict(args), "history": history[:step], "run_seconds": run_s})
         state = runner._replace(key=jax.random.key_data(runner.key))
@@ -754,6 +812,7 @@ def parse_args() -> tuple[Args, str | None]:
     """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
     flag that would change that run's math is refused."""
     args = tyro.cli(Args)
+    start_distributed(args)  # before anything starts JAX (reading a checkpoint does)
     if not (path := args.resume or args.eval_model):
         return args, None
     flag, whose = ("--resume", "checkpoint") if args.resume else ("--eval-model", "model")
@@ -769,7 +828,7 @@ def parse_args() -> tuple[Args, str | None]:
     except (FileNotFoundError, ValueError) as error:
         return args, f"{flag}: {error}"
     args = tyro.cli(Args, default=saved)
-    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED):
+    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
         new, old, option = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
         if new == old or (name == "total_timesteps" and (args.eval_model or (new >= done and not args.anneal_lr))):
             continue
@@ -789,7 +848,7 @@ def evaluate_model(args: Args) -> dict:
     derive_sizes(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
     keys = jax.vmap(jax.random.key)(jnp.array(seeds))
-    returns = np.asarray(jax.jit(jax.vmap(make_evaluate(args)))(load_model(args.eval_model)[1], keys))  # [seeds, N]
+    returns = to_host(jax.jit(jax.vmap(make_evaluate(args)))(load_model(args.eval_model)[1], keys))  # [seeds, N]
     result = strict_json({"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy,
                           "episodes_per_seed": args.eval_episodes, "mean": returns.mean(1).mean(),
                           "std": returns.mean(1).std(),  # of the seeds' means
@@ -823,8 +882,9 @@ def summarize(args: Args, history: list[dict], compile_s: float, run_s: float) -
     return summary
 
 
-def log_update(writers, update: dict, mmer, step: int):
-    for i, writer in enumerate(writers):
+def log_update(writers: dict, update: dict, mmer, step: int):
+    """TensorBoard scalars of one update; `writers`: {seed index: writer} for this process's seeds."""
+    for i, writer in writers.items():
         if not np.isnan(update["episodic_return"][i]):
             writer.add_scalar("charts/episodic_return", update["episodic_return"][i], step)
             writer.add_scalar("charts/episodic_length", update["episodic_length"][i], step)
@@ -837,27 +897,33 @@ def log_update(writers, update: dict, mmer, step: int):
 
 def main(args: Args) -> dict:
     """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json."""
+    start_distributed(args)
     derive_sizes(args)
     # default: the largest divisor of num_updates up to 1/25 of it, so one program is compiled
     divisors = [d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0]
     chunk = args.updates_per_chunk or max(divisors)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join(args.log_dir, run_name)
+    now = int(time.time())  # the processes of a --distributed run agree on process 0's clock
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(now))) if jax.process_count() > 1 else now
+    run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
+    lead = jax.process_index() == 0  # prints, writes summary.json and the model, runs wandb
     history, run_s, compile_s, runner, failure = [], 0.0, 0.0, None, None
     if args.resume:  # the logs continue from the checkpoint: metrics so far (null -> NaN), run time
         meta = restore_checkpoint(run_dir, meta_only=True)[1]
         history, run_s = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]], meta["run_seconds"]
-    if args.track:
+    if args.track and lead:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)  # fmt: skip
-    # on --resume TensorBoard drops what the interrupted run logged after the checkpoint (purge_step)
+    sharding = seed_sharding(args.num_seeds)
+    # each process writes the TensorBoard runs of its own seeds; on --resume TensorBoard drops what the interrupted
+    # run logged after the checkpoint (purge_step)
     purge_step = len(history) * args.batch_size + 1 if args.resume else None
-    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=purge_step) for s in seeds]
+    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step)
+               for i in local_seeds(sharding, args.num_seeds)}  # fmt: skip
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for writer in [] if args.resume else writers:
+    for writer in [] if args.resume else writers.values():
         writer.add_text("hyperparameters", table)
     manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
     last_saved = len(history)
@@ -866,11 +932,12 @@ def main(args: Args) -> dict:
         mmer = np.fmax(mmer, update["episodic_return"])
 
     init, update_chunk = make_train(args)
-    sharding = seed_sharding(args.num_seeds)
-    keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
+    keys = seed_keys(seeds, sharding)
     resumed = f", from update {last_saved}" if args.resume else ""
-    print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-          f"{args.num_updates} updates of {args.batch_size} steps{resumed}")
+    if lead:
+        print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s)"
+              f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}, "
+              f"{args.num_updates} updates of {args.batch_size} steps{resumed}")
     start = time.time()
     try:
         left = args.num_updates - len(history)
@@ -879,12 +946,13 @@ def main(args: Args) -> dict:
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start
-        print(f"compiled in {compile_s:.1f} s")
+        if lead:
+            print(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
             n = min(chunk, args.num_updates - len(history))
             t = time.time()
             new_runner, metrics = compiled_chunk[n](runner)
-            metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [seeds, n]
+            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
             run_s += elapsed
             if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, then stop
@@ -897,7 +965,7 @@ def main(args: Args) -> dict:
             if failure:
                 break
             runner, sps = new_runner, n * args.batch_size / elapsed
-            for writer in writers:
+            for writer in writers.values():
                 writer.add_scalar("charts/SPS", sps, step)
                 writer.flush()
             if args.checkpoint_every and len(history) // args.checkpoint_every > last_saved // args.checkpoint_every:
@@ -906,8 +974,9 @@ def main(args: Args) -> dict:
             last = history[-1]["episodic_return"]
             mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
             mean_mmer = mmer[np.isfinite(mmer)].mean() if np.isfinite(mmer).any() else float("nan")
-            print(f"step {step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                  f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)
+            if lead:
+                print(f"step {step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+                      f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
@@ -917,24 +986,28 @@ def main(args: Args) -> dict:
             manager.wait_until_finished()
             manager.close()
         summary = summarize(args, history, compile_s, run_s)
-        for s in seeds:
-            r = summary["per_seed"][str(s)]
-            print(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
-        if summary["mmer"]:
-            mean, std = summary["mmer"]["mean"], summary["mmer"]["std"]
-            print(f"MMER over {args.num_seeds} seed(s): {mean:.4f} +- {std:.4f} | "
-                  f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
-        write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
+        if lead:
+            for s in seeds:
+                r = summary["per_seed"][str(s)]
+                print(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
+            if summary["mmer"]:
+                mean, std = summary["mmer"]["mean"], summary["mmer"]["std"]
+                print(f"MMER over {args.num_seeds} seed(s): {mean:.4f} +- {std:.4f} | "
+                      f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
+            write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model and runner is not None:
+            params = to_host(runner.train_state.params)  # a leading [num_seeds] axis
             path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-            with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
-                f.write(flax.serialization.to_bytes([asdict(args), jax.device_get(runner.train_state.params)]))
-            print(f"model saved to {path}")
-        for writer in writers:
+            if lead:
+                with open(path, "wb") as f:
+                    f.write(flax.serialization.to_bytes([asdict(args), params]))
+                print(f"model saved to {path}")
+        for writer in writers.values():
             writer.close()
-        if args.track:
+        if args.track and lead:
             wandb.finish()
-        print(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
+        if lead:
+            print(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
     if failure:
         where = f"update {last_saved} in {os.path.join(run_dir, 'checkpoints')}" if manager and last_saved else "none"
         raise SystemExit(f"error: {failure}; last good checkpoint: {where}")
@@ -945,7 +1018,7 @@ if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
-    args, error = parse_args()
+    args, error = parse_args()  # with --distributed, joins the multi-process run first
     enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
     error = error or check_args(args)
     if error:
