@@ -59,12 +59,14 @@ from typing import Literal, NamedTuple
 import flax.linen as nn
 import flax.serialization
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tyro
 from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 import envs_popjax
@@ -109,6 +111,15 @@ class Args:
     """the Weights & Biases project"""
     wandb_entity: str | None = None
     """the Weights & Biases entity (team)"""
+    distributed: bool = False
+    """one process of a multi-process run (jax.distributed): seeds are sharded over the devices of all processes;
+    the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) is detected unless the three flags below are given"""
+    coordinator_address: str = ""
+    """with --distributed: HOST:PORT of process 0 (empty: detected)"""
+    num_processes: int = 0
+    """with --distributed: the number of processes (0: detected)"""
+    process_id: int = -1
+    """with --distributed: this process's index, 0 to --num-processes - 1 (-1: detected)"""
 
     # Meta-RL environment (defaults: the CPU setting)
     train_envs: tuple[str, ...] = ("gymnax/PointRobot-misc", "gymnax/Reacher-misc")
@@ -648,7 +659,8 @@ def check_args(args: Args) -> str | None:
                 "episodes_per_trial", "obs_size", "action_size", "eval_trials", "d_model", "ssm_size", "n_layers",
                 "s5_blocks", "learning_rate", "dt_min", "dt_max", "clip_coef", "max_grad_norm", "keep_checkpoints",
                 "eval_episodes")  # fmt: skip
-    non_negative = ("updates_per_chunk", "eval_every", "episode_length", "checkpoint_every", "vf_coef", "ent_coef")
+    non_negative = ("updates_per_chunk", "eval_every", "episode_length", "checkpoint_every", "vf_coef", "ent_coef",
+                    "num_processes")  # fmt: skip
     for name in positive + non_negative:
         value = getattr(args, name)
         if not value >= 0 or (value == 0 and name in positive):
@@ -673,6 +685,12 @@ def check_args(args: Args) -> str | None:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
     if args.resume and args.eval_model:
         return "--resume and --eval-model exclude each other"
+    if args.distributed and args.eval_model:
+        return "--eval-model runs in one process; drop --distributed"
+    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
+        return "--coordinator-address, --num-processes, --process-id: a multi-process run's flags; add --distributed"
+    if args.distributed and args.num_seeds % jax.process_count():
+        return f"--num-seeds {args.num_seeds} must be divisible by the {jax.process_count()} processes of the run"
     for flag, path in (("--resume", args.resume), ("--eval-model", args.eval_model)):
         if path and not (flag == "--eval-model" and os.path.isfile(path)) and latest_checkpoint(path) is None:
             return f"{flag}: {path} is neither a .cleanrl_model file nor a run folder with checkpoints/"
@@ -685,13 +703,15 @@ def check_args(args: Args) -> str | None:
 RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache",
                      "track", "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
 NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
+# one launch's: a run may be resumed with another number of processes (the seeds compute the same)
+DISTRIBUTED = ("distributed", "coordinator_address", "num_processes", "process_id")
 
 
 def resume_error(args: Args, saved: Args, steps_done: int) -> str | None:
     """A flag given with --resume that would change the run. A larger --total-timesteps continues the same
     run further, unless --anneal-lr is on (the learning-rate schedule depends on the total)."""
     for name, new in asdict(args).items():
-        if name in RESUME_MAY_CHANGE + NOT_COMPARED or new == (old := getattr(saved, name)):
+        if name in RESUME_MAY_CHANGE + NOT_COMPARED + DISTRIBUTED or new == (old := getattr(saved, name)):
             continue
         flag = "--" + name.replace("_", "-")
         if name == "total_timesteps" and args.anneal_lr:
@@ -716,7 +736,9 @@ def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager | None
     path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
     if keep or os.path.isdir(path):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep))
-        return ocp.CheckpointManager(path, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "args": ocp.JsonCheckpointHandler(),
+                    "logs": ocp.JsonCheckpointHandler()}  # fmt: skip
+        return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
 
 
 def latest_checkpoint(path: str) -> int | None:
@@ -725,13 +747,22 @@ def latest_checkpoint(path: str) -> int | None:
 
 def read_checkpoint(path: str, state=None, raw_state: bool = False) -> dict:
     """The latest checkpoint's `args` and `logs` (JSON), and its training `state`: restored bit for bit
-    into the abstract structure `state` (with shardings) if given, as saved (nested dicts) if `raw_state`."""
+    into the abstract structure `state` (with shardings) if given, as saved (nested dicts on this process's first
+    device, whichever processes and devices wrote it) if `raw_state`."""
     items = dict(args=ocp.args.JsonRestore(), logs=ocp.args.JsonRestore())
-    if state is not None or raw_state:
-        items["state"] = ocp.args.StandardRestore(state)
     manager = checkpoint_manager(path)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
+    step = manager.latest_step()
+    if state is not None:  # PRNG keys are stored as their key data
+        items["state"] = ocp.args.StandardRestore(state._replace(key=jax.random.key_data(state.key)))
+    elif raw_state:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                manager.item_metadata(step)["state"])  # fmt: skip
+        items["state"] = ocp.args.StandardRestore(abstract)
+    restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
     manager.close()
+    if state is not None:
+        restored["state"] = restored["state"]._replace(key=jax.random.wrap_key_data(restored["state"].key))
     return restored
 
 
@@ -773,12 +804,42 @@ def load_model(path: str) -> tuple[Args, dict]:
 # ---------------------------------------------------------------------------------------------
 # Running: seeds and devices, evaluation and logging
 # ---------------------------------------------------------------------------------------------
+def start_distributed(args: Args):
+    """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
+    if args.distributed and not jax.distributed.is_initialized():
+        jax.extend.backend.clear_backends()  # importing gymnax made an array (frozen_lake), which started JAX
+        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None,
+                                   None if args.process_id < 0 else args.process_id)  # fmt: skip
+
+
 def seed_sharding(num_seeds: int):
-    """Shard the leading seed axis over as many devices as divide the number of seeds."""
-    devices = jax.devices()
-    n = math.gcd(num_seeds, len(devices))
-    mesh = jax.sharding.Mesh(np.array(devices[:n]), ("seed",))
+    """Shard the leading seed axis over the devices of every process: in each, as many local devices as divide its
+    seeds (one process: as many devices as divide the seeds)."""
+    per_process = math.gcd(num_seeds // jax.process_count(), jax.local_device_count())
+    by_process = [[d for d in jax.devices() if d.process_index == p][:per_process] for p in range(jax.process_count())]
+    devices = [d for process_devices in by_process for d in process_devices]
+    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))  # not jax.make_mesh: Explicit axes break vmapped random
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def seed_keys(seeds: list[int], sharding):
+    """jax.random.key(seed) for every seed, as one [num_seeds] key array laid out by `sharding` (each process builds
+    only its own shards; bit-identical to jax.vmap(jax.random.key)(seeds))."""
+    data = np.stack([np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds])
+    return jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, sharding, lambda index: data[index]))
+
+
+def to_host(tree):
+    """Every seed's values as numpy arrays on every process (an all-gather across processes)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def local_seeds(sharding, num_seeds: int) -> list[int]:
+    """The indices of the seeds whose shards this process holds (all of them in one process)."""
+    held = sharding.addressable_devices_indices_map((num_seeds,)).values()
+    return sorted({i for (index,) in held for i in range(num_seeds)[index]})
 
 
 def derive_sizes(args: Args) -> Args:
@@ -816,7 +877,7 @@ def eval_record(seeds: list[int], update: int, step: int, results: dict) -> dict
 
 
 def log_eval(writers, results: dict, step: int):
-    for i, writer in enumerate(writers):
+    for i, writer in writers.items():  # {seed index: writer}
         for split in ("train", "heldout"):
             curves = [(k, v[i]) for k, v in results.items() if k.startswith(split + "/")]
             for name, curve in curves:
@@ -828,10 +889,11 @@ def log_eval(writers, results: dict, step: int):
         writer.flush()
 
 
-def eval_keys(seeds: list[int], sharding=None):
-    """The evaluation keys of the seeds: fixed, so every evaluation (and --eval-model) sees the same trials."""
-    keys = jax.device_put(jax.vmap(jax.random.key)(jnp.array(seeds)), sharding)
-    return keys, jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(keys)
+def eval_keys(seeds: list[int], sharding):
+    """The training and evaluation keys of the seeds: fixed, so every evaluation (and --eval-model) sees the same
+    trials."""
+    keys = seed_keys(seeds, sharding)
+    return keys, jax.jit(jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED)), out_shardings=sharding)(keys)
 
 
 def enable_compile_cache(folder: str):
@@ -843,44 +905,47 @@ def enable_compile_cache(folder: str):
 
 
 def main(args: Args) -> dict:
+    start_distributed(args)
     enable_compile_cache(args.compile_cache)
     derive_sizes(args)
     chunk = args.updates_per_chunk or default_chunk(args)
+    lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, runs wandb
+    say = print if lead else lambda *_, **__: None
     # logs: what summary.json and the progress need to continue after --resume (saved with each checkpoint)
     logs = {"returns": [], "evals": [], "global_step": 0, "run_seconds": 0.0, "compile_seconds": 0.0}
     if args.resume:
         run_dir = args.resume.rstrip("/")
         logs = read_checkpoint(run_dir)["logs"]
-    else:
-        run_dir = os.path.join(args.log_dir, f"metarl__{args.exp_name}__{args.seed}__{int(time.time())}")
+    else:  # the processes of a --distributed run agree on the run folder's time stamp
+        stamp = np.int32(time.time())
+        stamp = int(multihost_utils.broadcast_one_to_all(stamp)) if jax.process_count() > 1 else int(stamp)
+        run_dir = os.path.join(args.log_dir, f"metarl__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(run_dir), [args.seed + i for i in range(args.num_seeds)]
-    if args.track:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
+    if args.track and lead:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True)  # fmt: skip
-    # TensorBoard continues after the checkpoint's step; anything a killed process logged later is purged
+    sharding = seed_sharding(args.num_seeds)
+    # TensorBoard continues after the checkpoint's step; anything a killed process logged later is purged.
+    # Each process writes the runs of the seeds it holds.
     purge = logs["global_step"] + 1 if args.resume else None
-    writers = [SummaryWriter(os.path.join(run_dir, f"seed_{s}"), purge_step=purge) for s in seeds]
+    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge)
+               for i in local_seeds(sharding, args.num_seeds)}  # fmt: skip
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for writer in writers if not args.resume else []:
+    for writer in writers.values() if not args.resume else []:
         writer.add_text("hyperparameters", table)
 
     init, update_chunk, evaluate = make_train(args)
-    sharding = seed_sharding(args.num_seeds)
     keys, keys_eval = eval_keys(seeds, sharding)
-    print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-          f"{args.num_updates} updates of {args.batch_size} steps; train {', '.join(args.train_envs)}; "
-          f"held-out {', '.join(args.heldout_envs) or 'none'}")  # fmt: skip
+    say(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
+        f"{args.num_updates} updates of {args.batch_size} steps; train {', '.join(args.train_envs)}; "
+        f"held-out {', '.join(args.heldout_envs) or 'none'}")  # fmt: skip
     start = time.time()
     # every leaf carries the leading seed axis, sharded; parameters are initialised outside the training jit
-    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+    runner = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys).compile()(keys)
     if args.resume:  # the checkpoint's state, bit for bit, in the structure and sharding of a fresh one
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                init_lowered.out_info)
-        runner = read_checkpoint(run_dir, state=abstract)["state"]
-    else:
-        runner = init_lowered.compile()(keys)
+        runner = read_checkpoint(run_dir, state=runner)["state"]
     evaluate_seeds = jax.jit(jax.vmap(evaluate), in_shardings=sharding, out_shardings=sharding)
     manager = checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
     compiled, returns, evals = {}, logs["returns"], logs["evals"]
@@ -894,18 +959,19 @@ def main(args: Args) -> dict:
 
     def run_eval():
         t = time.time()
-        results = jax.tree.map(np.asarray, evaluate_seeds(runner.train_state.params, keys_eval))
+        results = to_host(evaluate_seeds(runner.train_state.params, keys_eval))
         log_eval(writers, results, logs["global_step"])
         evals.append(eval_record(seeds, len(returns), logs["global_step"], results))
         line = " | ".join(f"{s} episode 1 {evals[-1][s]['first_episode']['mean']:+.3f} -> {args.episodes_per_trial} "
                           f"{evals[-1][s]['last_episode']['mean']:+.3f}" for s in ("train", "heldout") if s in evals[-1])  # fmt: skip
-        print(f"eval at update {len(returns)}: {line} ({time.time() - t:.1f} s)", flush=True)
+        say(f"eval at update {len(returns)}: {line} ({time.time() - t:.1f} s)", flush=True)
 
     def checkpoint(force=False):  # every --checkpoint-every updates (at the next chunk boundary), at the end, on Ctrl-C
         nonlocal saved
         done = len(returns)
         if manager and done != saved and (force or done // args.checkpoint_every > saved // args.checkpoint_every):
-            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(runner),
+            state = runner._replace(key=jax.random.key_data(runner.key))  # every process saves its own shards
+            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                          args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs))))  # fmt: skip
             saved = done
 
@@ -913,7 +979,7 @@ def main(args: Args) -> dict:
     try:
         compiled_chunk(min(chunk, args.num_updates - len(returns)) or 1)
         logs["compile_seconds"] += time.time() - start
-        print(f"compiled in {time.time() - start:.1f} s" + (f"; resumed at update {len(returns)}" if args.resume else ""))
+        say(f"compiled in {time.time() - start:.1f} s" + (f"; resumed at update {len(returns)}" if args.resume else ""))
         if not returns:
             run_eval()
         while len(returns) < args.num_updates:
@@ -924,7 +990,7 @@ def main(args: Args) -> dict:
                 logs["compile_seconds"] += time.time() - t
             t = time.time()
             new_runner, metrics = compiled_chunk(n)(runner)
-            metrics = jax.tree.map(np.asarray, jax.block_until_ready(metrics))  # [seeds, n]
+            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
             logs["run_seconds"] += elapsed
             sps = n * args.batch_size / elapsed
@@ -934,7 +1000,7 @@ def main(args: Args) -> dict:
                 step = logs["global_step"] + (u + 1) * args.batch_size
                 update = {k: v[:, u] for k, v in metrics.items()}
                 new_returns.append(update["episodic_return"].tolist())
-                for i, writer in enumerate(writers):
+                for i, writer in writers.items():
                     for name in ("episodic_return", "first_episode_return", "last_episode_return"):
                         if not np.isnan(update[name][i]):
                             writer.add_scalar(f"charts/{name}", update[name][i], step)
@@ -951,20 +1017,20 @@ def main(args: Args) -> dict:
                     f"checkpoint: " + (f"update {saved} in {run_dir}/checkpoints" if saved else "none")
                 )  # fmt: skip
             runner = new_runner
-            for writer in writers:
+            for writer in writers.values():
                 writer.add_scalar("charts/SPS", sps, logs["global_step"])
                 writer.flush()
             eta = logs["run_seconds"] / len(returns) * (args.num_updates - len(returns))
             last = np.array(returns[-1], float)
             mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
-            print(f"step {logs['global_step']:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                  f"(all seeds) | episode return {mean_ret:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
+            say(f"step {logs['global_step']:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+                f"(all seeds) | episode return {mean_ret:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
             if (args.eval_every and len(returns) % args.eval_every == 0) or len(returns) == args.num_updates:
                 run_eval()
             checkpoint()
         checkpoint(force=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted after {len(returns)} updates; writing what was logged and a checkpoint", file=sys.stderr)
+        say(f"\ninterrupted after {len(returns)} updates; writing what was logged and a checkpoint", file=sys.stderr)
         checkpoint(force=True)
     except FloatingPointError as error:  # the last good checkpoint stays the latest
         failure = str(error)
@@ -979,26 +1045,29 @@ def main(args: Args) -> dict:
         for split in ("train", "heldout"):
             if evals and split in evals[-1]:
                 r = evals[-1][split]
-                print(f"final eval, {split} envs over {args.num_seeds} seed(s): episode 1 {r['first_episode']['mean']:+.4f} "
-                      f"+- {r['first_episode']['std']:.4f}, episode {args.episodes_per_trial} "
-                      f"{r['last_episode']['mean']:+.4f} +- {r['last_episode']['std']:.4f}")  # fmt: skip
-        print(f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
-        write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
+                say(f"final eval, {split} envs over {args.num_seeds} seed(s): episode 1 {r['first_episode']['mean']:+.4f} "
+                    f"+- {r['first_episode']['std']:.4f}, episode {args.episodes_per_trial} "
+                    f"{r['last_episode']['mean']:+.4f} +- {r['last_episode']['std']:.4f}")  # fmt: skip
+        say(f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
+        if lead:
+            write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model:
+            params = to_host(runner.train_state.params)  # an all-gather: every process takes part
             path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
-            with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
-                f.write(flax.serialization.to_bytes([asdict(args), jax.device_get(runner.train_state.params)]))
-            print(f"model saved to {path}")
+            if lead:
+                with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
+                    f.write(flax.serialization.to_bytes([asdict(args), params]))
+            say(f"model saved to {path}")
         if manager:
             manager.wait_until_finished()
             manager.close()
-        for writer in writers:
+        for writer in writers.values():
             writer.close()
-        if args.track:
+        if args.track and lead:
             wandb.finish()
-        print(f"results in {run_dir}")
+        say(f"results in {run_dir}")
     if failure:
-        print(f"error: {failure}", file=sys.stderr)
+        say(f"error: {failure}", file=sys.stderr)
         sys.exit(1)
     return summary
 
@@ -1011,7 +1080,8 @@ def evaluate_model(args: Args) -> dict:
     saved = derive_sizes(replace(saved, eval_trials=args.eval_episodes))
     seeds = [saved.seed + i for i in range(saved.num_seeds)]
     evaluate = make_train(saved)[2]
-    results = jax.jit(jax.vmap(partial(evaluate, greedy=args.eval_greedy)))(params, eval_keys(seeds)[1])
+    keys_eval = eval_keys(seeds, seed_sharding(len(seeds)))[1]
+    results = jax.jit(jax.vmap(partial(evaluate, greedy=args.eval_greedy)))(params, keys_eval)
     record = eval_record(seeds, None, None, jax.tree.map(np.asarray, results))
     for i, seed in enumerate(seeds):
         for split in ("train", "heldout"):
@@ -1034,25 +1104,28 @@ def evaluate_model(args: Args) -> dict:
     return result
 
 
-def parse_args() -> Args:
-    """tyro's CLI; with --resume, the defaults come from the checkpoint and a changed flag that would
-    change the run is refused."""
+def parse_args() -> tuple[Args, str | None]:
+    """The CLI: `(args, error or None)`. --distributed joins the run first (before any other JAX call); with
+    --resume the defaults come from the checkpoint and a flag that would change the run is refused."""
     args = tyro.cli(Args)
+    if not args.eval_model:
+        start_distributed(args)
     error = check_args(args)
-    if not error and args.resume:
-        restored = read_checkpoint(args.resume)
-        saved = args_from_dict(restored["args"])
-        args = tyro.cli(Args, default=saved)
-        error = check_args(args) or resume_error(args, saved, restored["logs"]["global_step"])
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    return args
+    if error or not args.resume:
+        return args, error
+    restored = read_checkpoint(args.resume)
+    running = {f.name: getattr(args, f.name) for f in fields(Args) if f.name in DISTRIBUTED}  # this launch's
+    saved = replace(args_from_dict(restored["args"]), **running)
+    args = tyro.cli(Args, default=saved)
+    return args, check_args(args) or resume_error(args, saved, restored["logs"]["global_step"])
 
 
 if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too: checkpoint, summary, exit
-    args = parse_args()
+    args, error = parse_args()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     evaluate_model(args) if args.eval_model else main(args)

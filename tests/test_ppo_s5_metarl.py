@@ -154,6 +154,9 @@ def test_bad_inputs_are_caught_before_compiling():
         (dict(num_envs=5, num_minibatches=5), "divisible by the 2 --train-envs"),
         (dict(eval_every=3, updates_per_chunk=2), "--eval-every 3 must be a multiple"),
         (dict(episodes_per_trial=0), "--episodes-per-trial must be positive"),
+        (dict(distributed=True, eval_model="model.cleanrl_model"), "--eval-model runs in one process"),
+        (dict(num_processes=2), "add --distributed"),
+        (dict(process_id=0), "add --distributed"),
     ]
     for overrides, message in cases:
         error = metarl.check_args(tiny_args(**overrides))
@@ -242,6 +245,7 @@ def test_resume_refuses_flags_that_change_the_run():
     saved = tiny_args()
     assert metarl.resume_error(tiny_args(checkpoint_every=5, updates_per_chunk=1), saved, 96) is None
     assert metarl.resume_error(tiny_args(total_timesteps=480), saved, 96) is None  # longer, no annealing
+    assert metarl.resume_error(tiny_args(distributed=True, num_processes=2), saved, 96) is None  # this launch's
     error = metarl.resume_error(tiny_args(learning_rate=0.1), saved, 96)
     assert error.startswith("--resume: --learning-rate 0.1 differs from the checkpoint's 0.001; it would change the run")
     assert metarl.resume_error(tiny_args(total_timesteps=48), saved, 96) == (
