@@ -597,9 +597,12 @@ def check_args(args: Args) -> str | None:
         return "--memory-lengths is empty: give at least one length, e.g. --memory-lengths 1 2 4 8"
     if min(args.memory_lengths) < 1:
         return f"--memory-lengths must all be >= 1 (an episode lasts L + 1 steps), got {min(args.memory_lengths)}"
-    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
-               (("gamma", "gae_lambda", "solve_threshold"), "in [0, 1]", lambda v: 0 <= v <= 1),
-               (("success_window",), "in (0, 1]", lambda v: 0 < v <= 1)]  # fmt: skip
+    domains = [
+        (POSITIVE, "positive", lambda v: v > 0),
+        (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
+        (("gamma", "gae_lambda", "solve_threshold"), "in [0, 1]", lambda v: 0 <= v <= 1),
+        (("success_window",), "in (0, 1]", lambda v: 0 < v <= 1),
+    ]
     for names, domain, ok in domains:
         for name in names:
             if not (math.isfinite(value := getattr(args, name)) and ok(value)):
@@ -866,26 +869,35 @@ def summarize(args: Args, history: dict, clock: dict) -> dict:
             continue
         rows = np.array(rows)  # [updates, (global_step, episodes, successes)]
         recent = rows[-math.ceil(args.success_window * len(rows)) :]
-        final = float(recent[:, 2].sum() / recent[:, 1].sum()) if recent[:, 1].sum() else None
-        overall = float(rows[:, 2].sum() / rows[:, 1].sum()) if rows[:, 1].sum() else None
+        episodes, final_episodes = int(rows[:, 1].sum()), int(recent[:, 1].sum())
+        final = float(recent[:, 2].sum() / final_episodes) if final_episodes else None
+        overall = float(rows[:, 2].sum() / episodes) if episodes else None
         regret_ratio = None if overall is None else (1 - overall) / 0.5  # bsuite: error rate / random's
         per_run[pair_name((length, seed))] = run = {
-            "memory_length": length, "seed": seed, "updates": len(rows), "global_step": int(rows[-1, 0]),
-            "episodes": int(rows[:, 1].sum()), "final_episodes": int(recent[:, 1].sum()), "final_success_rate": final,
-            "training_success_rate": overall, "bsuite_regret_ratio": regret_ratio,
-            "bsuite_learned": bool(rows[:, 1].sum() >= MIN_VERDICT_EPISODES and regret_ratio < BSUITE_REGRET_THRESHOLD),
-            "solved": bool(recent[:, 1].sum() >= MIN_VERDICT_EPISODES and final >= args.solve_threshold),
-        }  # fmt: skip
+            "memory_length": length,
+            "seed": seed,
+            "updates": len(rows),
+            "global_step": int(rows[-1, 0]),
+            "episodes": episodes,
+            "final_episodes": final_episodes,
+            "final_success_rate": final,
+            "training_success_rate": overall,
+            "bsuite_regret_ratio": regret_ratio,
+            "bsuite_learned": bool(episodes >= MIN_VERDICT_EPISODES and regret_ratio < BSUITE_REGRET_THRESHOLD),
+            "solved": bool(final_episodes >= MIN_VERDICT_EPISODES and final >= args.solve_threshold),
+        }
         per_length.setdefault(length, []).append(run)
     lengths = {}
     for length, runs in sorted(per_length.items()):
         rates = [r["final_success_rate"] for r in runs if r["final_success_rate"] is not None]
         lengths[str(length)] = {
-            "rollout_steps": rollout_length(args, length), "seeds": len(runs), "final_success_rates": rates,
+            "rollout_steps": rollout_length(args, length),
+            "seeds": len(runs),
+            "final_success_rates": rates,
             "final_success_rate": {"mean": float(np.mean(rates)), "std": float(np.std(rates))} if rates else None,
             "solved_seeds": sum(r["solved"] for r in runs),
             "bsuite_learned_seeds": sum(r["bsuite_learned"] for r in runs),
-        }  # fmt: skip
+        }
     all_solved = [int(k) for k, v in lengths.items() if v["solved_seeds"] == v["seeds"] == args.num_seeds]
     return {
         "solve_rule": f"final success rate (completed episodes of the last {args.success_window:.0%} of updates, "
@@ -893,10 +905,12 @@ def summarize(args: Args, history: dict, clock: dict) -> dict:
         "bsuite_rule": "bsuite's score: (1 - success rate over all training episodes) / 0.5 < "
         f"{BSUITE_REGRET_THRESHOLD}",
         "largest_length_solved_by_all_seeds": max(all_solved, default=None),
-        "compile_seconds": clock["compile_seconds"], "run_seconds": clock["run_seconds"],
+        "compile_seconds": clock["compile_seconds"],
+        "run_seconds": clock["run_seconds"],
         "sps": clock["env_steps"] / clock["run_seconds"] if clock["run_seconds"] > 0 else None,
-        "per_length": lengths, "per_run": per_run,
-    }  # fmt: skip
+        "per_length": lengths,
+        "per_run": per_run,
+    }
 
 
 def summary_table(args: Args, summary: dict) -> str:

@@ -195,20 +195,22 @@ def test_summary_verdicts():
     assert "| 4 | 35 | 1.000 1.000 | 1.000 +- 0.000 | 2/2 | 0/2 |" in mem.summary_table(args, summary)
 
 
-@pytest.mark.parametrize("memory_length", [2, 30])
-def test_every_rollout_starts_episodes(memory_length):
-    """With the default rollout every env is at an episode's first step when a rollout (one training
-    sequence per env) starts: the done flag is set and the env's clock is 0, update after update."""
+def test_every_rollout_starts_episodes():
+    """With the default rollout every env is at an episode's first step when a rollout (one training sequence per env)
+    starts: the done flag is set and the env's clock is 0, update after update. L = 2 and L = 10 share 33-step
+    rollouts (11 and 3 episodes per env): one vmapped program, as in the script."""
     args = mem.Args(num_envs=2, num_minibatches=1, update_epochs=1, hidden_size=4, d_model=4, ssm_size=4, n_layers=1,
                     s5_scan="sequential")
-    num_steps = mem.rollout_length(args, memory_length)
+    lengths = jnp.array([2, 10], jnp.int32)
+    num_steps = mem.rollout_length(args, 2)
+    assert num_steps == mem.rollout_length(args, 10) == 33
     init, update_chunk, _ = mem.make_train(args, num_steps)
-    runner = init(jax.random.key(0), memory_length)
-    update = jax.jit(lambda runner: update_chunk(runner, 1))
+    runner = jax.jit(jax.vmap(init))(jax.vmap(jax.random.key)(jnp.arange(2)), lengths)
+    update = jax.jit(jax.vmap(lambda runner: update_chunk(runner, 1)))
     for _ in range(3):
         assert runner.done.all() and (runner.env_state.env_state.env_state.time == 0).all()
         runner, metrics = update(runner)
-        assert metrics["episodes"][0] == args.num_envs * num_steps // (memory_length + 1)
+        np.testing.assert_array_equal(metrics["episodes"][:, 0], args.num_envs * num_steps // (np.asarray(lengths) + 1))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -244,8 +246,8 @@ def test_bad_inputs_fail_before_compiling(tmp_path):
 
 TINY = ["--num-envs", "4", "--num-minibatches", "2", "--update-epochs", "1", "--d-model", "8", "--ssm-size", "8",
         "--hidden-size", "8", "--n-layers", "1", "--updates-per-chunk", "1"]  # fmt: skip
-# two groups (L = 3: 32 updates of 32 steps, L = 40: 24 updates of 41 steps), 2 seeds; checkpoints every 2 updates
-SWEEP = ["--memory-lengths", "40", "3", "--num-seeds", "2", "--total-timesteps", "4096", "--checkpoint-every", "2",
+# two groups (L = 3: 32 updates of 32 steps, L = 40: 24 updates of 41 steps), 2 seeds; checkpoints every 4 updates
+SWEEP = ["--memory-lengths", "40", "3", "--num-seeds", "2", "--total-timesteps", "4096", "--checkpoint-every", "4",
          "--save-model", *TINY]  # fmt: skip
 
 
