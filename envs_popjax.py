@@ -1,18 +1,29 @@
-"""POPGym in JAX: partially observable environments identical to popgym 1.0.7, plus wrappers.
+"""POPGym in JAX: the 48 envs of popgym 1.0.7, bsuite's MemoryChain and a meta-RL env, plus the scripts' wrappers.
 
-Every environment is a gymnax 1.x `Environment`: `reset(key, params) -> (obs, state)` and
-`step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)`, with
-auto-reset, jit- and vmap-safe. Observations are flat float32 vectors (a `Discrete(n)` component
-becomes a one-hot of length n, components are concatenated in popgym's order, a `Box` stays as its
-floats); actions are `Discrete(n)` (grid actions flattened row-major) or the pendulum's `Box(1)`.
+Every POPGym env is a gymnax 1.x `Environment`: `reset(key, params) -> (obs, state)` and
+`step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)`, with auto-reset, jit- and
+vmap-safe. Semantics (rewards, episode lengths, termination vs truncation, card order) follow the `popgym` package
+exactly; `tests/` checks each env step by step against it. Observations are flat float32 vectors (a `Discrete(n)`
+component becomes a one-hot of length n, components are concatenated in popgym's order, a `Box` stays as its
+floats); actions are `Discrete(n)` (grid actions flattened row-major) or the pendulum's `Box(1)`. The scripts of
+this project import this module and nothing else of ours.
 
     import envs_popjax
-    env, env_params = envs_popjax.make("RepeatPreviousEasy")
-    env = envs_popjax.EpisodeStatsWrapper(envs_popjax.PreviousActionWrapper(env))
+    env, env_params = envs_popjax.make("RepeatPreviousEasy")  # one env, gymnax style
+    vec_env, env_params = envs_popjax.make_vec("RepeatPreviousEasy", 64, wrappers=True)  # the scripts' batch
 
-Semantics (rewards, episode lengths, termination vs truncation, card order) follow the `popgym`
-package exactly; `tests/` checks each env step by step against it. The scripts of this project
-import this module and nothing else of ours.
+Map, in file order (sections 3-8: the POPGym families in the registry's order):
+  1. spaces and helpers: PopGymEnvironment (the base of every POPGym env), one_hot, action_size, ...
+  2. wrappers and the batched env: PreviousActionWrapper, EpisodeStatsWrapper, VecEnv, make_vec
+  3. card games: RepeatFirst, RepeatPrevious, Autoencode, CountRecall, HigherLower, Concentration
+  4. MultiarmedBandit
+  5. cart-poles: PositionOnlyCartPole, NoisyPositionOnlyCartPole, VelocityOnlyCartPole
+  6. pendulums: PositionOnlyPendulum, NoisyPositionOnlyPendulum
+  7. grid games: Battleship, MineSweeper
+  8. labyrinths: LabyrinthEscape, LabyrinthExplore
+  9. registry: FAMILIES (one row per family), aliases, canonical_id, make
+ 10. bsuite's MemoryChain
+ 11. multi-environment meta-RL: MetaEnv, MetaEnvPool
 """
 
 import difflib
@@ -29,14 +40,20 @@ from gymnax.environments import environment, spaces
 from gymnax.wrappers.purerl import GymnaxWrapper
 
 
+# ---------------------------------------------------------------------------------------------
+# 1. Spaces and helpers.
+# ---------------------------------------------------------------------------------------------
 class PopGymEnvironment(environment.Environment):
-    """What every POPGym port shares: popgym's horizon and a flat one-hot/float observation.
+    """What every POPGym port shares: popgym's horizon, a flat observation, `Discrete` actions.
 
-    popgym's card and grid games end with `terminated`, its control tasks and the bandit with
-    `truncated` at `params.max_steps_in_episode`; `truncates` says which this env does.
+    popgym's card and grid games end with `terminated`, its control tasks and the bandit with `truncated` at
+    `params.max_steps_in_episode`; `truncates` says which this env does. Subclasses set `max_episode_length`,
+    `obs_size` and `num_actions` (per class, or per difficulty in __init__).
     """
 
     truncates: bool = True
+    obs_low, obs_high = 0.0, 1.0  # one-hot observations; the control envs set their own bounds
+    obs_size = num_actions = 0  # class-level, so that __init__ may set them (shadows gymnax's `num_actions` property)
 
     def is_truncated(self, state, params) -> jax.Array:
         if not self.truncates:
@@ -50,15 +67,203 @@ class PopGymEnvironment(environment.Environment):
     def observation_space(self, params) -> spaces.Box:
         return spaces.Box(self.obs_low, self.obs_high, (self.obs_size,), jnp.float32)
 
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(self.num_actions)
+
 
 def one_hot(index: jax.Array, n: int) -> jax.Array:
     return jax.nn.one_hot(index, n, dtype=jnp.float32)
 
 
+def signed_reward(correct: jax.Array, scale) -> jax.Array:
+    return (jnp.where(correct, 1.0, -1.0) * scale).astype(jnp.float32)
+
+
+def add_clipped_noise(obs: jax.Array, key: jax.Array, sigma: float, low, high) -> jax.Array:
+    """popgym's noisy control envs: obs + N(0, sigma^2) per component, clipped to the bounds."""
+    if sigma == 0:
+        return obs
+    return jnp.clip(obs + sigma * jax.random.normal(key, obs.shape, jnp.float32), low, high)
+
+
+def action_size(action_space) -> int:
+    """Length of the encoded action: n for Discrete(n) (one-hot), the flat size for a Box."""
+    if isinstance(action_space, spaces.Discrete):
+        return action_space.n
+    return math.prod(action_space.shape)
+
+
 # ---------------------------------------------------------------------------------------------
-# Card games (popgym/core/deck.py). Card id c in [0, 52 * decks): suit c % 4, colour c % 2,
-# rank (c % 52) // 4 with 0 = Ace. popgym deals from the end of a shuffled `deck.idx`, so the
-# cards in the order the agent sees them are `deck.idx[::-1]`: that is what `cards` holds here.
+# 2. Wrappers and the batched env (what the scripts use).
+# ---------------------------------------------------------------------------------------------
+@struct.dataclass
+class PreviousActionState:
+    env_state: Any
+    previous_action: jax.Array  # encoded: one-hot for Discrete, raw floats for Box
+    first: jax.Array  # 1.0 when the current observation is the first of an episode
+
+
+class PreviousActionWrapper(GymnaxWrapper):
+    """Observation -> [observation, previous action (one-hot or raw), first-step flag].
+
+    popgym's `PreviousAction` + `Antialias` wrappers as used by its baselines. The flag is 1 and the action block
+    zero on the first observation of *every* episode, auto-resets included (popjaxrl's AliasPrevActionV2 only did
+    this at the initial reset).
+    """
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.discrete = isinstance(env.action_space(env.default_params), spaces.Discrete)
+        self.action_dim = action_size(env.action_space(env.default_params))
+        self.batch_shape = getattr(env, "batch_shape", ())  # (num_envs,) around a VecEnv
+
+    def observation_space(self, params) -> spaces.Box:
+        inner = self._env.observation_space(params)
+        return spaces.Box(-jnp.inf, jnp.inf, (inner.shape[0] + self.action_dim + 1,), jnp.float32)
+
+    def encode_action(self, action: jax.Array) -> jax.Array:
+        if self.discrete:
+            return one_hot(action, self.action_dim)
+        return jnp.reshape(action, self.batch_shape + (self.action_dim,)).astype(jnp.float32)
+
+    @staticmethod
+    def _observe(obs, state: PreviousActionState) -> jax.Array:
+        return jnp.concatenate([obs, state.previous_action, state.first[..., None]], axis=-1)
+
+    @partial(jax.jit, static_argnames=("self",))
+    def reset(self, key, params=None):
+        obs, env_state = self._env.reset(key, params)
+        zeros = jnp.zeros(self.batch_shape + (self.action_dim,), jnp.float32)
+        state = PreviousActionState(env_state, zeros, jnp.ones(self.batch_shape, jnp.float32))
+        return self._observe(obs, state), state
+
+    @partial(jax.jit, static_argnames=("self",))
+    def step(self, key, state, action, params=None):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
+        done = terminated | truncated
+        previous_action = jnp.where(done[..., None], 0.0, self.encode_action(action))
+        state = PreviousActionState(env_state, previous_action, done.astype(jnp.float32))
+        return self._observe(obs, state), state, reward, terminated, truncated, info
+
+
+@struct.dataclass
+class EpisodeStatsState:
+    env_state: Any
+    episode_return: jax.Array  # running return of the current episode
+    episode_length: jax.Array
+    returned_episode_return: jax.Array  # return of the last completed episode
+    returned_episode_length: jax.Array
+
+
+class EpisodeStatsWrapper(GymnaxWrapper):
+    """Fixed-shape episode statistics for jit/vmap. `info` gets `returned_episode` (an episode ended at this step),
+    `returned_episode_return` and `returned_episode_length` (of the last completed episode)."""
+
+    @partial(jax.jit, static_argnames=("self",))
+    def reset(self, key, params=None):
+        obs, env_state = self._env.reset(key, params)
+        zero_f, zero_i = jnp.zeros(obs.shape[:-1], jnp.float32), jnp.zeros(obs.shape[:-1], jnp.int32)
+        return obs, EpisodeStatsState(env_state, zero_f, zero_i, zero_f, zero_i)
+
+    @partial(jax.jit, static_argnames=("self",))
+    def step(self, key, state, action, params=None):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
+        done = terminated | truncated
+        episode_return, episode_length = state.episode_return + reward, state.episode_length + 1
+        returned_return = jnp.where(done, episode_return, state.returned_episode_return)
+        returned_length = jnp.where(done, episode_length, state.returned_episode_length)
+        running = jnp.where(done, 0.0, episode_return), jnp.where(done, 0, episode_length)  # the next episode's
+        state = EpisodeStatsState(env_state, *running, returned_return, returned_length)
+        info = {**info, "returned_episode": done}
+        info.update(returned_episode_return=returned_return, returned_episode_length=returned_length)
+        return obs, state, reward, terminated, truncated, info
+
+
+class VecEnv:
+    """`num_envs` copies of a gymnax env stepped together, with gymnax's auto-reset semantics.
+
+    `reset(key, params) -> (obs[N, ...], state)`;
+    `step(key, state, action[N], params) -> (obs, state, reward[N], terminated[N], truncated[N], info)`. Env i uses
+    key `jax.random.split(key, N)[i]` exactly as gymnax's `step` does (its `key_reset` half for a reset), so the
+    outputs equal `vmap(env.step)(jax.random.split(key, N), ...)` bit for bit: every episode starts from its own
+    fresh `reset_env` draw (the env's reset distribution, independent across envs and episodes, lockstep endings
+    included). What changes is the cost: gymnax computes a reset for every env on every step and selects it where an
+    episode ended. Here a step where no episode ends computes none; one where m <= N // 4 end computes them in
+    chunks of `reset_chunk` (default N // 32) at the indices of the ended envs (ceil(m / chunk) passes); more (card
+    games, bandits: envs end in lockstep) take one pass of N resets. These are while loops, not `lax.cond`: under an
+    outer `vmap` (the scripts' seeds) a cond becomes a select that always runs both branches, while a batched while
+    loop still runs only when some seed needs it.
+    """
+
+    def __init__(self, env: environment.Environment, num_envs: int, reset_chunk: int | None = None):
+        if num_envs < 1 or (reset_chunk is not None and reset_chunk < 1):
+            raise ValueError(f"num_envs and reset_chunk must be >= 1, got {num_envs} and {reset_chunk}")
+        self.env, self.num_envs, self.batch_shape = env, num_envs, (num_envs,)
+        self.reset_chunk = min(reset_chunk or max(1, num_envs // 32), num_envs)
+        self.default_params = env.default_params
+
+    def action_space(self, params=None):
+        return self.env.action_space(params)
+
+    def observation_space(self, params):
+        return self.env.observation_space(params)
+
+    @partial(jax.jit, static_argnames=("self",))
+    def reset(self, key, params=None):
+        params = self.default_params if params is None else params
+        return jax.vmap(self.env.reset_env, (0, None))(jax.random.split(key, self.num_envs), params)
+
+    @partial(jax.jit, static_argnames=("self",))
+    def step(self, key, state, action, params=None):
+        params = self.default_params if params is None else params
+        keys = jax.vmap(jax.random.split)(jax.random.split(key, self.num_envs))  # [N, 2]: step, reset
+        step_env = jax.vmap(self.env.step_env, (0, 0, 0, None))
+        obs, state, reward, terminated, info = step_env(keys[:, 0], state, action, params)
+        truncated = jax.vmap(self.env.is_truncated, (0, None))(state, params)
+        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs}
+        done = terminated | truncated
+        (obs, state), (reward, info) = self.reset_ended(done, keys[:, 1], obs, state, (reward, info), params)
+        return obs, state, reward, terminated, truncated, info
+
+    def reset_ended(self, done: jax.Array, keys: jax.Array, obs, state, others, params):
+        """`(obs, state)` with env i's replaced by `reset_env(keys[i])` wherever `done[i]`, and `others`
+        (the step's other outputs) unchanged. They pass through the loops, rewritten with their own values, so that
+        all reads of the old state come first: XLA then updates the state in place, where it copied it on every step
+        when an output computed from it bypassed them."""
+        n = self.num_envs
+
+        def reset_chunks(size: int, carry_on, carry):
+            def one_chunk(carry):  # reset the first `size` pending envs
+                pending, (obs_state, others) = carry
+                index = jnp.nonzero(pending, size=size, fill_value=n)[0]  # n: no env, dropped below
+                some = jnp.minimum(index, n - 1)  # indexing by `pending` also keeps XLA from hoisting the resets
+                new = jax.vmap(self.env.reset_env, (0, None))(keys[some], params)
+                new = new, jax.tree.map(lambda x: x[some], others)
+                scatter = lambda old, new: old.at[index].set(new, mode="drop")  # noqa: E731
+                return pending.at[index].set(False, mode="drop"), jax.tree.map(scatter, (obs_state, others), new)
+
+            return jax.lax.while_loop(lambda carry: carry_on(carry[0]), one_chunk, carry)
+
+        carry = reset_chunks(n, lambda pending: 4 * jnp.sum(pending) > n, (done, ((obs, state), others)))
+        return reset_chunks(self.reset_chunk, jnp.any, carry)[1]
+
+
+def make_vec(env_id: str, num_envs: int, *, wrappers: bool = False, reset_chunk: int | None = None, **overrides):
+    """`make(env_id, **overrides)` as a `VecEnv` of `num_envs` envs: `(vec_env, params)`. With `wrappers=True` the
+    scripts' wrappers are applied to the batch: the observation gets the previous action and the first-step flag
+    (`PreviousActionWrapper`), `info` the episode statistics (`EpisodeStatsWrapper`)."""
+    env, params = make(env_id, **overrides)
+    vec_env = VecEnv(env, num_envs, reset_chunk)
+    if wrappers:
+        vec_env = EpisodeStatsWrapper(PreviousActionWrapper(vec_env))
+    return vec_env, params
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Card games (popgym/core/deck.py). Card id c in [0, 52 * decks): suit c % 4, colour c % 2, rank (c % 52) // 4
+# with 0 = Ace. popgym deals from the end of a shuffled `deck.idx`, so the cards in the order the agent sees them
+# are `deck.idx[::-1]`: that is what `cards` holds here. Each state holds popgym's hidden layout (cards in the order
+# shown, or board positions), so tests can copy it from popgym.
 # ---------------------------------------------------------------------------------------------
 def shuffled_cards(key: jax.Array, num_decks: int) -> jax.Array:
     return jax.random.permutation(key, 52 * num_decks)
@@ -80,13 +285,29 @@ def card_rank(card: jax.Array) -> jax.Array:
 CARD_VALUES = {"colors": (card_colour, 2), "suits": (card_suit, 4), "ranks": (card_rank, 13)}
 
 
+class CardGame(PopGymEnvironment):
+    """A game over N = 52 * `num_decks` shuffled cards, terminated after N - 1 steps unless the subclass sets
+    another `max_episode_length`."""
+
+    truncates = False
+
+    def __init__(self, num_decks: int = 1):
+        self.num_decks, self.num_cards = num_decks, 52 * num_decks
+        self.max_episode_length = self.num_cards - 1
+
+    def advance(self, state, reward: jax.Array):
+        """The end of `step_env`: time moves on, the new observation, terminated at the horizon."""
+        state = state.replace(time=state.time + 1)
+        return self.get_obs(state), state, reward, state.time >= self.max_episode_length, {}
+
+
 @struct.dataclass
 class CardSequenceState:
     cards: jax.Array  # card ids in the order they are shown
     time: jax.Array  # number of step() calls so far; the current observation is cards[time]
 
 
-class CardSequenceGame(PopGymEnvironment):
+class CardSequenceGame(CardGame):
     """A game over one shuffled deck shown card by card; subclasses define obs and reward."""
 
     def reset_env(self, key, params):
@@ -97,21 +318,18 @@ class CardSequenceGame(PopGymEnvironment):
 class RepeatPrevious(CardSequenceGame):
     """popgym/envs/repeat_previous.py: name the suit of the card shown k observations ago.
 
-    Observation n (n = 0 at reset) is the suit of `cards[n]`. The action taken after seeing it
-    is rewarded +-1/(N - k) once n >= k - 1, against the suit of `cards[n - (k - 1)]` (the k-th
-    most recent card, counting the current one). The episode terminates after N - 1 steps.
+    Observation n (n = 0 at reset) is the suit of `cards[n]`. The action taken after seeing it is rewarded
+    +-1/(N - k) once n >= k - 1, against the suit of `cards[n - (k - 1)]` (the k-th most recent card, counting the
+    current one). The episode terminates after N - 1 steps.
     """
 
-    truncates = False
-    obs_size, obs_low, obs_high, num_actions = 4, 0.0, 1.0, 4
+    obs_size, num_actions = 4, 4
 
     def __init__(self, num_decks: int = 1, k: int = 4):
         if not 1 <= k < 52 * num_decks:
             raise ValueError(f"k must be in [1, {52 * num_decks}), got {k}")
-        self.num_decks, self.k = num_decks, k
-        self.num_cards = 52 * num_decks
-        self.max_episode_length = self.num_cards - 1
-        self.reward_scale = 1.0 / (self.num_cards - k)
+        super().__init__(num_decks)
+        self.k, self.reward_scale = k, 1.0 / (self.num_cards - k)
 
     def target_index(self, time: jax.Array) -> jax.Array:
         return time - (self.k - 1)
@@ -123,12 +341,7 @@ class RepeatPrevious(CardSequenceGame):
         target = self.target_index(state.time)
         correct = action == card_suit(state.cards[jnp.maximum(target, 0)])
         reward = jnp.where(target >= 0, jnp.where(correct, 1.0, -1.0) * self.reward_scale, 0.0)
-        state = state.replace(time=state.time + 1)
-        terminated = state.time >= self.max_episode_length
-        return self.get_obs(state), state, reward.astype(jnp.float32), terminated, {}
-
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(4)
+        return self.advance(state, reward.astype(jnp.float32))
 
 
 class RepeatFirst(RepeatPrevious):
@@ -141,32 +354,19 @@ class RepeatFirst(RepeatPrevious):
         return jnp.zeros_like(time)
 
 
-# ---------------------------------------------------------------------------------------------
-# Card memory games and the bandit. Each state holds popgym's hidden layout (cards in the order
-# they are shown, or board positions, or arm probabilities), so tests can copy it from popgym.
-# Class-level `num_actions`/`obs_size` placeholders are set per difficulty in __init__ (they
-# shadow gymnax's read-only `num_actions` property).
-# ---------------------------------------------------------------------------------------------
-def signed_reward(correct: jax.Array, scale) -> jax.Array:
-    return (jnp.where(correct, 1.0, -1.0) * scale).astype(jnp.float32)
-
-
 class Autoencode(CardSequenceGame):
     """popgym/envs/autoencode.py: watch N cards, then name their suits in reverse order.
 
-    Obs (mode, suit) -> one-hot(2) ++ one-hot(4), mode WATCH = 1, PLAY = 0. Reset shows
-    (1, suit of cards[0]); watch step t < N - 1 shows (1, suit of cards[t]) and pays 0 whatever
-    the action. Step N - 1 shows the last card already flagged PLAY (popgym switches mode when
-    the deck runs out, before building the obs). The N play steps show (0, 0) and pay +-1/N for
-    naming cards[N-1], ..., cards[0]; terminated after 2N - 1 steps.
+    Obs (mode, suit) -> one-hot(2) ++ one-hot(4), mode WATCH = 1, PLAY = 0. Reset shows (1, suit of cards[0]); watch
+    step t < N - 1 shows (1, suit of cards[t]) and pays 0 whatever the action. Step N - 1 shows the last card
+    already flagged PLAY (popgym switches mode when the deck runs out, before building the obs). The N play steps
+    show (0, 0) and pay +-1/N for naming cards[N-1], ..., cards[0]; terminated after 2N - 1 steps.
     """
 
-    truncates = False
-    obs_size, obs_low, obs_high, num_actions = 6, 0.0, 1.0, 4
+    obs_size, num_actions = 6, 4
 
     def __init__(self, num_decks: int = 1):
-        self.num_decks = num_decks
-        self.num_cards = 52 * num_decks
+        super().__init__(num_decks)
         self.max_episode_length = 2 * self.num_cards - 1
 
     def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
@@ -182,44 +382,7 @@ class Autoencode(CardSequenceGame):
         # Play step j = time - last names cards[last - j]: popgym pops its hand (LIFO).
         target = card_suit(state.cards[jnp.clip(2 * last - state.time, 0, last)])
         reward = jnp.where(playing, signed_reward(action == target, 1.0 / self.num_cards), 0.0)
-        state = state.replace(time=state.time + 1)
-        terminated = state.time >= self.max_episode_length
-        return self.get_obs(state), state, reward, terminated, {}
-
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(4)
-
-
-class HigherLower(CardSequenceGame):
-    """popgym/envs/higher_lower.py: guess whether the next card ranks higher (action 0) or lower (1).
-
-    Obs is one-hot(13) of the rank of cards[time]. Step t compares cards[t + 1] with cards[t]:
-    +1/N if the guess is right, -1/N if wrong, 0 on equal ranks (a push). Terminated after
-    N - 1 steps, when the last card is shown (there is no step comparing a card with itself).
-    """
-
-    truncates = False
-    obs_size, obs_low, obs_high, num_actions = 13, 0.0, 1.0, 2
-
-    def __init__(self, num_decks: int = 1):
-        self.num_decks = num_decks
-        self.num_cards = 52 * num_decks
-        self.max_episode_length = self.num_cards - 1
-
-    def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
-        return one_hot(card_rank(state.cards[state.time]), 13)
-
-    def step_env(self, key, state, action, params):
-        current = card_rank(state.cards[state.time])
-        following = card_rank(state.cards[state.time + 1])
-        correct = (following > current) == (action == 0)
-        reward = jnp.where(following == current, 0.0, signed_reward(correct, 1.0 / self.num_cards))
-        state = state.replace(time=state.time + 1)
-        terminated = state.time >= self.max_episode_length
-        return self.get_obs(state), state, reward, terminated, {}
-
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(2)
+        return self.advance(state, reward)
 
 
 @struct.dataclass
@@ -230,27 +393,20 @@ class CountRecallState:
     time: jax.Array
 
 
-class CountRecall(PopGymEnvironment):
+class CountRecall(CardGame):
     """popgym/envs/count_recall.py: how many value cards of the queried kind have been shown?
 
-    Obs [value, query] -> one-hot(V) ++ one-hot(V), with V = 2 colours, 4 suits or 13 ranks,
-    value and query dealt from two independently shuffled decks. The action is a count in
-    0..N/V (Discrete(N/V + 1)); it pays +-1/(N - 1) against the number of values equal to the
-    current query among the values shown so far, the current one included. Terminated after
-    N - 1 steps. popgym's `error_clamp` is accepted there but never used, so it is left out.
+    Obs [value, query] -> one-hot(V) ++ one-hot(V), with V = 2 colours, 4 suits or 13 ranks, value and query dealt
+    from two independently shuffled decks. The action is a count in 0..N/V (Discrete(N/V + 1)); it pays +-1/(N - 1)
+    against the number of values equal to the current query among the values shown so far, the current one included.
+    Terminated after N - 1 steps. popgym's `error_clamp` is accepted there but never used, so it is left out.
     """
-
-    truncates = False
-    obs_low, obs_high = 0.0, 1.0
-    obs_size = num_actions = 0  # per difficulty, see __init__
 
     def __init__(self, num_decks: int = 1, deck_type: str = "colors"):
         if deck_type not in CARD_VALUES:
             raise ValueError(f"deck_type must be one of {sorted(CARD_VALUES)}, got {deck_type!r}")
-        self.num_decks = num_decks
+        super().__init__(num_decks)
         self.card_value, self.num_values = CARD_VALUES[deck_type]
-        self.num_cards = 52 * num_decks
-        self.max_episode_length = self.num_cards - 1
         self.obs_size = 2 * self.num_values
         self.num_actions = self.num_cards // self.num_values + 1
 
@@ -273,14 +429,29 @@ class CountRecall(PopGymEnvironment):
     def step_env(self, key, state, action, params):
         count = state.counts[self.card_value(state.query_cards[state.time])]  # kept up to date: O(1) a step
         reward = signed_reward(action == count, 1.0 / self.max_episode_length)
-        time = state.time + 1
-        counts = state.counts + one_hot(self.card_value(state.value_cards[time]), self.num_values).astype(jnp.int32)
-        state = state.replace(counts=counts, time=time)
-        terminated = state.time >= self.max_episode_length
-        return self.get_obs(state), state, reward, terminated, {}
+        shown = one_hot(self.card_value(state.value_cards[state.time + 1]), self.num_values).astype(jnp.int32)
+        return self.advance(state.replace(counts=state.counts + shown), reward)
 
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(self.num_actions)
+
+class HigherLower(CardSequenceGame):
+    """popgym/envs/higher_lower.py: guess whether the next card ranks higher (action 0) or lower (1).
+
+    Obs is one-hot(13) of the rank of cards[time]. Step t compares cards[t + 1] with cards[t]: +1/N if the guess is
+    right, -1/N if wrong, 0 on equal ranks (a push). Terminated after N - 1 steps, when the last card is shown
+    (there is no step comparing a card with itself).
+    """
+
+    obs_size, num_actions = 13, 2
+
+    def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
+        return one_hot(card_rank(state.cards[state.time]), 13)
+
+    def step_env(self, key, state, action, params):
+        current = card_rank(state.cards[state.time])
+        following = card_rank(state.cards[state.time + 1])
+        correct = (following > current) == (action == 0)
+        reward = jnp.where(following == current, 0.0, signed_reward(correct, 1.0 / self.num_cards))
+        return self.advance(state, reward)
 
 
 @struct.dataclass
@@ -291,29 +462,26 @@ class ConcentrationState:
     time: jax.Array
 
 
-class Concentration(PopGymEnvironment):
+class Concentration(CardGame):
     """popgym/envs/concentration.py: find the pairs of equal value among N face-down cards.
 
-    Obs: per position its value (colour or rank) if face up or flipped in the current pair,
-    else the face-down code V; N one-hots of length V + 1 in position order. An action flips
-    one position; every second flip ends a pair. A matching pair pays +1/(N/2) and stays up; a
-    mismatch, or the same position twice, pays -2/E. Flipping a card that is already up pays
-    -(flips in this pair, itself included)/E and starts the pair over. The obs of a pair's
-    second flip still shows both cards. E = ceil(2N - N/(2N - 1)); truncated after E steps,
-    terminated when every card is up (both can hold on step E).
+    Obs: per position its value (colour or rank) if face up or flipped in the current pair, else the face-down code
+    V; N one-hots of length V + 1 in position order. An action flips one position; every second flip ends a pair. A
+    matching pair pays +1/(N/2) and stays up; a mismatch, or the same position twice, pays -2/E. Flipping a card
+    that is already up pays -(flips in this pair, itself included)/E and starts the pair over. The obs of a pair's
+    second flip still shows both cards. E = ceil(2N - N/(2N - 1)); truncated after E steps, terminated when every
+    card is up (both can hold on step E).
     """
 
     truncates = True
-    obs_low, obs_high = 0.0, 1.0
-    obs_size = num_actions = 0  # per difficulty, see __init__
 
     def __init__(self, num_decks: int = 1, deck_type: str = "ranks"):
         # popgym has no "suits": 13 cards per suit cannot all be paired.
         if deck_type not in ("colors", "ranks"):
             raise ValueError(f"deck_type must be 'colors' or 'ranks', got {deck_type!r}")
-        self.num_decks = num_decks
+        super().__init__(num_decks)
         self.card_value, self.num_values = CARD_VALUES[deck_type]
-        self.num_cards = n = 52 * num_decks
+        n = self.num_cards
         # popgym's bound on a perfect memory player's expected number of flips
         self.max_episode_length = math.ceil(2 * n - n / (2 * n - 1))
         self.obs_size = n * (self.num_values + 1)
@@ -328,12 +496,8 @@ class Concentration(PopGymEnvironment):
         return self.board_obs(state, state.face_up | (positions == state.first))
 
     def reset_env(self, key, params):
-        state = ConcentrationState(
-            cards=shuffled_cards(key, self.num_decks),
-            face_up=jnp.zeros(self.num_cards, bool),
-            first=jnp.int32(-1),
-            time=jnp.int32(0),
-        )
+        n = self.num_cards
+        state = ConcentrationState(shuffled_cards(key, self.num_decks), jnp.zeros(n, bool), jnp.int32(-1), jnp.int32(0))
         return self.get_obs(state), state
 
     def step_env(self, key, state, action, params):
@@ -345,25 +509,18 @@ class Concentration(PopGymEnvironment):
         values = self.card_value(state.cards)
         match = has_first & (action != state.first) & (values[action] == values[jnp.maximum(state.first, 0)])
         failure_scale = 1.0 / params.max_steps_in_episode
-        reward = jnp.where(
-            already_up,
-            -(1 + has_first) * failure_scale,
-            jnp.where(has_first, jnp.where(match, 2.0 / self.num_cards, -2.0 * failure_scale), 0.0),
-        ).astype(jnp.float32)
+        pair_reward = jnp.where(has_first, jnp.where(match, 2.0 / self.num_cards, -2.0 * failure_scale), 0.0)
+        reward = jnp.where(already_up, -(1 + has_first) * failure_scale, pair_reward).astype(jnp.float32)
         pair = (positions == action) | (positions == state.first)
         face_up = state.face_up | (match & ~already_up & pair)
-        state = ConcentrationState(
-            cards=state.cards,
-            face_up=face_up,
-            first=jnp.where(already_up | has_first, -1, action).astype(jnp.int32),
-            time=state.time + 1,
-        )
+        first = jnp.where(already_up | has_first, -1, action).astype(jnp.int32)
+        state = ConcentrationState(cards=state.cards, face_up=face_up, first=first, time=state.time + 1)
         return obs, state, reward, jnp.all(face_up), {}
 
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(self.num_cards)
 
-
+# ---------------------------------------------------------------------------------------------
+# 4. MultiarmedBandit.
+# ---------------------------------------------------------------------------------------------
 @struct.dataclass
 class BanditState:
     bandits: jax.Array  # payout probability of each arm, drawn U(0, 1) per episode
@@ -373,13 +530,11 @@ class BanditState:
 class MultiarmedBandit(PopGymEnvironment):
     """popgym/envs/multiarmed_bandit.py: pull arms whose payout probabilities are hidden.
 
-    Obs is one-hot(2): 1 if the pulled arm paid out (0 at reset). A payout pays +1/T, anything
-    else -1/T. Never terminated; truncated after T steps.
+    Obs is one-hot(2): 1 if the pulled arm paid out (0 at reset). A payout pays +1/T, anything else -1/T. Never
+    terminated; truncated after T steps.
     """
 
-    truncates = True
-    obs_size, obs_low, obs_high = 2, 0.0, 1.0
-    num_actions = 0  # per difficulty, see __init__
+    obs_size = 2
 
     def __init__(self, num_bandits: int = 10, episode_length: int = 200):
         self.num_bandits = self.num_actions = num_bandits
@@ -393,27 +548,17 @@ class MultiarmedBandit(PopGymEnvironment):
         return self.step_with_draw(state, action, jax.random.uniform(key), params)
 
     def step_with_draw(self, state: BanditState, action, draw: jax.Array, params):
-        """`step_env` given its U(0, 1) draw: popgym pays out iff `np_random.random() < p[a]`,
-        so a test can inject popgym's own draws here."""
+        """`step_env` given its U(0, 1) draw: popgym pays out iff `np_random.random() < p[a]`, so a test can inject
+        popgym's own draws here."""
         payout = draw < state.bandits[action]
         reward = signed_reward(payout, 1.0 / params.max_steps_in_episode)
         state = state.replace(time=state.time + 1)
         return one_hot(payout.astype(jnp.int32), 2), state, reward, jnp.asarray(False), {}
 
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(self.num_bandits)
-
 
 # ---------------------------------------------------------------------------------------------
-# CartPole (gymnasium's CartPoleEnv, Euler integration) with part of the state hidden.
+# 5. Cart-poles: gymnasium's CartPoleEnv (Euler integration) with part of the state hidden.
 # ---------------------------------------------------------------------------------------------
-def add_clipped_noise(obs: jax.Array, key: jax.Array, sigma: float, low, high) -> jax.Array:
-    """popgym's noisy control envs: obs + N(0, sigma^2) per component, clipped to the bounds."""
-    if sigma == 0:
-        return obs
-    return jnp.clip(obs + sigma * jax.random.normal(key, obs.shape, jnp.float32), low, high)
-
-
 @struct.dataclass
 class CartPoleState:
     physics: jax.Array  # (x, x_dot, theta, theta_dot)
@@ -423,10 +568,10 @@ class CartPoleState:
 class PositionOnlyCartPole(PopGymEnvironment):
     """popgym/envs/position_only_cartpole.py: CartPole observing only (x, theta).
 
-    Reward 1/T on every step (the failing step included); terminated when |x| > 2.4 or
-    |theta| > 12 degrees, truncated after T = `max_steps_in_episode` steps (both can hold).
-    With `noise_sigma > 0` (popgym's NoisyPositionOnlyCartPole) N(0, sigma) noise is added to the
-    observation at reset and every step, then clipped to the observation bounds.
+    Reward 1/T on every step (the failing step included); terminated when |x| > 2.4 or |theta| > 12 degrees,
+    truncated after T = `max_steps_in_episode` steps (both can hold). With `noise_sigma > 0`
+    (popgym's NoisyPositionOnlyCartPole) N(0, sigma) noise is added to the observation at reset and every step, then
+    clipped to the observation bounds.
     """
 
     num_actions = 2
@@ -459,20 +604,15 @@ class PositionOnlyCartPole(PopGymEnvironment):
         total_mass = self.masscart + self.masspole
         polemass_length = self.masspole * self.pole_half_length
         temp = (force + polemass_length * theta_dot**2 * sin) / total_mass
-        theta_acc = (self.gravity * sin - cos * temp) / (
-            self.pole_half_length * (4.0 / 3.0 - self.masspole * cos**2 / total_mass)
-        )
+        denominator = self.pole_half_length * (4.0 / 3.0 - self.masspole * cos**2 / total_mass)
+        theta_acc = (self.gravity * sin - cos * temp) / denominator
         x_acc = temp - polemass_length * theta_acc * cos / total_mass
-        physics = jnp.stack(
-            [x + self.tau * x_dot, x_dot + self.tau * x_acc, theta + self.tau * theta_dot, theta_dot + self.tau * theta_acc]
-        )
+        dt = self.tau
+        physics = jnp.stack([x + dt * x_dot, x_dot + dt * x_acc, theta + dt * theta_dot, theta_dot + dt * theta_acc])
         state = CartPoleState(physics=physics, time=state.time + 1)
         terminated = (jnp.abs(physics[0]) > self.x_threshold) | (jnp.abs(physics[2]) > self.theta_threshold)
         reward = jnp.float32(1.0) / params.max_steps_in_episode
         return self.get_obs(state, key=key), state, reward, terminated, {}
-
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(2)
 
 
 class NoisyPositionOnlyCartPole(PositionOnlyCartPole):
@@ -485,13 +625,13 @@ class NoisyPositionOnlyCartPole(PositionOnlyCartPole):
 class VelocityOnlyCartPole(PositionOnlyCartPole):
     """popgym/envs/velocity_only_cartpole.py: CartPole observing only (x_dot, theta_dot).
 
-    "Exactly as popgym" includes popgym's reset bug: its `reset` returns `[init_obs[0],
-    init_obs[2]]`, i.e. the *positions* (x, theta), while every `step` returns the velocities.
-    We keep that by default (`popgym_reset_obs=True`), so trajectories, and agents trained on
-    them, match popgym 1.0.7; `popgym_reset_obs=False` shows the velocities at reset too. Both
-    are inside the Box(-inf, inf, (2,)) popgym declares. Rewards, termination and truncation
-    (T = 200 / 400 / 600) as PositionOnlyCartPole. popgym registers the gym ids with a lower-case
-    p (`popgym-VelocityOnlyCartpoleEasy-v0`); `VelocityOnlyCartpole*` is an alias here.
+    "Exactly as popgym" includes popgym's reset bug: its `reset` returns `[init_obs[0], init_obs[2]]`, i.e. the
+    *positions* (x, theta), while every `step` returns the velocities. We keep that by default
+    (`popgym_reset_obs=True`), so trajectories, and agents trained on them, match popgym 1.0.7;
+    `popgym_reset_obs=False` shows the velocities at reset too. Both are inside the Box(-inf, inf, (2,)) popgym
+    declares. Rewards, termination and truncation (T = 200 / 400 / 600) as PositionOnlyCartPole. popgym registers
+    the gym ids with a lower-case p (`popgym-VelocityOnlyCartpoleEasy-v0`); `VelocityOnlyCartpole*` is an alias
+    here.
     """
 
     observed = (1, 3)
@@ -507,6 +647,9 @@ class VelocityOnlyCartPole(PositionOnlyCartPole):
         return obs, state
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. Pendulums: gymnasium's Pendulum observing the angle only.
+# ---------------------------------------------------------------------------------------------
 @struct.dataclass
 class PendulumState:
     physics: jax.Array  # (theta, theta_dot); theta is not wrapped, as in gymnasium
@@ -514,16 +657,14 @@ class PendulumState:
 
 
 class PositionOnlyPendulum(PopGymEnvironment):
-    """popgym/envs/position_only_pendulum.py: gymnasium's Pendulum (g = 10) observing (cos, sin)
-    of the angle only.
+    """popgym/envs/position_only_pendulum.py: gymnasium's Pendulum (g = 10) observing (cos, sin) of the angle only.
 
-    Action Box(1) in [-2, 2] (torque; clipped as gymnasium does). Reset theta ~ U(-pi, pi),
-    theta_dot ~ U(-1, 1). Gymnasium's reward r = -(angle^2 + 0.1 theta_dot^2 + 0.001 u^2), from
-    the state *before* the step, r in [-16.2736044, 0], becomes popgym's ((r + c) / c) / T with
-    c = 8.1368022, in [-1/T, 1/T]. Never terminates; truncated after T = `max_steps_in_episode`
-    steps (200 / 150 / 100). With `noise_sigma > 0` (popgym's NoisyPositionOnlyPendulum, T = 200
-    at every difficulty) N(0, sigma) noise is added to the observation at reset and every step,
-    then clipped to [-1, 1] (popjaxrl did not clip).
+    Action Box(1) in [-2, 2] (torque; clipped as gymnasium does). Reset theta ~ U(-pi, pi), theta_dot ~ U(-1, 1).
+    Gymnasium's reward r = -(angle^2 + 0.1 theta_dot^2 + 0.001 u^2), from the state *before* the step, r in
+    [-16.2736044, 0], becomes popgym's ((r + c) / c) / T with c = 8.1368022, in [-1/T, 1/T]. Never terminates;
+    truncated after T = `max_steps_in_episode` steps (200 / 150 / 100). With `noise_sigma > 0` (popgym's
+    NoisyPositionOnlyPendulum, T = 200 at every difficulty) N(0, sigma) noise is added to the observation at reset
+    and every step, then clipped to [-1, 1] (popjaxrl did not clip).
     """
 
     num_actions = 1
@@ -570,9 +711,9 @@ class NoisyPositionOnlyPendulum(PositionOnlyPendulum):
 
 
 # ---------------------------------------------------------------------------------------------
-# Grid games (popgym battleship.py, minesweeper.py). popgym's MultiDiscrete([R, C]) action is the
-# flat Discrete(R * C) here, row-major: a = row * C + col. The states keep the hidden layout
-# (ships, mines) as boolean grids, so tests can copy it from a seeded popgym env.
+# 7. Grid games (popgym battleship.py, minesweeper.py). popgym's MultiDiscrete([R, C]) action is the flat
+# Discrete(R * C) here, row-major: a = row * C + col. The states keep the hidden layout (ships, mines) as boolean
+# grids, so tests can copy it from a seeded popgym env.
 # ---------------------------------------------------------------------------------------------
 def grid_cell(action: jax.Array, num_cols: int) -> tuple[jax.Array, jax.Array]:
     """(row, col) of a row-major flattened grid action."""
@@ -597,8 +738,8 @@ BLOCK_3X3 = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1))  # a cell 
 
 
 def pick_true(u: jax.Array, mask: jax.Array) -> jax.Array:
-    """One-hot (shaped like `mask`) of its floor(u * count)-th True entry in row-major order: a
-    uniform choice among the True entries when u ~ U[0, 1); all False when there are none."""
+    """One-hot (shaped like `mask`) of its floor(u * count)-th True entry in row-major order: a uniform choice among
+    the True entries when u ~ U[0, 1); all False when there are none."""
     flat = mask.ravel()
     rank = jnp.cumsum(flat)  # 1-based rank of each True entry
     k = jnp.minimum(jnp.floor(u * rank[-1]), rank[-1] - 1)
@@ -616,15 +757,14 @@ class BattleshipState:
 class Battleship(PopGymEnvironment):
     """popgym/envs/battleship.py: fire at a hidden B x B board holding ships of sizes 2, 3, 3, 4.
 
-    Observation: one-hot(2) of "this shot was a hit"; 0 at reset. A first hit on a ship cell pays
-    1/12, anything else (a repeated guess included) -1/(B^2 - 12). Terminated at the 12th hit,
-    truncated after B^2 steps; both hold when the last possible shot is the 12th hit.
-    Ships are placed in turn, each uniformly among the positions that fit beside those already
-    placed: popgym's rejection sampling over (start cell, axis, sign) reaches every such
+    Observation: one-hot(2) of "this shot was a hit"; 0 at reset. A first hit on a ship cell pays 1/12, anything
+    else (a repeated guess included) -1/(B^2 - 12). Terminated at the 12th hit, truncated after B^2 steps; both hold
+    when the last possible shot is the 12th hit. Ships are placed in turn, each uniformly among the positions that
+    fit beside those already placed: popgym's rejection sampling over (start cell, axis, sign) reaches every such
     position in exactly two ways (either end as the start), so this is its distribution.
     """
 
-    obs_size, obs_low, obs_high, num_actions = 2, 0.0, 1.0, None
+    obs_size = 2
 
     def __init__(self, board_size: int = 10, ship_sizes: tuple[int, ...] = (2, 3, 3, 4)):
         self.board_size, self.ship_sizes = board_size, tuple(ship_sizes)
@@ -653,17 +793,10 @@ class Battleship(PopGymEnvironment):
     def step_env(self, key, state, action, params):
         row, col = grid_cell(action, self.board_size)
         hit = state.board[row, col] & ~state.guesses[row, col]
-        state = BattleshipState(
-            board=state.board,
-            guesses=state.guesses.at[row, col].set(True),
-            hits=state.hits + hit,
-            time=state.time + 1,
-        )
+        guesses = state.guesses.at[row, col].set(True)
+        state = BattleshipState(board=state.board, guesses=guesses, hits=state.hits + hit, time=state.time + 1)
         reward = jnp.where(hit, self.hit_reward, self.miss_reward).astype(jnp.float32)
         return one_hot(hit.astype(jnp.int32), 2), state, reward, state.hits >= self.needed_hits, {}
-
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(self.num_actions)
 
 
 @struct.dataclass
@@ -677,14 +810,11 @@ class MineSweeperState:
 class MineSweeper(PopGymEnvironment):
     """popgym/envs/minesweeper.py: uncover the L = R * C - mines clear cells of a hidden board.
 
-    Observation: one-hot over min(mines + 1, 10) values of the number of mines in the 3 x 3 block
-    around the chosen cell, the cell itself included; 0 at reset. A new clear cell pays 1/L, one
-    already uncovered -0.5/(L - 2), a mine -0.5 - 1/L and terminates. Terminated when no clear
-    cell is left; truncated at step L unless terminated on that step (popgym 1.0.7, fix #38).
-    Perfect play returns 1; one new cell, L - 2 repeats and a mine return -1.
+    Observation: one-hot over min(mines + 1, 10) values of the number of mines in the 3 x 3 block around the chosen
+    cell, the cell itself included; 0 at reset. A new clear cell pays 1/L, one already uncovered -0.5/(L - 2), a
+    mine -0.5 - 1/L and terminates. Terminated when no clear cell is left; truncated at step L unless terminated on
+    that step (popgym 1.0.7, fix #38). Perfect play returns 1; one new cell, L - 2 repeats and a mine return -1.
     """
-
-    obs_low, obs_high, obs_size, num_actions = 0.0, 1.0, None, None
 
     def __init__(self, dims: tuple[int, int] = (4, 4), num_mines: int = 2):
         self.dims, self.num_mines = tuple(dims), num_mines
@@ -705,12 +835,8 @@ class MineSweeper(PopGymEnvironment):
         row, col = grid_cell(action, self.dims[1])
         mine, viewed = state.mines[row, col], state.viewed[row, col]
         reward = jnp.where(mine, self.mine_reward, jnp.where(viewed, self.repeat_reward, self.clear_reward))
-        state = MineSweeperState(
-            mines=state.mines,
-            viewed=state.viewed.at[row, col].set(~mine),
-            exploded=state.exploded | mine,
-            time=state.time + 1,
-        )
+        viewed = state.viewed.at[row, col].set(~mine)
+        state = MineSweeperState(state.mines, viewed, exploded=state.exploded | mine, time=state.time + 1)
         mines_around = neighbour_sum(state.mines, BLOCK_3X3)[row, col]
         obs = one_hot(mines_around, self.obs_size)
         return obs, state, reward.astype(jnp.float32), self.is_terminated(state, params), {}
@@ -721,14 +847,11 @@ class MineSweeper(PopGymEnvironment):
     def is_truncated(self, state, params) -> jax.Array:
         return super().is_truncated(state, params) & ~self.is_terminated(state, params)
 
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(self.num_actions)
-
 
 # ---------------------------------------------------------------------------------------------
-# Labyrinths (popgym/core/maze.py, labyrinth_escape.py, labyrinth_explore.py; popgym makes its
-# mazes with mazelib). A maze of R x C cells lives on a (2R + 1) x (2C + 1) grid of popgym's cell
-# codes: cell (i, j) at (2i + 1, 2j + 1), the walls between and around them.
+# 8. Labyrinths (popgym/core/maze.py, labyrinth_escape.py, labyrinth_explore.py; popgym makes its mazes with
+# mazelib). A maze of R x C cells lives on a (2R + 1) x (2C + 1) grid of popgym's cell codes: cell (i, j) at
+# (2i + 1, 2j + 1), the walls between and around them.
 # ---------------------------------------------------------------------------------------------
 FREE, OBSTACLE, START, GOAL = 0, 1, 2, 3  # popgym's Cell codes; its Discrete(5) also has HIDDEN = 4
 NUM_CELL_CODES = 5
@@ -739,14 +862,13 @@ NO_ACTION = 4  # popgym's Actions.NONE, shown as the action in the reset observa
 def hunt_and_kill_maze(key: jax.Array, rows: int, cols: int) -> jax.Array:
     """A maze as mazelib's HuntAndKill(hunt_order="random") makes it: int8 grid, 1 = wall, 0 = open.
 
-    mazelib opens a uniformly random cell and walks from it, each step into a uniformly chosen
-    unvisited neighbour (opening the wall between), until stuck. Then it hunts: it draws uniformly
-    random cells, at most (2R + 1)(2C + 1) draws in all, and walks again from any that is open
-    and has an unvisited neighbour (a frontier cell); other draws change nothing. So one hunt
-    here draws how many cells mazelib would draw (geometric, success rate |frontier| / RC) and
-    then a uniform frontier cell: the same distribution in exactly RC - 1 carving steps. If the
-    draws run out first, the maze keeps unvisited (solid) cells, as mazelib's does (very rarely).
-    Cells are boolean (R, C) masks throughout, the current cell a one-hot mask.
+    mazelib opens a uniformly random cell and walks from it, each step into a uniformly chosen unvisited neighbour
+    (opening the wall between), until stuck. Then it hunts: it draws uniformly random cells, at most
+    (2R + 1)(2C + 1) draws in all, and walks again from any that is open and has an unvisited neighbour
+    (a frontier cell); other draws change nothing. So one hunt here draws how many cells mazelib would draw
+    (geometric, success rate |frontier| / RC) and then a uniform frontier cell: the same distribution in exactly
+    RC - 1 carving steps. If the draws run out first, the maze keeps unvisited (solid) cells, as mazelib's does
+    (very rarely). Cells are boolean (R, C) masks throughout, the current cell a one-hot mask.
     """
     max_draws = (2 * rows + 1) * (2 * cols + 1)
     u = jax.random.uniform(key, (3 * rows * cols,)).reshape(rows * cols, 3)
@@ -777,9 +899,9 @@ def hunt_and_kill_maze(key: jax.Array, rows: int, cols: int) -> jax.Array:
 def maze_entrances(key: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
     """mazelib's Maze.generate_entrances(start_outer=True) as popgym calls it: (start, end).
 
-    A uniformly chosen side (north, south, west, east) gets the start on a uniformly chosen odd
-    row/column of the outer wall, the opposite side the end, drawn likewise and independently.
-    (mazelib redraws adjacent entrances; on opposite sides of a maze that never happens.)
+    A uniformly chosen side (north, south, west, east) gets the start on a uniformly chosen odd row/column of the
+    outer wall, the opposite side the end, drawn likewise and independently. (mazelib redraws adjacent entrances; on
+    opposite sides of a maze that never happens.)
     """
     u = jax.random.uniform(key, (3,))
     side = jnp.floor(4 * u[0]).astype(jnp.int32)  # 0 north, 1 south, 2 west, 3 east
@@ -803,19 +925,17 @@ class LabyrinthState:
 class Labyrinth(PopGymEnvironment):
     """popgym/core/maze.py MazeEnv, shared by LabyrinthEscape and LabyrinthExplore.
 
-    `maze_dims` (even) = (2R, 2C): a hunt-and-kill maze of R x C cells on a (2R + 1) x (2C + 1)
-    grid; the agent starts on the outer wall (`maze_entrances`). Actions: 0 left, 1 right, 2 up,
-    3 down; a move into a wall or off the grid stays put. Observation: one-hot(5) of the 9 cell
-    codes of a 3 x 3 view, row by row, then one-hot(5) of the action just taken, blocked or not
-    (4 = none, at reset): 50 floats.
-    Off-grid view cells read as walls. popgym quirk kept: on row or column 0 its view starts at
-    the edge rather than one before, so there the agent sits in the view's first row/column.
-    Horizon quirk kept: popgym truncates when its step counter reaches `episode_length` - 1, so an
-    episode has at most 1023 steps (`max_steps_in_episode`), while each step costs
+    `maze_dims` (even) = (2R, 2C): a hunt-and-kill maze of R x C cells on a (2R + 1) x (2C + 1) grid; the agent
+    starts on the outer wall (`maze_entrances`). Actions: 0 left, 1 right, 2 up, 3 down; a move into a wall or off
+    the grid stays put. Observation: one-hot(5) of the 9 cell codes of a 3 x 3 view, row by row, then one-hot(5) of
+    the action just taken, blocked or not (4 = none, at reset): 50 floats. Off-grid view cells read as walls. popgym
+    quirk kept: on row or column 0 its view starts at the edge rather than one before, so there the agent sits in
+    the view's first row/column. Horizon quirk kept: popgym truncates when its step counter reaches
+    `episode_length` - 1, so an episode has at most 1023 steps (`max_steps_in_episode`), while each step costs
     -1/`episode_length`.
     """
 
-    obs_size, obs_low, obs_high, num_actions = 10 * NUM_CELL_CODES, 0.0, 1.0, 4
+    obs_size, num_actions = 10 * NUM_CELL_CODES, 4
     marks_goal = False  # whether the end entrance becomes a GOAL cell
 
     def __init__(self, maze_dims: tuple[int, int] = (10, 10), episode_length: int = 1024):
@@ -840,9 +960,8 @@ class Labyrinth(PopGymEnvironment):
         last = jnp.array(state.grid.shape) - 1
         first = jnp.maximum(state.position - 1, 0)  # popgym: max(y - 1, 0), no centring at 0
         rows, cols = first[0] + jnp.arange(3), first[1] + jnp.arange(3)
-        inside = (rows <= jnp.minimum(state.position[0] + 1, last[0]))[:, None] & (
-            cols <= jnp.minimum(state.position[1] + 1, last[1])
-        )[None, :]
+        end = jnp.minimum(state.position + 1, last)  # the view's last row and column on the grid
+        inside = (rows <= end[0])[:, None] & (cols <= end[1])[None, :]
         view = jnp.where(inside, state.grid[jnp.minimum(rows, last[0])][:, jnp.minimum(cols, last[1])], OBSTACLE)
         return jnp.concatenate([one_hot(view.ravel(), NUM_CELL_CODES).ravel(), one_hot(action, NUM_CELL_CODES)])
 
@@ -851,9 +970,6 @@ class Labyrinth(PopGymEnvironment):
         position = jnp.where(state.grid[target[0], target[1]] == OBSTACLE, state.position, target)
         explored = state.explored.at[position[0], position[1]].set(True)
         return LabyrinthState(grid=state.grid, position=position, explored=explored, time=state.time + 1)
-
-    def action_space(self, params=None) -> spaces.Discrete:
-        return spaces.Discrete(4)
 
 
 class LabyrinthEscape(Labyrinth):
@@ -874,9 +990,9 @@ class LabyrinthEscape(Labyrinth):
 class LabyrinthExplore(Labyrinth):
     """popgym/envs/labyrinth_explore.py: visit every open cell of the maze.
 
-    Stepping onto a cell not visited before pays 1/(number of FREE cells, the start excluded),
-    so visiting them all earns 1; any other step pays -1/1024. Terminated once every non-wall
-    cell has been visited. There is no goal: the far entrance stays a wall.
+    Stepping onto a cell not visited before pays 1/(number of FREE cells, the start excluded), so visiting them all
+    earns 1; any other step pays -1/1024. Terminated once every non-wall cell has been visited. There is no goal:
+    the far entrance stays a wall.
     """
 
     def step_env(self, key, state, action, params):
@@ -888,119 +1004,42 @@ class LabyrinthExplore(Labyrinth):
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry: popgym's families and difficulty constants, and the aliases of earlier names.
+# 9. Registry: popgym's families with their difficulty constants, and the aliases of earlier names.
 # ---------------------------------------------------------------------------------------------
-FAMILIES: dict[str, tuple[type, dict, dict, dict]] = {
-    # family: (class, Easy kwargs, Medium kwargs, Hard kwargs)
-    "RepeatFirst": (RepeatFirst, dict(num_decks=1), dict(num_decks=8), dict(num_decks=16)),
-    "RepeatPrevious": (
-        RepeatPrevious,
-        dict(num_decks=1, k=4),
-        dict(num_decks=2, k=32),
-        dict(num_decks=3, k=64),
-    ),
-    "Autoencode": (Autoencode, dict(num_decks=1), dict(num_decks=2), dict(num_decks=3)),
-    "CountRecall": (
-        CountRecall,
-        dict(num_decks=1, deck_type="colors"),
-        dict(num_decks=2, deck_type="suits"),
-        dict(num_decks=4, deck_type="ranks"),
-    ),
-    "HigherLower": (HigherLower, dict(num_decks=1), dict(num_decks=2), dict(num_decks=3)),
-    "Concentration": (
-        Concentration,
-        dict(num_decks=1, deck_type="colors"),
-        dict(num_decks=2, deck_type="colors"),
-        dict(num_decks=1, deck_type="ranks"),
-    ),
-    "MultiarmedBandit": (
-        MultiarmedBandit,
-        dict(num_bandits=10, episode_length=200),
-        dict(num_bandits=20, episode_length=400),
-        dict(num_bandits=30, episode_length=600),
-    ),
-    "PositionOnlyCartPole": (
-        PositionOnlyCartPole,
-        dict(max_episode_length=200),
-        dict(max_episode_length=400),
-        dict(max_episode_length=600),
-    ),
-    "NoisyPositionOnlyCartPole": (
-        NoisyPositionOnlyCartPole,
-        dict(noise_sigma=0.1),
-        dict(noise_sigma=0.2),
-        dict(noise_sigma=0.3),
-    ),
-    "VelocityOnlyCartPole": (
-        VelocityOnlyCartPole,
-        dict(max_episode_length=200),
-        dict(max_episode_length=400),
-        dict(max_episode_length=600),
-    ),
-    "PositionOnlyPendulum": (
-        PositionOnlyPendulum,
-        dict(max_episode_length=200),
-        dict(max_episode_length=150),
-        dict(max_episode_length=100),
-    ),
-    "NoisyPositionOnlyPendulum": (
-        NoisyPositionOnlyPendulum,
-        dict(noise_sigma=0.1),
-        dict(noise_sigma=0.2),
-        dict(noise_sigma=0.3),
-    ),
-    "Battleship": (Battleship, dict(board_size=8), dict(board_size=10), dict(board_size=12)),
-    "MineSweeper": (
-        MineSweeper,
-        dict(dims=(4, 4), num_mines=2),
-        dict(dims=(6, 6), num_mines=6),
-        dict(dims=(8, 8), num_mines=10),
-    ),
-    "LabyrinthEscape": (
-        LabyrinthEscape,
-        dict(maze_dims=(10, 10)),
-        dict(maze_dims=(14, 14)),
-        dict(maze_dims=(18, 18)),
-    ),
-    "LabyrinthExplore": (
-        LabyrinthExplore,
-        dict(maze_dims=(10, 10)),
-        dict(maze_dims=(14, 14)),
-        dict(maze_dims=(18, 18)),
-    ),
-}
 DIFFICULTIES = ("Easy", "Medium", "Hard")
-# Earlier names of the same families (popgym <= 1.0.3, the S5 paper, popjaxrl) and short forms.
-FAMILY_ALIASES = {
-    "StatelessCartPole": "PositionOnlyCartPole",
-    "CartPole": "PositionOnlyCartPole",
-    "NoisyStatelessCartPole": "NoisyPositionOnlyCartPole",
-    "NoisyCartPole": "NoisyPositionOnlyCartPole",
-    "VelocityOnlyCartpole": "VelocityOnlyCartPole",  # popgym's gym-id spelling
-    "StatelessPendulum": "PositionOnlyPendulum",
-    "Pendulum": "PositionOnlyPendulum",
-    "NoisyStatelessPendulum": "NoisyPositionOnlyPendulum",
-    "NoisyPendulum": "NoisyPositionOnlyPendulum",
-    "MultiArmedBandit": "MultiarmedBandit",
-    "Minesweeper": "MineSweeper",
+FAMILIES: dict[str, tuple[type, dict[str, tuple]]] = {
+    # family: (class, {constructor argument: its (Easy, Medium, Hard) values})
+    "RepeatFirst": (RepeatFirst, dict(num_decks=(1, 8, 16))),
+    "RepeatPrevious": (RepeatPrevious, dict(num_decks=(1, 2, 3), k=(4, 32, 64))),
+    "Autoencode": (Autoencode, dict(num_decks=(1, 2, 3))),
+    "CountRecall": (CountRecall, dict(num_decks=(1, 2, 4), deck_type=("colors", "suits", "ranks"))),
+    "HigherLower": (HigherLower, dict(num_decks=(1, 2, 3))),
+    "Concentration": (Concentration, dict(num_decks=(1, 2, 1), deck_type=("colors", "colors", "ranks"))),
+    "MultiarmedBandit": (MultiarmedBandit, dict(num_bandits=(10, 20, 30), episode_length=(200, 400, 600))),
+    "PositionOnlyCartPole": (PositionOnlyCartPole, dict(max_episode_length=(200, 400, 600))),
+    "NoisyPositionOnlyCartPole": (NoisyPositionOnlyCartPole, dict(noise_sigma=(0.1, 0.2, 0.3))),
+    "VelocityOnlyCartPole": (VelocityOnlyCartPole, dict(max_episode_length=(200, 400, 600))),
+    "PositionOnlyPendulum": (PositionOnlyPendulum, dict(max_episode_length=(200, 150, 100))),
+    "NoisyPositionOnlyPendulum": (NoisyPositionOnlyPendulum, dict(noise_sigma=(0.1, 0.2, 0.3))),
+    "Battleship": (Battleship, dict(board_size=(8, 10, 12))),
+    "MineSweeper": (MineSweeper, dict(dims=((4, 4), (6, 6), (8, 8)), num_mines=(2, 6, 10))),
+    "LabyrinthEscape": (LabyrinthEscape, dict(maze_dims=((10, 10), (14, 14), (18, 18)))),
+    "LabyrinthExplore": (LabyrinthExplore, dict(maze_dims=((10, 10), (14, 14), (18, 18)))),
 }
-
-
-def _canonical_ids() -> list[str]:
-    return [family + level for family in FAMILIES for level in DIFFICULTIES]
-
-
-def _alias_ids() -> dict[str, str]:
-    return {
-        alias + level: target + level
-        for alias, target in FAMILY_ALIASES.items()
-        if target in FAMILIES
-        for level in DIFFICULTIES
-    }
-
-
-CANONICAL_IDS: tuple[str, ...] = tuple(_canonical_ids())
-ALIASES: dict[str, str] = _alias_ids()
+FAMILY_ALIASES: dict[str, tuple[str, ...]] = {
+    # family: its earlier names (popgym <= 1.0.3, the S5 paper, popjaxrl), short forms, popgym's gym-id spelling
+    "PositionOnlyCartPole": ("StatelessCartPole", "CartPole"),
+    "NoisyPositionOnlyCartPole": ("NoisyStatelessCartPole", "NoisyCartPole"),
+    "VelocityOnlyCartPole": ("VelocityOnlyCartpole",),
+    "PositionOnlyPendulum": ("StatelessPendulum", "Pendulum"),
+    "NoisyPositionOnlyPendulum": ("NoisyStatelessPendulum", "NoisyPendulum"),
+    "MultiarmedBandit": ("MultiArmedBandit",),
+    "MineSweeper": ("Minesweeper",),
+}
+CANONICAL_IDS: tuple[str, ...] = tuple(family + level for family in FAMILIES for level in DIFFICULTIES)
+ALIASES: dict[str, str] = {
+    name + level: family + level for family, names in FAMILY_ALIASES.items() for name in names for level in DIFFICULTIES
+}
 ENV_IDS: tuple[str, ...] = CANONICAL_IDS + tuple(ALIASES)
 
 
@@ -1018,15 +1057,15 @@ def canonical_id(env_id: str) -> str:
 
 
 def make(env_id: str, **overrides) -> tuple[environment.Environment, environment.EnvParams]:
-    """Build `env_id` and its default params. `overrides` replace difficulty constants
-    (constructor arguments such as `k` or `noise_sigma`) or fields of the env params."""
+    """Build `env_id` and its default params. `overrides` replace difficulty constants (constructor arguments such
+    as `k` or `noise_sigma`) or fields of the env params."""
     env_id = canonical_id(env_id)
     if memory_chain_id(env_id):
         return make_memory_chain(env_id, **overrides)
     level = next(d for d in DIFFICULTIES if env_id.endswith(d))
     family = env_id[: -len(level)]
-    env_class, *difficulty_kwargs = FAMILIES[family]
-    kwargs = dict(difficulty_kwargs[DIFFICULTIES.index(level)])
+    env_class, levels = FAMILIES[family]
+    kwargs = {name: values[DIFFICULTIES.index(level)] for name, values in levels.items()}
     constructor_args = set(inspect.signature(env_class.__init__).parameters) - {"self"}
     kwargs.update({k: v for k, v in overrides.items() if k in constructor_args})
     env = env_class(**kwargs)
@@ -1040,9 +1079,9 @@ def make(env_id: str, **overrides) -> tuple[environment.Environment, environment
 
 
 # ---------------------------------------------------------------------------------------------
-# bsuite's MemoryChain (bsuite/environments/memory_chain.py), kept out of the POPGym registry.
-# Ids: "MemoryChain" (gymnax's "MemoryChain-bsuite" is an alias) and "MemoryChain-{L}", which
-# fixes the memory length, for scripts that only take an env id.
+# 10. bsuite's MemoryChain (bsuite/environments/memory_chain.py), kept out of the POPGym registry. Ids:
+# "MemoryChain" (gymnax's "MemoryChain-bsuite" is an alias) and "MemoryChain-{L}", which fixes the memory length,
+# for scripts that only take an env id.
 # ---------------------------------------------------------------------------------------------
 MEMORY_CHAIN_IDS: tuple[str, ...] = ("MemoryChain", "MemoryChain-bsuite")
 
@@ -1067,12 +1106,11 @@ class MemoryChain(environment.Environment):
     """bsuite's memory chain: remember the context bit shown at the start for L steps.
 
     The observation at time t (t = 0 at reset) is
-    `[1 - t/L, query if t == L - 1 else 0, 2 * context - 1 (+-1) if t == 0 else 0]`, `num_bits + 2`
-    floats whatever L is, so L can be a traced param. As in bsuite, a step returns the observation
-    of the time *before* it: the context is shown at reset and by the first step, the query by step
-    L. Steps 1..L pay 0; step L + 1 pays +1 if the action is the bit `context[query]`, else -1, and
-    terminates. No truncation: gymnax 1.0.1's port also ends episodes at `max_steps_in_episode`
-    (default 1000), which would cut every L >= 1000.
+    `[1 - t/L, query if t == L - 1 else 0, 2 * context - 1 (+-1) if t == 0 else 0]`, `num_bits + 2` floats whatever
+    L is, so L can be a traced param. As in bsuite, a step returns the observation of the time *before* it: the
+    context is shown at reset and by the first step, the query by step L. Steps 1..L pay 0; step L + 1 pays +1 if
+    the action is the bit `context[query]`, else -1, and terminates. No truncation: gymnax 1.0.1's port also ends
+    episodes at `max_steps_in_episode` (default 1000), which would cut every L >= 1000.
     """
 
     def __init__(self, num_bits: int = 1):
@@ -1093,11 +1131,8 @@ class MemoryChain(environment.Environment):
 
     def reset_env(self, key, params):
         key_context, key_query = jax.random.split(key)
-        state = MemoryChainState(
-            context=jax.random.bernoulli(key_context, 0.5, (self.num_bits,)).astype(jnp.int32),
-            query=jax.random.randint(key_query, (), 0, self.num_bits),
-            time=jnp.int32(0),
-        )
+        context = jax.random.bernoulli(key_context, 0.5, (self.num_bits,)).astype(jnp.int32)
+        state = MemoryChainState(context, query=jax.random.randint(key_query, (), 0, self.num_bits), time=jnp.int32(0))
         return self.get_obs(state, params), state
 
     def step_env(self, key, state, action, params):
@@ -1149,212 +1184,17 @@ def make_memory_chain(env_id: str, **overrides) -> tuple[MemoryChain, MemoryChai
 
 
 # ---------------------------------------------------------------------------------------------
-# Wrappers shared by the scripts.
-# ---------------------------------------------------------------------------------------------
-def action_size(action_space) -> int:
-    """Length of the encoded action: n for Discrete(n) (one-hot), the flat size for a Box."""
-    if isinstance(action_space, spaces.Discrete):
-        return action_space.n
-    return math.prod(action_space.shape)
-
-
-@struct.dataclass
-class PreviousActionState:
-    env_state: Any
-    previous_action: jax.Array  # encoded: one-hot for Discrete, raw floats for Box
-    first: jax.Array  # 1.0 when the current observation is the first of an episode
-
-
-class PreviousActionWrapper(GymnaxWrapper):
-    """Observation -> [observation, previous action (one-hot or raw), first-step flag].
-
-    popgym's `PreviousAction` + `Antialias` wrappers as used by its baselines. The flag is 1 and
-    the action block zero on the first observation of *every* episode, auto-resets included
-    (popjaxrl's AliasPrevActionV2 only did this at the initial reset).
-    """
-
-    def __init__(self, env):
-        super().__init__(env)
-        self.discrete = isinstance(env.action_space(env.default_params), spaces.Discrete)
-        self.action_dim = action_size(env.action_space(env.default_params))
-        self.batch_shape = getattr(env, "batch_shape", ())  # (num_envs,) around a VecEnv
-
-    def observation_space(self, params) -> spaces.Box:
-        inner = self._env.observation_space(params)
-        return spaces.Box(-jnp.inf, jnp.inf, (inner.shape[0] + self.action_dim + 1,), jnp.float32)
-
-    def encode_action(self, action: jax.Array) -> jax.Array:
-        if self.discrete:
-            return one_hot(action, self.action_dim)
-        return jnp.reshape(action, self.batch_shape + (self.action_dim,)).astype(jnp.float32)
-
-    @staticmethod
-    def _observe(obs, state: PreviousActionState) -> jax.Array:
-        return jnp.concatenate([obs, state.previous_action, state.first[..., None]], axis=-1)
-
-    @partial(jax.jit, static_argnames=("self",))
-    def reset(self, key, params=None):
-        obs, env_state = self._env.reset(key, params)
-        zeros = jnp.zeros(self.batch_shape + (self.action_dim,), jnp.float32)
-        state = PreviousActionState(env_state, zeros, jnp.ones(self.batch_shape, jnp.float32))
-        return self._observe(obs, state), state
-
-    @partial(jax.jit, static_argnames=("self",))
-    def step(self, key, state, action, params=None):
-        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
-        done = terminated | truncated
-        previous_action = jnp.where(done[..., None], 0.0, self.encode_action(action))
-        state = PreviousActionState(env_state, previous_action, done.astype(jnp.float32))
-        return self._observe(obs, state), state, reward, terminated, truncated, info
-
-
-@struct.dataclass
-class EpisodeStatsState:
-    env_state: Any
-    episode_return: jax.Array  # running return of the current episode
-    episode_length: jax.Array
-    returned_episode_return: jax.Array  # return of the last completed episode
-    returned_episode_length: jax.Array
-
-
-class EpisodeStatsWrapper(GymnaxWrapper):
-    """Fixed-shape episode statistics for jit/vmap. `info` gets `returned_episode` (an episode
-    ended at this step), `returned_episode_return` and `returned_episode_length` (of the last
-    completed episode)."""
-
-    @partial(jax.jit, static_argnames=("self",))
-    def reset(self, key, params=None):
-        obs, env_state = self._env.reset(key, params)
-        zero_f, zero_i = jnp.zeros(obs.shape[:-1], jnp.float32), jnp.zeros(obs.shape[:-1], jnp.int32)
-        return obs, EpisodeStatsState(env_state, zero_f, zero_i, zero_f, zero_i)
-
-    @partial(jax.jit, static_argnames=("self",))
-    def step(self, key, state, action, params=None):
-        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
-        done = terminated | truncated
-        episode_return = state.episode_return + reward
-        episode_length = state.episode_length + 1
-        state = EpisodeStatsState(
-            env_state=env_state,
-            episode_return=jnp.where(done, 0.0, episode_return),
-            episode_length=jnp.where(done, 0, episode_length),
-            returned_episode_return=jnp.where(done, episode_return, state.returned_episode_return),
-            returned_episode_length=jnp.where(done, episode_length, state.returned_episode_length),
-        )
-        info = {
-            **info,
-            "returned_episode": done,
-            "returned_episode_return": state.returned_episode_return,
-            "returned_episode_length": state.returned_episode_length,
-        }
-        return obs, state, reward, terminated, truncated, info
-
-
-# ---------------------------------------------------------------------------------------------
-# Batched envs whose resets cost in proportion to the episodes that end (used by the scripts).
-# ---------------------------------------------------------------------------------------------
-class VecEnv:
-    """`num_envs` copies of a gymnax env stepped together, with gymnax's auto-reset semantics.
-
-    `reset(key, params) -> (obs[N, ...], state)`; `step(key, state, action[N], params) ->
-    (obs, state, reward[N], terminated[N], truncated[N], info)`. Env i uses key
-    `jax.random.split(key, N)[i]` exactly as gymnax's `step` does (its `key_reset` half for a reset),
-    so the outputs equal `vmap(env.step)(jax.random.split(key, N), ...)` bit for bit: every episode
-    starts from its own fresh `reset_env` draw (the env's reset distribution, independent across
-    envs and episodes, lockstep endings included). What changes is the cost: gymnax computes a
-    reset for every env on every step and selects it where an episode ended. Here a step where no
-    episode ends computes none; one where m <= N // 4 end computes them in chunks of
-    `reset_chunk` (default N // 32) at the indices of the ended envs (ceil(m / chunk) passes);
-    more (card games, bandits: envs end in lockstep) take one pass of N resets. These are while
-    loops, not `lax.cond`: under an outer `vmap` (the scripts' seeds) a cond becomes a select that
-    always runs both branches, while a batched while loop still runs only when some seed needs it.
-    """
-
-    def __init__(self, env: environment.Environment, num_envs: int, reset_chunk: int | None = None):
-        if num_envs < 1 or (reset_chunk is not None and reset_chunk < 1):
-            raise ValueError(f"num_envs and reset_chunk must be >= 1, got {num_envs} and {reset_chunk}")
-        self.env, self.num_envs, self.batch_shape = env, num_envs, (num_envs,)
-        self.reset_chunk = min(reset_chunk or max(1, num_envs // 32), num_envs)
-        self.default_params = env.default_params
-
-    def action_space(self, params=None):
-        return self.env.action_space(params)
-
-    def observation_space(self, params):
-        return self.env.observation_space(params)
-
-    @partial(jax.jit, static_argnames=("self",))
-    def reset(self, key, params=None):
-        params = self.default_params if params is None else params
-        return jax.vmap(self.env.reset_env, (0, None))(jax.random.split(key, self.num_envs), params)
-
-    @partial(jax.jit, static_argnames=("self",))
-    def step(self, key, state, action, params=None):
-        params = self.default_params if params is None else params
-        keys = jax.vmap(jax.random.split)(jax.random.split(key, self.num_envs))  # [N, 2]: step, reset
-        obs, state, reward, terminated, info = jax.vmap(self.env.step_env, (0, 0, 0, None))(
-            keys[:, 0], state, action, params
-        )
-        truncated = jax.vmap(self.env.is_truncated, (0, None))(state, params)
-        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs}
-        done = terminated | truncated
-        (obs, state), (reward, info) = self.reset_ended(done, keys[:, 1], obs, state, (reward, info), params)
-        return obs, state, reward, terminated, truncated, info
-
-    def reset_ended(self, done: jax.Array, keys: jax.Array, obs, state, others, params):
-        """`(obs, state)` with env i's replaced by `reset_env(keys[i])` wherever `done[i]`, and
-        `others` (the step's other outputs) unchanged. They pass through the loops, rewritten with
-        their own values, so that all reads of the old state come first: XLA then updates the state
-        in place, where it copied it on every step when an output computed from it bypassed them."""
-        n = self.num_envs
-
-        def reset_chunks(size: int, carry_on, carry):
-            def one_chunk(carry):  # reset the first `size` pending envs
-                pending, (obs_state, others) = carry
-                index = jnp.nonzero(pending, size=size, fill_value=n)[0]  # n: no env, dropped below
-                some = jnp.minimum(index, n - 1)  # indexing by `pending` also keeps XLA from hoisting the resets
-                new = jax.vmap(self.env.reset_env, (0, None))(keys[some], params)
-                new = new, jax.tree.map(lambda x: x[some], others)
-                scatter = lambda old, new: old.at[index].set(new, mode="drop")  # noqa: E731
-                return pending.at[index].set(False, mode="drop"), jax.tree.map(scatter, (obs_state, others), new)
-
-            return jax.lax.while_loop(lambda carry: carry_on(carry[0]), one_chunk, carry)
-
-        carry = reset_chunks(n, lambda pending: 4 * jnp.sum(pending) > n, (done, ((obs, state), others)))
-        return reset_chunks(self.reset_chunk, jnp.any, carry)[1]
-
-
-def make_vec(env_id: str, num_envs: int, *, wrappers: bool = False, reset_chunk: int | None = None, **overrides):
-    """`make(env_id, **overrides)` as a `VecEnv` of `num_envs` envs: `(vec_env, params)`. With
-    `wrappers=True` the scripts' wrappers are applied to the batch: the observation gets the
-    previous action and the first-step flag (`PreviousActionWrapper`), `info` the episode
-    statistics (`EpisodeStatsWrapper`)."""
-    env, params = make(env_id, **overrides)
-    vec_env = VecEnv(env, num_envs, reset_chunk)
-    if wrappers:
-        vec_env = EpisodeStatsWrapper(PreviousActionWrapper(vec_env))
-    return vec_env, params
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-environment meta-RL (Lu et al. 2023, section 5.3; used by ppo_s5_metarl.py).
-# Continuous-control envs from gymnax and brax, hidden behind random linear projections of their
-# observations and actions. A *trial* is `episodes_per_trial` episodes of one env with one pair of
-# projections; the agent's memory (and the PPO `done`) resets only between trials.
+# 11. Multi-environment meta-RL (Lu et al. 2023, section 5.3; used by ppo_s5_metarl.py). Continuous-control envs
+# from gymnax and brax, hidden behind random linear projections of their observations and actions. A *trial* is
+# `episodes_per_trial` episodes of one env with one pair of projections; the agent's memory (and the PPO `done`)
+# resets only between trials.
 # ---------------------------------------------------------------------------------------------
 @struct.dataclass
 class MetaEnvSpec:
-    """One env of the meta-RL pool.
-
-    `reward_scale` is the size of a typical per-step reward of the env (a fixed, rough constant);
-    the meta-env divides every reward by `reward_scale * episode_length`, so a typical *episode*
-    return is O(1) (|return| <~ 1) whatever the env and the chosen episode length, and no env
-    dominates the PPO loss. Fixed constants rather than statistics of random rollouts: random
-    policies score ~0 on sparse tasks, and rollouts at construction would cost a brax compile.
-    `episode_length` is the default inner-episode time limit (brax's 1000 is long for a CPU).
-    `backend` pins the brax backend for envs that support only one (brax's swimmer); `params`
-    overrides gymnax env params.
-    """
+    """One env of the meta-RL pool: `reward_scale`, a rough, fixed size of its per-step reward (the meta-env divides
+    every reward by `reward_scale * episode_length`, so a typical episode return is O(1) whatever the env and the
+    episode length); `episode_length`, the default inner-episode time limit; `backend`, the brax backend of envs that
+    support only one (brax's swimmer); `params`, overrides of gymnax env params."""
 
     reward_scale: float = struct.field(pytree_node=False)
     episode_length: int = struct.field(pytree_node=False)
@@ -1363,11 +1203,10 @@ class MetaEnvSpec:
 
 
 META_ENVS: dict[str, MetaEnvSpec] = {
-    # gymnax 1.0.1's Box-action envs (10-300x cheaper than brax on CPU). Per-step rewards:
-    # Pendulum's cost lies in [-16.3, 0]; MountainCarContinuous pays -0.1 a^2 per step and +100 at
-    # the goal (scaled: 0.5 at 200 steps); PointRobot (dense: its sparse reward is out of a random
-    # policy's reach behind projections) pays minus the distance to its hidden goal, in [-2, 0];
-    # Reacher and Swimmer pay in [0, 1].
+    # gymnax 1.0.1's Box-action envs (10-300x cheaper than brax on CPU). Per-step rewards: Pendulum's cost lies in
+    # [-16.3, 0]; MountainCarContinuous pays -0.1 a^2 per step and +100 at the goal (scaled: 0.5 at 200 steps);
+    # PointRobot (dense: its sparse reward is out of a random policy's reach behind projections) pays minus the
+    # distance to its hidden goal, in [-2, 0]; Reacher and Swimmer pay in [0, 1].
     "gymnax/Pendulum-v1": MetaEnvSpec(16.3, 100),
     "gymnax/MountainCarContinuous-v0": MetaEnvSpec(1.0, 200),
     "gymnax/PointRobot-misc": MetaEnvSpec(1.0, 100, params={"dense_reward": True}),
@@ -1390,8 +1229,8 @@ BRAX_BACKENDS = ("spring", "positional", "generalized", "mjx")
 
 
 def meta_env_id(env_id: str) -> str:
-    """`gymnax/Pendulum-v1` / `brax/hopper`; plain names (`Pendulum-v1`, `hopper`) resolve to them.
-    Raises ValueError naming the closest valid ids."""
+    """`gymnax/Pendulum-v1` / `brax/hopper`; plain names (`Pendulum-v1`, `hopper`) resolve to them. Raises
+    ValueError naming the closest valid ids."""
     if env_id in META_ENVS:
         return env_id
     matches = [i for i in META_ENV_IDS if i.split("/", 1)[1] == env_id]
@@ -1482,45 +1321,34 @@ class MetaEnvState:
 class MetaEnv:
     """One env of the pool behind random projections; trials of `episodes_per_trial` episodes.
 
-    Agent observation (`obs_size + action_size + 2` floats), in this order:
-      `[W_obs @ o (obs_size), previous action (action_size), previous reward (1), first (1)]`
-    with o the env's observation, the previous action the agent's action clipped to [-1, 1], the
-    previous reward divided by the env's `reward_scale` (O(1) per step as an input; the reward
-    `step` returns is further divided by the episode length, see `MetaEnvSpec`), and `first` = 1
-    on the first step of every episode
-    of the trial (0 otherwise). At a trial start the previous action and reward are 0; at an
-    episode start inside a trial they are those of the previous episode's last step (RL^2's
-    inputs: the agent can see how the last episode ended).
+    Agent observation (`obs_size + action_size + 2` floats): `[W_obs @ o, previous action, previous reward, first]`
+    with o the env's observation, the previous action clipped to [-1, 1], the previous reward divided by the env's
+    `reward_scale`, and `first` = 1 on the first step of every episode of the trial. At a trial start the previous
+    action and reward are 0; inside a trial they carry over from the previous episode's last step (RL^2's inputs).
+    Projections, drawn at every trial start and kept for the whole trial: `W_obs[i, j] ~ N(0, 1 / env_obs_size)` and
+    `W_act[k, j] ~ N(0, 1 / action_size) * (high_k - low_k) / 2`; the env receives
+    `clip((low + high) / 2 + W_act @ clip(a, -1, 1), low, high)`, so the agent acts in Box(-1, 1, (action_size,)).
+    An episode ends when the env terminates or after `episode_length` steps. With `fixed_reset` (the default) every
+    episode of a trial restarts from the trial's first env state (the env's reset randomness, e.g. PointRobot's hidden
+    goal, is part of the task); without it every episode draws a fresh reset. After `episodes_per_trial` episodes
+    `step` returns `done = True` (the only done the agent's memory sees) and the state of a new trial.
 
-    Projections, drawn afresh at every trial start and kept for the whole trial:
-    `W_obs[i, j] ~ N(0, 1 / env_obs_size)` (each projected feature has the scale of an env feature)
-    and `W_act[k, j] ~ N(0, 1 / action_size) * (high_k - low_k) / 2`; the env receives
-    `clip((low + high) / 2 + W_act @ clip(a, -1, 1), low, high)`, so the agent acts in
-    Box(-1, 1, (action_size,)) whatever the env's bounds.
-
-    An episode ends when the env terminates or after `episode_length` steps; the env is then reset
-    (same projections). With `fixed_reset` (the default) every episode of a trial restarts from the
-    trial's first env state: the env's own reset randomness (PointRobot's hidden goal, Reacher's
-    target, the initial state) is part of the task and fixed for the trial, as in the point-robot
-    meta-RL benchmarks (VariBAD, BOReL) and popjaxrl's meta-CartPole; without it every episode
-    draws a fresh reset and only the env and projections carry over. After `episodes_per_trial` episodes the trial ends: `step` returns
-    `done = True` (the only done the agent's memory sees) and the state is that of `reset`.
-
-    `reset(key) -> (obs, state)`; `step(key, state, action) -> (obs, state, reward, done, info)`,
-    reward scaled; info: `episode_done` (an episode ended at this step), `episode_return` (its
-    scaled return, valid where episode_done), `episode_index` (its index in the trial),
+    `reset(key) -> (obs, state)`; `step(key, state, action) -> (obs, state, reward, done, info)`, the reward divided by
+    `reward_scale * episode_length` (see `MetaEnvSpec`); info: `episode_done` (an episode ended at this step),
+    `episode_return` (its scaled return, valid where episode_done), `episode_index` (its index in the trial),
     `raw_reward`. Pure functions of their inputs: jit- and vmap-able.
     """
 
     def __init__(self, env_id: str, obs_size: int = 16, action_size: int = 2, episodes_per_trial: int = 4,
-                 episode_length: int | None = None, brax_backend: str = "spring", fixed_reset: bool = True):  # fmt: skip
+                 episode_length: int | None = None, brax_backend: str = "spring",
+                 fixed_reset: bool = True):  # fmt: skip
         self.env_id = meta_env_id(env_id)
         self.fixed_reset = fixed_reset
         spec = META_ENVS[self.env_id]
         if brax_backend not in BRAX_BACKENDS:
             raise ValueError(f"unknown brax backend {brax_backend!r}; valid: {', '.join(BRAX_BACKENDS)}")
-        for name, value in (("obs_size", obs_size), ("action_size", action_size),
-                            ("episodes_per_trial", episodes_per_trial), ("episode_length", episode_length or 1)):  # fmt: skip
+        sizes = dict(obs_size=obs_size, action_size=action_size, episodes_per_trial=episodes_per_trial)
+        for name, value in {**sizes, "episode_length": episode_length or 1}.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.obs_size, self.action_size = obs_size, action_size
@@ -1553,9 +1381,10 @@ class MetaEnv:
         key_proj, key_env = jax.random.split(key)
         w_obs, w_act = self.sample_projections(key_proj)
         env_obs, env_state = self.env.reset(key_env)
-        zero = jnp.float32(0.0)
-        state = MetaEnvState(env_state, w_obs, w_act, jnp.zeros(self.action_size), zero, jnp.float32(1.0),
-                             jnp.int32(0), jnp.int32(0), zero, env_obs, env_state)  # fmt: skip
+        zero, one, no_action = jnp.float32(0.0), jnp.float32(1.0), jnp.zeros(self.action_size)
+        state = MetaEnvState(
+            env_state, w_obs, w_act, no_action, zero, one, jnp.int32(0), jnp.int32(0), zero, env_obs, env_state
+        )
         return env_obs, state
 
     def reset(self, key):
@@ -1568,48 +1397,48 @@ class MetaEnv:
     def step(self, key, state: MetaEnvState, action: jax.Array):
         key_step, key_reset = jax.random.split(key)
         action = jnp.clip(action, -1.0, 1.0)
-        env_obs, env_state, raw_reward, terminated = self.env.step(key_step, state.env_state, self.env_action(state, action))
+        env_action = self.env_action(state, action)
+        env_obs, env_state, raw_reward, terminated = self.env.step(key_step, state.env_state, env_action)
         reward = raw_reward / self.reward_divisor
         time = state.time + 1
         episode_done = terminated | (time >= self.episode_length)
         trial_done = episode_done & (state.episode + 1 >= self.episodes_per_trial)
         episode_return = state.episode_return + reward
+        info = dict(
+            episode_done=episode_done, episode_return=episode_return, episode_index=state.episode, raw_reward=raw_reward
+        )
         # One reset serves both boundaries: a new episode may take its env state, a new trial all of it.
         fresh_obs, fresh = self.new_trial(key_reset)
         select = lambda cond, new, old: jax.tree.map(lambda x, y: jax.lax.select(cond, x, y), new, old)  # noqa: E731
-        if self.fixed_reset:
-            restart_obs, restart_state = state.start_obs, state.start_env_state
-        else:
-            restart_obs, restart_state = fresh_obs, fresh.env_state
-        continuing = MetaEnvState(
-            env_state=select(episode_done, restart_state, env_state), w_obs=state.w_obs, w_act=state.w_act,
-            prev_action=action.astype(jnp.float32), prev_reward=raw_reward / self.reward_scale,
+        start = (state.start_obs, state.start_env_state) if self.fixed_reset else (fresh_obs, fresh.env_state)
+        restart_obs, restart_state = start  # where an episode inside the trial restarts
+        continuing = state.replace(
+            env_state=select(episode_done, restart_state, env_state),
+            prev_action=action.astype(jnp.float32),
+            prev_reward=raw_reward / self.reward_scale,
             first=episode_done.astype(jnp.float32),
-            episode=state.episode + episode_done.astype(jnp.int32), time=jnp.where(episode_done, 0, time),
-            episode_return=jnp.where(episode_done, 0.0, episode_return), start_obs=state.start_obs,
-            start_env_state=state.start_env_state,
-        )  # fmt: skip
+            episode=state.episode + episode_done.astype(jnp.int32),
+            time=jnp.where(episode_done, 0, time),
+            episode_return=jnp.where(episode_done, 0.0, episode_return),
+        )
         state = select(trial_done, fresh, continuing)
         env_obs = jnp.where(trial_done, fresh_obs, jnp.where(episode_done, restart_obs, env_obs))
-        obs = self.observe(env_obs, state)
-        info = {"episode_done": episode_done, "episode_return": episode_return, "episode_index": continuing.episode
-                - episode_done.astype(jnp.int32), "raw_reward": raw_reward}  # fmt: skip
-        return obs, state, reward, trial_done, info
+        return self.observe(env_obs, state), state, reward, trial_done, info
 
 
 class MetaEnvPool:
-    """`num_envs` parallel slots split evenly over `envs` (slot i holds `envs[i // (num_envs // len(envs))]`):
-    brax and gymnax state pytrees differ per env, so each group is vmapped on its own and the
-    groups are concatenated along the batch axis. Projections still change at every trial.
+    """`num_envs` parallel slots split evenly over `envs` (slot i holds `envs[i // (num_envs // len(envs))]`): brax
+    and gymnax state pytrees differ per env, so each group is vmapped on its own and the groups are concatenated
+    along the batch axis. Projections still change at every trial.
 
-    `reset(key) -> (obs[N, D], states)`, `step(key, states, actions[N, A]) -> (obs, states, reward[N],
-    done[N], info)`; `states` is a tuple with one batched MetaEnvState per env.
+    `reset(key) -> (obs[N, D], states)`,
+    `step(key, states, actions[N, A]) -> (obs, states, reward[N], done[N], info)`; `states` is a tuple with one
+    batched MetaEnvState per env.
     """
 
     def __init__(self, envs: list[MetaEnv], num_envs: int):
         if num_envs % len(envs):
-            raise ValueError(f"num_envs {num_envs} must be divisible by the number of envs {len(envs)} "
-                             "(every env gets the same number of slots)")  # fmt: skip
+            raise ValueError(f"num_envs {num_envs} must be divisible by the number of envs {len(envs)} (equal slots)")
         if len({(e.agent_obs_size, e.action_size) for e in envs}) != 1:
             raise ValueError("all envs of a pool need the same obs_size and action_size")
         self.envs, self.num_envs, self.per_env = envs, num_envs, num_envs // len(envs)

@@ -3,7 +3,8 @@
 Covered here: RepeatFirst, RepeatPrevious, PositionOnlyCartPole, NoisyPositionOnlyCartPole (every
 difficulty), then `make`/ids/aliases/overrides and the two wrappers. The differential tests copy
 popgym's hidden state (the shuffled deck, the cart-pole state) into the JAX state after
-`reset(seed)`, drive both envs with the same random actions and compare every step.
+`reset(seed)`, drive both envs with the same random actions and compare every step, both through `make`
+(`vmap(env.step)`) and through the batched env of `make_vec` (`rollouts`, `PATHS`).
 """
 
 import copy
@@ -44,29 +45,45 @@ def default_env(env_id: str):
     return ep.make(env_id)
 
 
-_ROLLOUTS = {}  # id(env) -> (env, jitted scan); keeps one compiled rollout per env object
+_ROLLOUTS = {}  # (id(env), path, episodes) -> (env, jitted rollout): one compiled program per env object and path
+PATHS = ("make", "make_vec")
+
+
+def stack(trees):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def rollouts(env, params, states, actions, path="make", key=None):
+    """Step episodes from `states` (stacked, one per episode) through `actions` [episode, time, ...] in one jitted
+    lax.scan: with `path="make"` of `vmap(env.step)`, with `path="make_vec"` of the batched env that `make_vec`
+    builds around `env` (`ep.VecEnv(env, episodes)`; it resets ended envs its own way).
+
+    Returns numpy arrays [episode, time, ...]: the observation before any auto-reset (`info["final_observation"]`),
+    the returned observation, reward, terminated, truncated.
+    """
+    actions = jnp.asarray(actions)
+    cache_key = (id(env), path, actions.shape[0])
+    if cache_key not in _ROLLOUTS:
+        step = jax.vmap(env.step, (None, 0, 0, None)) if path == "make" else ep.VecEnv(env, actions.shape[0]).step
+
+        def scan_fn(params, states, actions, key):
+            def body(states, inputs):
+                step_key, action = inputs
+                obs, states, reward, terminated, truncated, info = step(step_key, states, action, params)
+                return states, (info["final_observation"], obs, reward, terminated, truncated)
+
+            keys = jax.random.split(key, actions.shape[1])
+            return [jnp.swapaxes(x, 0, 1) for x in jax.lax.scan(body, states, (keys, jnp.swapaxes(actions, 0, 1)))[1]]
+
+        _ROLLOUTS[cache_key] = (env, fast_jit(scan_fn))
+    key = jax.random.key(0) if key is None else key
+    return jax.tree.map(np.asarray, _ROLLOUTS[cache_key][1](params, states, actions, key))
 
 
 def rollout(env, params, state, actions, key=None):
-    """Step `env` from `state` through `actions` (leading axis = time) in one jitted lax.scan.
-
-    Returns numpy arrays per step: the observation before any auto-reset
-    (`info["final_observation"]`), the returned observation, reward, terminated, truncated.
-    """
-    if id(env) not in _ROLLOUTS:
-
-        def scan_fn(params, state, actions, key):
-            def body(state, inputs):
-                step_key, action = inputs
-                obs, state, reward, terminated, truncated, info = env.step(step_key, state, action, params)
-                return state, (info["final_observation"], obs, reward, terminated, truncated)
-
-            keys = jax.random.split(key, actions.shape[0])
-            return jax.lax.scan(body, state, (keys, actions))[1]
-
-        _ROLLOUTS[id(env)] = (env, fast_jit(scan_fn))
-    key = jax.random.key(0) if key is None else key
-    return jax.tree.map(np.asarray, _ROLLOUTS[id(env)][1](params, state, jnp.asarray(actions), key))
+    """`rollouts` of one episode from `state` through `actions` [time, ...], via `make`: arrays [time, ...]."""
+    out = rollouts(env, params, stack([state]), np.asarray(actions)[None], key=key)
+    return [x[0] for x in out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,28 +160,31 @@ def run_popgym(ref, actions):
     return np.array(obs), np.array(rewards), np.array(terms), np.array(truncs)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("family", CARD_FAMILIES)
-def test_card_env_matches_popgym_step_by_step(family, level):
+def test_card_env_matches_popgym_step_by_step(family, level, path):
     env, params = default_env(family + level)
     ref = popgym_env(family + level)
     rng = np.random.default_rng(0)
+    steps = env.num_cards - 1  # popgym's T = N - 1, ending with terminated
+    states, actions, records = [], [], []
     for seed in range(3):
         ref_obs0, _ = ref.reset(seed=seed)
-        state = card_state(ref)
-        np.testing.assert_array_equal(env.get_obs(state), np.eye(4)[ref_obs0])
-        # Half the actions copy the current card's suit so that both reward signs occur often.
-        actions = rng.integers(0, 4, size=env.num_cards + 5)
-        obs_ref, r_ref, term_ref, trunc_ref = run_popgym(ref, actions)
-        final_obs, _, reward, terminated, truncated = rollout(env, params, state, actions)
-        steps = len(r_ref)
-        assert steps == env.num_cards - 1  # popgym's T = N - 1, ending with terminated
-        np.testing.assert_array_equal(final_obs[:steps], np.eye(4)[obs_ref])
-        np.testing.assert_allclose(reward[:steps], r_ref, atol=1e-6, rtol=0)
-        np.testing.assert_array_equal(terminated[:steps], term_ref)
-        np.testing.assert_array_equal(truncated[:steps], trunc_ref)
+        states.append(card_state(ref))
+        np.testing.assert_array_equal(env.get_obs(states[-1]), np.eye(4)[ref_obs0])
+        # Random suits (both reward signs occur), over two episodes: ours auto-resets after the first.
+        actions.append(rng.integers(0, 4, size=2 * steps))
+        records.append(run_popgym(ref, actions[-1]))
+    final_obs, _, reward, terminated, truncated = rollouts(env, params, stack(states), np.stack(actions), path)
+    for i, (obs_ref, r_ref, term_ref, trunc_ref) in enumerate(records):
+        assert len(r_ref) == steps
+        np.testing.assert_array_equal(final_obs[i, :steps], np.eye(4)[obs_ref])
+        np.testing.assert_allclose(reward[i, :steps], r_ref, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(terminated[i, :steps], term_ref)
+        np.testing.assert_array_equal(truncated[i, :steps], trunc_ref)
         # After the auto-reset the next episode is again N - 1 steps long.
-        assert np.flatnonzero(terminated | truncated)[:2].tolist() == [steps - 1, 2 * steps - 1] or len(actions) < 2 * steps
+        assert np.flatnonzero(terminated[i] | truncated[i]).tolist() == [steps - 1, 2 * steps - 1]
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -269,55 +289,64 @@ def cartpole_state(ref) -> ep.CartPoleState:
     return ep.CartPoleState(physics=jnp.asarray(np.asarray(ref.state, np.float32)), time=jnp.int32(0))
 
 
+@functools.cache
+def _clean_env(env_class, max_episode_length):
+    return env_class(noise_sigma=0.0, max_episode_length=max_episode_length)
+
+
 def clean_env_of(env):
-    """The noiseless twin of a noisy control env: identical physics, auto-resets and keys."""
-    return type(env)(noise_sigma=0.0, max_episode_length=env.max_episode_length)
+    """The noiseless twin of a noisy control env: identical physics, auto-resets and keys (one object per env
+    class and horizon, so its jitted rollouts compile once)."""
+    return _clean_env(type(env), env.max_episode_length)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("family", CARTPOLE_FAMILIES)
-def test_cartpole_matches_popgym_step_by_step(family, level):
+def test_cartpole_matches_popgym_step_by_step(family, level, path):
     env, params = default_env(family + level)
     ref = popgym_env(family + level)
     noisy = env.noise_sigma > 0
     clean = clean_env_of(env)
     rng = np.random.default_rng(1)
-    lengths = []
+    T, sigma = params.max_steps_in_episode, np.full(2, env.noise_sigma)
+    low, high = ref.observation_space.low, ref.observation_space.high
+    states, actions, records = [], [], []
     for seed in range(12):
         ref_obs0, _ = ref.reset(seed=seed)
-        state = cartpole_state(ref)
-        sigma = np.full(2, env.noise_sigma)
+        states.append(cartpole_state(ref))
+        noise0, noise = np.zeros(2, np.float32), np.zeros((T, 2), np.float32)
         if noisy:
             # The reset noise: gymnasium's generator for `seed`, after the uniform(4) initial state.
             gen = seeding.np_random(seed)[0]
             gen.uniform(-0.05, 0.05, size=(4,))
             noise0 = gen.normal(0, sigma).astype(np.float32)
-            predicted_noises = copy.deepcopy(ref.np_random).normal(0, sigma, size=(params.max_steps_in_episode, 2))
-        else:
-            noise0 = np.zeros(2, np.float32)
-        expected0 = np.clip(np.asarray(clean.get_obs(state)) + noise0, ref.observation_space.low, ref.observation_space.high)
+            # numpy draws noise per step in float64 and casts it to float32 (2 draws per step)
+            noise = copy.deepcopy(ref.np_random).normal(0, sigma, size=(T, 2)).astype(np.float32)
+        expected0 = np.clip(np.asarray(clean.get_obs(states[-1])) + noise0, low, high)
         np.testing.assert_allclose(expected0, ref_obs0, atol=1e-6, rtol=0)
-        actions = rng.integers(0, 2, size=params.max_steps_in_episode)
-        obs_ref, r_ref, term_ref, trunc_ref = run_popgym(ref, actions)
+        actions.append(rng.integers(0, 2, size=T))
+        records.append((run_popgym(ref, actions[-1]), noise))
+    states, actions = stack(states), np.stack(actions)
+    # Noise-free observations of the JAX dynamics (the noisy env's physics equals its twin's).
+    clean_obs, _, reward, terminated, truncated = rollouts(clean, params, states, actions, path)
+    if noisy:
+        noisy_final, _, reward_noisy, terminated_noisy, _ = rollouts(env, params, states, actions, path)
+        np.testing.assert_array_equal(reward_noisy, reward)
+        np.testing.assert_array_equal(terminated_noisy, terminated)
+    lengths = []
+    for i, ((obs_ref, r_ref, term_ref, trunc_ref), noise) in enumerate(records):
         steps = len(r_ref)
         lengths.append(steps)
-        # Noise-free observations of the JAX dynamics (the noisy env's physics equals its twin's).
-        clean_obs, _, reward, terminated, truncated = rollout(clean, params, state, actions)
+        expected = clean_obs[i, :steps]
         if noisy:
-            noisy_final, _, reward_noisy, terminated_noisy, _ = rollout(env, params, state, actions)
-            np.testing.assert_array_equal(reward_noisy, reward)
-            np.testing.assert_array_equal(terminated_noisy, terminated)
-            assert np.abs(noisy_final[:steps] - clean_obs[:steps]).max() > 0  # the JAX obs is noisy
-            # numpy draws noise per step in float64 and casts it to float32 (2 draws per step)
-            noise = predicted_noises[:steps].astype(np.float32)
-            expected = np.clip(clean_obs[:steps] + noise, ref.observation_space.low, ref.observation_space.high)
-        else:
-            expected = clean_obs[:steps]
+            assert np.abs(noisy_final[i, :steps] - expected).max() > 0  # the JAX obs is noisy
+            expected = np.clip(expected + noise[:steps], low, high)
         np.testing.assert_allclose(expected, obs_ref, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(reward[:steps], r_ref, atol=1e-6, rtol=0)
-        np.testing.assert_array_equal(terminated[:steps], term_ref)
-        np.testing.assert_array_equal(truncated[:steps], trunc_ref)
-        assert bool(terminated[steps - 1] | truncated[steps - 1])
+        np.testing.assert_allclose(reward[i, :steps], r_ref, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(terminated[i, :steps], term_ref)
+        np.testing.assert_array_equal(truncated[i, :steps], trunc_ref)
+        assert bool(terminated[i, steps - 1] | truncated[i, steps - 1])
     assert len(set(lengths)) > 3  # random episodes of varied length were compared
 
 
@@ -339,11 +368,12 @@ def test_cartpole_terminated_and_truncated_at_same_step(family):
     assert len(r_ref) == t_fall and term_ref[-1] and trunc_ref[-1]
     env, params = ep.make(family + "Easy", max_episode_length=t_fall)
     assert params.max_steps_in_episode == t_fall
-    _, _, reward, terminated, truncated = rollout(env, params, state, actions[:t_fall])
-    np.testing.assert_array_equal(terminated, term_ref)
-    np.testing.assert_array_equal(truncated, trunc_ref)
-    np.testing.assert_allclose(reward, r_ref, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(reward, 1.0 / t_fall, rtol=1e-6)
+    for path in PATHS:
+        _, _, reward, terminated, truncated = rollouts(env, params, stack([state]), actions[None, :t_fall], path)
+        np.testing.assert_array_equal(terminated[0], term_ref)
+        np.testing.assert_array_equal(truncated[0], trunc_ref)
+        np.testing.assert_allclose(reward[0], r_ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(reward[0], 1.0 / t_fall, rtol=1e-6)
 
 
 def test_cartpole_termination_thresholds():

@@ -20,6 +20,7 @@ import popgym.envs
 import pytest
 from popgym.core.deck import Deck
 from scipy import stats
+from test_envs_basic import fast_jit
 
 import envs_popjax as ep
 
@@ -126,7 +127,7 @@ def rollout(env_id: str, states, actions, path: str = "make"):
             out = jax.lax.scan(body, states, actions.T)[1]
             return (jax.vmap(env.get_obs)(states), *(jnp.swapaxes(x, 0, 1) for x in out))
 
-        _ROLLOUTS[env_id, path] = jax.jit(jax.vmap(one) if path == "make" else batch)
+        _ROLLOUTS[env_id, path] = fast_jit(jax.vmap(one) if path == "make" else batch)
     batch = len(actions)
     actions = np.pad(actions, ((0, 0), (0, make(env_id)[0].max_episode_length - actions.shape[1])))
     out = _ROLLOUTS[env_id, path](pad_batch(states), pad_batch(jnp.asarray(actions, jnp.int32)))
@@ -147,7 +148,7 @@ def bandit_rollout(env_id: str, states, actions, draws):
         return jax.lax.scan(body, state, (actions, draws))[1]
 
     with jax.enable_x64(True):
-        out = jax.jit(jax.vmap(one))(states, jnp.asarray(actions, jnp.int32), jnp.asarray(draws, jnp.float64))
+        out = fast_jit(jax.vmap(one))(states, jnp.asarray(actions, jnp.int32), jnp.asarray(draws, jnp.float64))
         reset_obs = np.asarray(env.reset(jax.random.key(0), params)[0])  # constant: "no payout"
         return (np.broadcast_to(reset_obs, (len(actions), 2)), *map(np.asarray, out))
 

@@ -1,8 +1,9 @@
 """VelocityOnlyCartPole, PositionOnlyPendulum and NoisyPositionOnlyPendulum against popgym 1.0.7.
 
-popgym's hidden state (`env.state`) is copied into the JAX state after `reset(seed)`; both envs
-are then driven by the same random actions. The pendulum is compared in float32 (atol 1e-4 over
-100 steps, 2e-2 over a whole episode) and, under `jax.enable_x64(True)`, in float64 (atol 1e-9).
+popgym's hidden state (`env.state`) is copied into the JAX state after `reset(seed)`; both envs are then driven by
+the same random actions, through `make` and through the batched env of `make_vec` (`PATHS`). The pendulum is
+compared in float32 (atol 1e-4 over 100 steps, 2e-2 over a whole episode) and, under `jax.enable_x64(True)`, in
+float64 (atol 1e-9; `step_env` only).
 """
 
 import copy
@@ -13,7 +14,18 @@ import numpy as np
 import popgym.envs
 import pytest
 from gymnasium.utils import seeding
-from test_envs_basic import clean_env_of, fast_jit, noise_matches, noise_residuals, popgym_env, rollout, run_popgym, wrapped_rollout
+from test_envs_basic import (
+    PATHS,
+    clean_env_of,
+    fast_jit,
+    noise_matches,
+    noise_residuals,
+    popgym_env,
+    rollouts,
+    run_popgym,
+    stack,
+    wrapped_rollout,
+)
 
 import envs_popjax as ep
 
@@ -93,29 +105,32 @@ def test_aliases():
 # ---------------------------------------------------------------------------------------------
 # VelocityOnlyCartPole.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("level", LEVELS)
-def test_velocity_only_cartpole_matches_popgym_step_by_step(level):
+def test_velocity_only_cartpole_matches_popgym_step_by_step(level, path):
     env, params = ep.make("VelocityOnlyCartPole" + level)
     ref = popgym_env("VelocityOnlyCartPole" + level)
     rng = np.random.default_rng(0)
-    lengths = []
+    states, actions, records = [], [], []
     for seed in range(12):
         ref_obs0, _ = ref.reset(seed=seed)
-        state = cartpole_state(ref)
+        states.append(cartpole_state(ref))
         # popgym's reset bug, kept: the reset obs holds the positions (x, theta).
         np.testing.assert_array_equal(ref_obs0, np.asarray(ref.state, np.float32)[[0, 2]])
         obs0, reset_state = env.reset(jax.random.key(seed), params)
         np.testing.assert_array_equal(obs0, reset_state.physics[jnp.array([0, 2])])
-        actions = rng.integers(0, 2, size=params.max_steps_in_episode)
-        obs_ref, r_ref, term_ref, trunc_ref = run_popgym(ref, actions)
+        actions.append(rng.integers(0, 2, size=params.max_steps_in_episode))
+        records.append(run_popgym(ref, actions[-1]))
+    final_obs, _, reward, terminated, truncated = rollouts(env, params, stack(states), np.stack(actions), path)
+    lengths = []
+    for i, (obs_ref, r_ref, term_ref, trunc_ref) in enumerate(records):
         steps = len(r_ref)
         lengths.append(steps)
-        final_obs, _, reward, terminated, truncated = rollout(env, params, state, actions)
-        np.testing.assert_allclose(final_obs[:steps], obs_ref, atol=1e-5, rtol=0)  # velocities
-        np.testing.assert_allclose(reward[:steps], r_ref, atol=1e-6, rtol=0)
-        np.testing.assert_array_equal(terminated[:steps], term_ref)
-        np.testing.assert_array_equal(truncated[:steps], trunc_ref)
-        assert bool(terminated[steps - 1] | truncated[steps - 1])
+        np.testing.assert_allclose(final_obs[i, :steps], obs_ref, atol=1e-5, rtol=0)  # velocities
+        np.testing.assert_allclose(reward[i, :steps], r_ref, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(terminated[i, :steps], term_ref)
+        np.testing.assert_array_equal(truncated[i, :steps], trunc_ref)
+        assert bool(terminated[i, steps - 1] | truncated[i, steps - 1])
     assert len(set(lengths)) > 3
 
 
@@ -145,53 +160,59 @@ def test_velocity_only_cartpole_terminated_and_truncated_at_same_step():
     _, r_ref, term_ref, trunc_ref = run_popgym(ref, actions)
     assert len(r_ref) == t_fall and term_ref[-1] and trunc_ref[-1]
     env, params = ep.make("VelocityOnlyCartPoleEasy", max_episode_length=t_fall)
-    _, _, reward, terminated, truncated = rollout(env, params, state, actions[:t_fall])
-    np.testing.assert_array_equal(terminated, term_ref)
-    np.testing.assert_array_equal(truncated, trunc_ref)
-    np.testing.assert_allclose(reward, r_ref, atol=1e-6, rtol=0)
+    for path in PATHS:
+        _, _, reward, terminated, truncated = rollouts(env, params, stack([state]), actions[None, :t_fall], path)
+        np.testing.assert_array_equal(terminated[0], term_ref)
+        np.testing.assert_array_equal(truncated[0], trunc_ref)
+        np.testing.assert_allclose(reward[0], r_ref, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pendulum.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("family", PENDULUM_FAMILIES)
-def test_pendulum_matches_popgym_float32(family, level):
+def test_pendulum_matches_popgym_float32(family, level, path):
     """float32 JAX vs popgym's float64 over whole episodes (noise predicted from popgym's cloned
     generator and added to the JAX twin's clean obs); truncated, never terminated, at step T."""
     env, params = ep.make(family + level)
     ref = popgym_env(family + level)
-    clean = clean_env_of(env) if env.noise_sigma > 0 else env
+    noisy = env.noise_sigma > 0
+    clean = clean_env_of(env) if noisy else env
     T = params.max_steps_in_episode
     sigma = np.full(2, env.noise_sigma)
     low, high = ref.observation_space.low, ref.observation_space.high
     rng = np.random.default_rng(2)
+    states, actions, records = [], [], []
     for seed in range(4):
         ref_obs0, _ = ref.reset(seed=seed)
-        state = pendulum_state(ref)
-        noise0 = reset_noise(seed, 2, env.noise_sigma) if env.noise_sigma > 0 else np.zeros(2, np.float32)
-        np.testing.assert_allclose(np.clip(clean.get_obs(state) + noise0, low, high), ref_obs0, atol=1e-6, rtol=0)
+        states.append(pendulum_state(ref))
+        noise0 = reset_noise(seed, 2, env.noise_sigma) if noisy else np.zeros(2, np.float32)
+        np.testing.assert_allclose(np.clip(clean.get_obs(states[-1]) + noise0, low, high), ref_obs0, atol=1e-6, rtol=0)
         noise = copy.deepcopy(ref.np_random).normal(0, sigma, size=(T, 2)).astype(np.float32)
-        actions = pendulum_actions(rng, T + 3)
-        obs_ref, r_ref, term_ref, trunc_ref = run_popgym(ref, actions)
+        actions.append(pendulum_actions(rng, T + 3))
+        records.append((run_popgym(ref, actions[-1]), noise))
+    states, actions = stack(states), np.stack(actions)
+    clean_obs, _, reward, terminated, truncated = rollouts(clean, params, states, actions, path)
+    if noisy:  # the noisy env has the clean twin's dynamics and rewards
+        noisy_final, _, noisy_reward, _, noisy_truncated = rollouts(env, params, states, actions, path)
+        np.testing.assert_array_equal(noisy_reward, reward)
+        np.testing.assert_array_equal(noisy_truncated, truncated)
+        assert np.abs(noisy_final - clean_obs).max(axis=(1, 2)).min() > 0
+    for i, ((obs_ref, r_ref, term_ref, trunc_ref), noise) in enumerate(records):
         assert len(r_ref) == T and trunc_ref[-1] and not term_ref.any()
-        clean_obs, _, reward, terminated, truncated = rollout(clean, params, state, actions)
-        expected = np.clip(clean_obs[:T] + (noise if env.noise_sigma > 0 else 0), low, high)
+        expected = np.clip(clean_obs[i, :T] + (noise if noisy else 0), low, high)
         # float32 round-off grows near the unstable upright position (one seed here reaches 4e-3
         # at step 186 of 200): tight over the first 100 steps, loose over the rest; the float64
         # test below is the exactness check.
         np.testing.assert_allclose(expected[:100], obs_ref[:100], atol=1e-4, rtol=0)
         np.testing.assert_allclose(expected, obs_ref, atol=2e-2, rtol=0)
-        np.testing.assert_allclose(reward[:100], r_ref[:100], atol=1e-6, rtol=0)
-        np.testing.assert_allclose(reward[:T], r_ref, atol=1e-4, rtol=0)
-        np.testing.assert_array_equal(terminated[:T], term_ref)
-        np.testing.assert_array_equal(truncated[:T], trunc_ref)
-        assert not terminated.any() and np.flatnonzero(truncated).tolist() == [T - 1]
-        if env.noise_sigma > 0:  # the noisy env has the clean twin's dynamics and rewards
-            noisy_final, _, noisy_reward, _, noisy_truncated = rollout(env, params, state, actions)
-            np.testing.assert_array_equal(noisy_reward, reward)
-            np.testing.assert_array_equal(noisy_truncated, truncated)
-            assert np.abs(noisy_final - clean_obs).max() > 0
+        np.testing.assert_allclose(reward[i, :100], r_ref[:100], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(reward[i, :T], r_ref, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(terminated[i, :T], term_ref)
+        np.testing.assert_array_equal(truncated[i, :T], trunc_ref)
+        assert not terminated[i].any() and np.flatnonzero(truncated[i]).tolist() == [T - 1]
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from test_envs_basic import fast_jit
 
 import envs_popjax as ep
 
@@ -77,9 +78,10 @@ def test_make_vec_equals_gymnax_auto_reset_bit_for_bit(env_id):
     env = vec_env.env
     ours, gymnax = rollouts(vec_env, env, params, NUM_ENVS)
     keys = jax.random.split(jax.random.key(7), 2)
-    expected = jax.jit(jax.vmap(gymnax))(keys)
-    assert_trees_equal(jax.jit(jax.vmap(ours))(keys), expected)  # under an outer vmap over seeds
-    assert_trees_equal(jax.jit(ours)(keys[1]), jax.tree.map(lambda x: x[1], expected))  # alone
+    # One program (one compile): ours under an outer vmap over seeds (the scripts' use) and alone, and gymnax's.
+    vmapped, alone, expected = fast_jit(lambda keys: (jax.vmap(ours)(keys), ours(keys[1]), jax.vmap(gymnax)(keys)))(keys)
+    assert_trees_equal(vmapped, expected)
+    assert_trees_equal(alone, jax.tree.map(lambda x: x[1], expected))
     terminated, truncated = expected[3], expected[4]
     assert (terminated | truncated).any(), "no episode ended: the resets were not exercised"
 
