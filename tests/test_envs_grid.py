@@ -23,6 +23,7 @@ import numpy as np
 import popgym.envs
 import pytest
 from scipy import stats
+from test_envs_basic import fast_jit
 
 import envs_popjax as E
 
@@ -106,7 +107,7 @@ def rollout_fn(env_id, path="make"):
 
         return [jnp.swapaxes(x, 0, 1) for x in jax.lax.scan(step, states, actions.T)[1]]
 
-    return jax.jit(jax.vmap(play) if path == "make" else play_batch)
+    return fast_jit(jax.vmap(play) if path == "make" else play_batch)
 
 
 def run_ours(env_id, states: list, actions: list[np.ndarray], path="make"):
