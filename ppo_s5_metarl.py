@@ -1,48 +1,17 @@
-"""Multi-environment meta-RL with a resettable S5 memory (Lu et al., "Structured State Space Models
-for In-Context Reinforcement Learning", NeurIPS 2023, section 5.3), PPO in one file.
+"""PPO with a resettable S5 memory for multi-environment meta-RL (Lu et al., "Structured State Space Models for
+In-Context Reinforcement Learning", NeurIPS 2023, section 5.3), in one file.
 
-A *trial* samples one continuous-control env of the training set and fresh random linear
-projections of its observations and actions, and lasts `--episodes-per-trial` episodes. The agent
-sees the projected observation, its previous action, the previous (scaled) reward and an
-episode-boundary flag (`envs_popjax.MetaEnv` documents the layout, the projection distribution and
-the reward scaling). Its S5 memory is reset only between trials, so it can learn *in context*:
-identify the env and the projections during the first episodes and do better in later ones. That is
-RL^2's meta-episode: PPO's `done` is the trial boundary, and GAE bootstraps across the episode
-boundaries inside a trial (they are only an input flag) and is masked at trial boundaries only.
-
-Every `--eval-every` updates and at the end, the policy runs one trial on fresh projections of every
-training env and every held-out env (never trained on); the mean return of each episode index of
-the trial is the in-context learning curve. TensorBoard tags per seed (`seed_{S+i}/`):
-`charts/episodic_return` (mean scaled return of the *inner episodes* completed in a rollout, all
-train envs and episode indices together), `charts/first_episode_return` and
-`charts/last_episode_return` (only episode 1 / the last episode of their trial), `charts/SPS`,
-`losses/*`; `eval/{train,heldout}/{env id}/episode_{k}` (k = 1..episodes per trial) and
-`eval/{train,heldout}/{first,last}_episode` (averaged over the split's envs). summary.json holds
-every evaluation per seed and, for the last one, mean and std over seeds.
-
-CPU setting (the defaults): train on gymnax's PointRobot (dense reward, hidden goal) and Reacher,
-hold out Swimmer and Pendulum; 6 episodes of 20 steps per trial, each restarting from the trial's
-first state (`--fixed-reset`: the goal or target is the trial's task); 16-d projected observations,
-2-d actions; 64 envs x 120 steps (one trial) per update, 8 epochs x 4 minibatches, lr 1e-3; S5 with
-2 layers of width 64; 6.1M steps per seed. What it showed, and its wall time: the README's meta-RL section.
+A trial is `--episodes-per-trial` episodes of one continuous-control env of `--train-envs`, seen through fresh random
+projections of its observations and actions (`envs_popjax.MetaEnv`). The S5 memory is reset only between trials, so
+the agent can identify the env in the first episodes and do better in later ones (RL^2's meta-episode: GAE runs across
+the episode ends inside a trial). Before training, every `--eval-every` updates and at the end, the policy plays fresh
+trials of every train and held-out env: the mean return per episode index of a trial is the in-context learning curve
+(TensorBoard `eval/{train,heldout}/...`, summary.json). Defaults: a CPU-sized setting on gymnax envs.
 
     python ppo_s5_metarl.py --num-seeds 3
-    python ppo_s5_metarl.py --resume runs/metarl__...       # continue a stopped run bit for bit
-    python ppo_s5_metarl.py --eval-model runs/metarl__...   # the held-out evaluation of a saved model
     tensorboard --logdir runs
-
-Paper-scale setting (brax envs on a GPU; the paper used DMControl, whose meta-RL hyperparameters
-were not published, so these are our choice at POPGym scale):
-
-    python ppo_s5_metarl.py --num-seeds 8 --brax-backend mjx --episode-length 200 --episodes-per-trial 4 \
-        --train-envs brax/hopper brax/walker2d brax/halfcheetah brax/ant brax/reacher brax/inverted_pendulum \
-        --heldout-envs brax/inverted_double_pendulum brax/pusher brax/swimmer \
-        --obs-size 32 --action-size 8 --num-envs 384 --num-steps 800 --num-minibatches 8 --update-epochs 10 \
-        --d-model 256 --ssm-size 256 --n-layers 4 --s5-scan parallel --learning-rate 1e-4 \
-        --total-timesteps 491520000 --eval-every 50
-
-(1,600 updates of 307,200 steps; the settings pass `check_args` and the envs build with mjx, but
-this setting has not been run: no GPU was available.)
+    python ppo_s5_metarl.py --resume runs/RUN_FOLDER      # continue after a crash or kill, bit for bit
+    python ppo_s5_metarl.py --eval-model runs/RUN_FOLDER  # the in-context evaluation of a saved model
 """
 
 import importlib.util
@@ -52,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
@@ -85,11 +55,9 @@ class Args:
     save_model: bool = False
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
-    """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor of the update count and
-    of --eval-every near 1/25 of the updates)"""
+    """PPO updates per jitted chunk between logs (0: the largest divisor of the updates and --eval-every up to 1/25)"""
     checkpoint_every: int = 20
-    """write a checkpoint of the complete training state every N updates (at the first chunk boundary after
-    each N; also at the end and on Ctrl-C/SIGTERM); 0: never"""
+    """checkpoint every N updates (at the next chunk boundary), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
     """how many of the latest checkpoints to keep"""
     resume: str = ""
@@ -98,13 +66,11 @@ class Args:
     eval_model: str = ""
     """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
     eval_episodes: int = 100
-    """trials (of --episodes-per-trial episodes, one memory) per env and seed played by --eval-model, on
-    every train and held-out env"""
+    """--eval-model: trials (of --episodes-per-trial episodes) per train and held-out env and seed"""
     eval_greedy: bool = False
-    """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
+    """--eval-model acts greedily (the Gaussian mean) instead of sampling"""
     compile_cache: str = "~/.cache/s5_icrl_jax"
-    """JAX persistent compilation cache folder, so a repeated or resumed run starts fast; empty string: off
-    (the JAX_COMPILATION_CACHE_DIR environment variable, if set, wins)"""
+    """JAX's persistent compilation cache folder ('': off; the JAX_COMPILATION_CACHE_DIR variable, if set, wins)"""
     track: bool = False
     """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
     wandb_project_name: str = "s5-icrl"
@@ -137,7 +103,7 @@ class Args:
     brax_backend: Literal["spring", "positional", "generalized", "mjx"] = "spring"
     """physics backend of brax envs (spring is the fastest on CPU; mjx is brax's default, for GPUs)"""
     fixed_reset: bool = True
-    """every episode of a trial restarts from the trial's first env state (goal, target and start are part of the task)"""
+    """every episode of a trial restarts from the trial's first state (goal, target and start are the task)"""
     eval_every: int = 50
     """evaluate on every train and held-out env every this many updates (0: only at the end)"""
     eval_trials: int = 64
@@ -199,8 +165,7 @@ class Args:
     postnorm: bool = False
     """LayerNorm after each residual (its own parameters, separate from the prenorm's)"""
     s5_scan: Literal["auto", "parallel", "sequential"] = "auto"
-    """how the resettable recurrence is evaluated: associative scan or lax.scan (same numbers to
-    round-off); auto: lax.scan on CPU (faster there), the associative scan on GPU/TPU"""
+    """the resettable recurrence: associative scan or lax.scan (equal to round-off); auto: lax.scan on CPU only"""
 
     # to be filled in at runtime
     batch_size: int = 0
@@ -425,19 +390,27 @@ class ActorCritic(nn.Module):
         return carry, (mean, jnp.broadcast_to(log_std, mean.shape)), value
 
 
-def gaussian_sample(key, policy):
+def policy_sample(key, policy):
     mean, log_std = policy
     return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
 
 
-def gaussian_log_prob(policy, action):
+def policy_log_prob(policy, action):
     mean, log_std = policy
     z = (action - mean) / jnp.exp(log_std)
     return jnp.sum(-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi), -1)
 
 
-def gaussian_entropy(policy):
+def policy_entropy(policy):
     return jnp.sum(policy[1] + 0.5 * math.log(2 * math.pi * math.e), -1)
+
+
+def act(network: ActorCritic, params, carry, obs, done, key, greedy: bool = False):
+    """One step of the recurrent policy on a batch: `(carry, action, log_prob, value)`."""
+    carry, policy, value = network.apply(params, carry, obs[None], done[None])
+    policy = jax.tree.map(lambda p: p[0], policy)
+    action = policy[0] if greedy else policy_sample(key, policy)
+    return carry, action, policy_log_prob(policy, action), value[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +438,8 @@ class RunnerState(NamedTuple):
 
 
 def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda):
-    """GAE over [T, ...] arrays. dones[t] = obs t starts a trial, so step t is bootstrapped
-    unless the *next* flag (dones[t + 1], or last_done) is set. Inner episode ends are not dones:
-    the trial is one meta-episode (RL^2). Returns (advantages, returns)."""
+    """GAE over [T, ...] arrays. dones[t] = obs t starts a trial, so step t is bootstrapped unless the *next* flag
+    (dones[t + 1], or last_done) is set; inner episode ends are not dones (RL^2). Returns (advantages, returns)."""
 
     def backward(carry, step):
         gae, next_value, next_done = carry
@@ -482,27 +454,24 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
     return advantages, advantages + values
 
 
-def make_envs(args: Args, env_ids) -> list[envs_popjax.MetaEnv]:
-    return [envs_popjax.MetaEnv(i, args.obs_size, args.action_size, args.episodes_per_trial,
-                                args.episode_length or None, args.brax_backend, args.fixed_reset) for i in env_ids]  # fmt: skip
+def make_env(args: Args, env_id: str) -> envs_popjax.MetaEnv:
+    """Trials of `env_id` behind random projections: the observation carries the previous action and reward and the
+    episode-start flag; `done` ends a trial, `info` holds the inner episodes' statistics."""
+    sizes = (args.obs_size, args.action_size, args.episodes_per_trial, args.episode_length or None)
+    return envs_popjax.MetaEnv(env_id, *sizes, args.brax_backend, args.fixed_reset)
 
 
 def build_network(args: Args) -> ActorCritic:
-    memory = S5Memory(S5Config.from_args(args))
-    return ActorCritic(args.action_size, memory)
+    return ActorCritic(args.action_size, S5Memory(S5Config.from_args(args)))
 
 
 def make_train(args: Args):
-    """Returns `(init, update_chunk, evaluate)`, pure functions of one seed: `init(key) -> RunnerState`,
-    `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])` and
-    `evaluate(params, key, greedy) -> {"{train|heldout}/{env id}": mean return per episode index}`."""
-    train_ids, heldout_ids = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
-    train_envs = make_envs(args, train_ids)
-    pool = envs_popjax.MetaEnvPool(train_envs, args.num_envs)
-    eval_envs = [("train", env) for env in train_envs] + [("heldout", env) for env in make_envs(args, heldout_ids)]
+    """Returns `(init, update_chunk)`, pure functions of one seed: `init(key) -> RunnerState` and
+    `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`."""
+    train_ids, _ = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
+    pool = envs_popjax.MetaEnvPool([make_env(args, env_id) for env_id in train_ids], args.num_envs)
     network = build_network(args)
     new_carry = partial(S5Memory.initialize_carry, config=S5Config.from_args(args))
-    num_episodes = args.episodes_per_trial
 
     def learning_rate(count):  # CleanRL's linear annealing, once per update
         frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / args.num_updates
@@ -522,26 +491,19 @@ def make_train(args: Args):
         done = jnp.ones(args.num_envs, bool)  # the first observation starts a trial
         return RunnerState(train_state, env_state, obs, done, new_carry(args.num_envs), key)
 
-    def act(params, carry, obs, done, key, greedy=False):  # one step of the recurrent policy on a batch
-        carry, policy, value = network.apply(params, carry, obs[None], done[None])
-        policy = jax.tree.map(lambda p: p[0], policy)
-        action = policy[0] if greedy else gaussian_sample(key, policy)
-        return carry, action, gaussian_log_prob(policy, action), value[0]
-
     def env_step(runner: RunnerState, _):
         key, key_action, key_env = jax.random.split(runner.key, 3)
-        carry, action, log_prob, value = act(runner.train_state.params, runner.carry, runner.obs, runner.done, key_action)
+        carry, action, log_prob, value = act(
+            network, runner.train_state.params, runner.carry, runner.obs, runner.done, key_action
+        )
         obs, env_state, reward, done, info = pool.step(key_env, runner.env_state, action)  # done: trial ended
-        transition = Transition(
-            runner.obs, runner.done, action, log_prob, value, reward, info["episode_done"],
-            info["episode_return"], info["episode_index"],
-        )  # fmt: skip
+        episode = info["episode_done"], info["episode_return"], info["episode_index"]
+        transition = Transition(runner.obs, runner.done, action, log_prob, value, reward, *episode)
         return RunnerState(runner.train_state, env_state, obs, done, carry, key), transition
 
     def ppo_loss(params, carry, batch: Transition, advantages, returns):
         _, policy, value = network.apply(params, carry, batch.obs, batch.done)
-        log_prob = gaussian_log_prob(policy, batch.action)
-        log_ratio = log_prob - batch.log_prob
+        log_ratio = policy_log_prob(policy, batch.action) - batch.log_prob
         ratio = jnp.exp(log_ratio)
         if args.norm_adv:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -553,14 +515,12 @@ def make_train(args: Args):
             v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
         else:
             v_loss = 0.5 * ((value - returns) ** 2).mean()
-        entropy = gaussian_entropy(policy).mean()
+        entropy = policy_entropy(policy).mean()
         loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        stats = dict(
-            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
-            old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
-            approx_kl=((ratio - 1) - log_ratio).mean(),
-            clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
-        )  # fmt: skip
+        clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+        stats = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, clipfrac=clipfrac)
+        # http://joschu.net/blog/kl-approx.html
+        stats.update(old_approx_kl=(-log_ratio).mean(), approx_kl=((ratio - 1) - log_ratio).mean())
         return loss, stats
 
     def update_step(runner: RunnerState, _):
@@ -607,7 +567,7 @@ def make_train(args: Args):
             episodes=batch.episode_done.sum(),
             episodic_return=mean_return(batch.episode_done),
             first_episode_return=mean_return(batch.episode_done & (batch.episode_index == 0)),
-            last_episode_return=mean_return(batch.episode_done & (batch.episode_index == num_episodes - 1)),
+            last_episode_return=mean_return(batch.episode_done & (batch.episode_index == args.episodes_per_trial - 1)),
             learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
             # the run stops at the first update with a non-finite loss or parameter
             finite=jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves((train_state.params, stats))])),
@@ -617,66 +577,75 @@ def make_train(args: Args):
     def update_chunk(runner: RunnerState, num_updates: int):
         return jax.lax.scan(update_step, runner, None, num_updates)
 
-    def evaluate(params, key, greedy=False) -> dict[str, jax.Array]:
-        """One trial on each of `eval_trials` fresh projections of every train and held-out env, acting
-        with the stochastic (or greedy) policy from a zero memory. An env's keys are `key` folded with its
-        registry index, so every evaluation of a run, and every run with the same seed, sees the
-        same projections and starts (the curves over training compare like with like)."""
-        results = {}
-        for split, env in eval_envs:
-            n = args.eval_trials
-            key_reset, key_run = jax.random.split(jax.random.fold_in(key, envs_popjax.META_ENV_IDS.index(env.env_id)))
-            obs, state = jax.vmap(env.reset)(jax.random.split(key_reset, n))
+    return init, update_chunk
 
-            def step(carry, key, env=env):
-                memory, obs, done, state, active, returns = carry
-                key_action, key_env = jax.random.split(key)
-                memory, action, _, _ = act(params, memory, obs, done, key_action, greedy)
-                obs, state, _, done, info = jax.vmap(env.step)(jax.random.split(key_env, n), state, action)
-                counted = (active & info["episode_done"])[:, None] * jax.nn.one_hot(info["episode_index"], num_episodes)
-                returns = returns + counted * info["episode_return"][:, None]
-                return (memory, obs, done, state, active & ~done, returns), None
 
-            init = (new_carry(n), obs, jnp.ones(n, bool), state, jnp.ones(n, bool), jnp.zeros((n, num_episodes)))
-            # a trial lasts at most episodes_per_trial * episode_length steps; later steps are masked
-            (*_, returns), _ = jax.lax.scan(step, init, jax.random.split(key_run, num_episodes * env.episode_length))
-            results[f"{split}/{env.env_id}"] = returns.mean(0)
-        return results
+def make_evaluate(args: Args, greedy: bool = False):
+    """`evaluate(params, key) -> {"{train|heldout}/{env id}": mean return per episode index of a trial}`, pure, one
+    seed: one trial on each of --eval-trials fresh projections of every train and held-out env, from a zero memory.
+    An env's keys are `key` folded with its registry index, so every evaluation of a run, and every run with the same
+    seed, sees the same projections and starts (the curves over training compare like with like)."""
+    train_ids, heldout_ids = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
+    envs = [("train", make_env(args, i)) for i in train_ids] + [("heldout", make_env(args, i)) for i in heldout_ids]
+    network, n, num_episodes = build_network(args), args.eval_trials, args.episodes_per_trial
 
-    return init, update_chunk, evaluate
+    def evaluate_env(params, key, env: envs_popjax.MetaEnv):
+        key_reset, key_run = jax.random.split(jax.random.fold_in(key, envs_popjax.META_ENV_IDS.index(env.env_id)))
+        obs, state = jax.vmap(env.reset)(jax.random.split(key_reset, n))
+
+        def step(carry, key):
+            memory, obs, done, state, active, returns = carry
+            key_action, key_env = jax.random.split(key)
+            memory, action, _, _ = act(network, params, memory, obs, done, key_action, greedy)
+            obs, state, _, done, info = jax.vmap(env.step)(jax.random.split(key_env, n), state, action)
+            counted = (active & info["episode_done"])[:, None] * jax.nn.one_hot(info["episode_index"], num_episodes)
+            returns = returns + counted * info["episode_return"][:, None]
+            return (memory, obs, done, state, active & ~done, returns), None
+
+        memory = S5Memory.initialize_carry(n, S5Config.from_args(args))
+        init = (memory, obs, jnp.ones(n, bool), state, jnp.ones(n, bool), jnp.zeros((n, num_episodes)))
+        # a trial lasts at most episodes_per_trial * episode_length steps; later steps are masked
+        (*_, returns), _ = jax.lax.scan(step, init, jax.random.split(key_run, num_episodes * env.episode_length))
+        return returns.mean(0)
+
+    def evaluate(params, key) -> dict[str, jax.Array]:
+        return {f"{split}/{env.env_id}": evaluate_env(params, key, env) for split, env in envs}
+
+    return evaluate
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks, --resume
+# Running: input checks, processes, seeds and devices, compiling
 # ---------------------------------------------------------------------------------------------
+POSITIVE = (
+    "num_seeds total_timesteps num_envs num_steps num_minibatches update_epochs episodes_per_trial obs_size "
+    "action_size eval_trials d_model ssm_size n_layers s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm "
+    "keep_checkpoints eval_episodes"
+).split()
+NON_NEGATIVE = "updates_per_chunk eval_every episode_length checkpoint_every vf_coef ent_coef num_processes".split()
+
+
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
     try:
         train, _ = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
     except ValueError as error:
         return f"--train-envs/--heldout-envs: {error}"
-    positive = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                "episodes_per_trial", "obs_size", "action_size", "eval_trials", "d_model", "ssm_size", "n_layers",
-                "s5_blocks", "learning_rate", "dt_min", "dt_max", "clip_coef", "max_grad_norm", "keep_checkpoints",
-                "eval_episodes")  # fmt: skip
-    non_negative = ("updates_per_chunk", "eval_every", "episode_length", "checkpoint_every", "vf_coef", "ent_coef",
-                    "num_processes")  # fmt: skip
-    for name in positive + non_negative:
-        value = getattr(args, name)
-        if not value >= 0 or (value == 0 and name in positive):
-            return f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, got {value}"
-    for name in ("gamma", "gae_lambda"):
-        if not 0 <= getattr(args, name) <= 1:
-            return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
+    domains = [
+        (POSITIVE, "positive", lambda v: v > 0),
+        (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
+        (("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1),
+    ]
+    for names, domain, ok in domains:
+        for name in names:
+            if not ok(value := getattr(args, name)):  # NaN fails every domain
+                return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % len(train):
-        return (f"--num-envs {args.num_envs} must be divisible by the {len(train)} --train-envs "
-                "(every training env gets the same number of parallel slots)")  # fmt: skip
+        return f"--num-envs {args.num_envs} must be divisible by the {len(train)} --train-envs (each gets equal slots)"
     if args.num_envs % args.num_minibatches:
-        return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
-                "(minibatches split the envs into whole sequences)")  # fmt: skip
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes "
-                f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")  # fmt: skip
+        return f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} (whole envs)"
+    if args.total_timesteps < (batch := args.num_envs * args.num_steps):
+        return f"--total-timesteps {args.total_timesteps} < one update (--num-envs x --num-steps = {batch})"
     if args.updates_per_chunk and args.eval_every and args.eval_every % args.updates_per_chunk:
         return f"--eval-every {args.eval_every} must be a multiple of --updates-per-chunk {args.updates_per_chunk}"
     if error := S5Config.from_args(args).error():
@@ -691,125 +660,17 @@ def check_args(args: Args) -> str | None:
         return "--coordinator-address, --num-processes, --process-id: a multi-process run's flags; add --distributed"
     if args.distributed and args.num_seeds % jax.process_count():
         return f"--num-seeds {args.num_seeds} must be divisible by the {jax.process_count()} processes of the run"
-    for flag, path in (("--resume", args.resume), ("--eval-model", args.eval_model)):
-        if path and not (flag == "--eval-model" and os.path.isfile(path)) and latest_checkpoint(path) is None:
-            return f"{flag}: {path} is neither a .cleanrl_model file nor a run folder with checkpoints/"
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     return None
 
 
-# may differ from the checkpoint's on --resume: they do not change the run's math (and --total-timesteps, see Args)
-RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache",
-                     "track", "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
-NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
-# one launch's: a run may be resumed with another number of processes (the seeds compute the same)
-DISTRIBUTED = ("distributed", "coordinator_address", "num_processes", "process_id")
-
-
-def resume_error(args: Args, saved: Args, steps_done: int) -> str | None:
-    """A flag given with --resume that would change the run. A larger --total-timesteps continues the same
-    run further, unless --anneal-lr is on (the learning-rate schedule depends on the total)."""
-    for name, new in asdict(args).items():
-        if name in RESUME_MAY_CHANGE + NOT_COMPARED + DISTRIBUTED or new == (old := getattr(saved, name)):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if name == "total_timesteps" and args.anneal_lr:
-            return (f"--resume: {flag} {new} differs from the checkpoint's {old}; with --anneal-lr it would change "
-                    "the learning-rate schedule")  # fmt: skip
-        if name == "total_timesteps" and new < steps_done:
-            return f"--resume: {flag} {new} is below the {steps_done} steps the checkpoint has done"
-        if name != "total_timesteps":
-            allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
-            return (f"--resume: {flag} {new} differs from the checkpoint's {old}; it would change the run "
-                    f"(allowed to change: {allowed})")  # fmt: skip
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax), strict JSON, loading a saved model
-# ---------------------------------------------------------------------------------------------
-def checkpoint_manager(path: str, keep: int = 0) -> ocp.CheckpointManager | None:
-    """The checkpoints of a run folder (or of its `checkpoints/` folder): written keeping the latest `keep`,
-    or only read (keep 0; None if the folder does not exist)."""
-    path = os.path.abspath(path)
-    path = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
-    if keep or os.path.isdir(path):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=bool(keep))
-        handlers = {"state": ocp.StandardCheckpointHandler(), "args": ocp.JsonCheckpointHandler(),
-                    "logs": ocp.JsonCheckpointHandler()}  # fmt: skip
-        return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
-
-
-def latest_checkpoint(path: str) -> int | None:
-    return (manager := checkpoint_manager(path)) and manager.latest_step()
-
-
-def read_checkpoint(path: str, state=None, raw_state: bool = False) -> dict:
-    """The latest checkpoint's `args` and `logs` (JSON), and its training `state`: restored bit for bit
-    into the abstract structure `state` (with shardings) if given, as saved (nested dicts on this process's first
-    device, whichever processes and devices wrote it) if `raw_state`."""
-    items = dict(args=ocp.args.JsonRestore(), logs=ocp.args.JsonRestore())
-    manager = checkpoint_manager(path)
-    step = manager.latest_step()
-    if state is not None:  # PRNG keys are stored as their key data
-        items["state"] = ocp.args.StandardRestore(state._replace(key=jax.random.key_data(state.key)))
-    elif raw_state:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                manager.item_metadata(step)["state"])  # fmt: skip
-        items["state"] = ocp.args.StandardRestore(abstract)
-    restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
-    manager.close()
-    if state is not None:
-        restored["state"] = restored["state"]._replace(key=jax.random.wrap_key_data(restored["state"].key))
-    return restored
-
-
-def strict_json(x):
-    """NaN and inf -> None (JSON null), recursively: `json.dump(..., allow_nan=False)` then writes strict JSON."""
-    if isinstance(x, dict):
-        return {str(k): strict_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [strict_json(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return int(x) if isinstance(x, np.integer) else x
-
-
-def write_json(path: str, obj):
-    with open(path, "w") as f:
-        json.dump(strict_json(obj), f, indent=2, allow_nan=False)
-
-
-def args_from_dict(saved: dict) -> Args:
-    """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
-    def fix(v):
-        return tuple(v[k] for k in sorted(v, key=int)) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
-
-    return Args(**{k: fix(v) for k, v in saved.items()})
-
-
-def load_model(path: str) -> tuple[Args, dict]:
-    """(Args, params with a leading [num_seeds] axis) from a `--save-model` file or from the latest
-    checkpoint of a run folder (or of its checkpoints folder)."""
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            saved = flax.serialization.msgpack_restore(f.read())
-        return args_from_dict(saved["0"]), saved["1"]
-    restored = read_checkpoint(path, raw_state=True)
-    return args_from_dict(restored["args"]), jax.tree.map(np.asarray, restored["state"]["train_state"]["params"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Running: seeds and devices, evaluation and logging
-# ---------------------------------------------------------------------------------------------
 def start_distributed(args: Args):
     """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
     if args.distributed and not jax.distributed.is_initialized():
         jax.extend.backend.clear_backends()  # importing gymnax made an array (frozen_lake), which started JAX
-        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None,
-                                   None if args.process_id < 0 else args.process_id)  # fmt: skip
+        process_id = None if args.process_id < 0 else args.process_id
+        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None, process_id)
 
 
 def seed_sharding(num_seeds: int):
@@ -829,6 +690,13 @@ def seed_keys(seeds: list[int], sharding):
     return jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, sharding, lambda index: data[index]))
 
 
+def eval_keys(seeds: list[int], sharding):
+    """`(training keys, evaluation keys)` of the seeds: fixed, so every evaluation (and --eval-model) sees the same
+    trials."""
+    keys = seed_keys(seeds, sharding)
+    return keys, jax.jit(jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED)), out_shardings=sharding)(keys)
+
+
 def to_host(tree):
     """Every seed's values as numpy arrays on every process (an all-gather across processes)."""
     if jax.process_count() == 1:
@@ -842,6 +710,27 @@ def local_seeds(sharding, num_seeds: int) -> list[int]:
     return sorted({i for (index,) in held for i in range(num_seeds)[index]})
 
 
+def compile_training(init, update_chunk, keys, sharding, chunk_lengths, evaluate, keys_eval):
+    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit), compile `update_chunk`
+    per chunk length and `evaluate` (on every seed's parameters and `keys_eval`), all programs at once: XLA compiles
+    each on one thread. Returns `(runner_state with a leading seed axis on every leaf, {length: compiled chunk},
+    compiled evaluate)`."""
+    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+    runner = init_lowered.out_info
+    jit = partial(jax.jit, in_shardings=sharding, out_shardings=sharding)
+    lowered = [init_lowered, jit(jax.vmap(evaluate)).lower(runner.train_state.params, keys_eval)]
+    lowered += [jit(jax.vmap(partial(update_chunk, num_updates=n))).lower(runner) for n in sorted(chunk_lengths)]
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        init_compiled, evaluate_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
+    return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks)), evaluate_compiled
+
+
+def default_chunk(num_updates: int, eval_every: int = 0) -> int:
+    """The largest divisor of num_updates (and of eval_every: evaluations end chunks) up to num_updates // 25."""
+    whole = math.gcd(num_updates, eval_every) if eval_every else num_updates
+    return max(d for d in range(1, max(1, num_updates // 25) + 1) if whole % d == 0)
+
+
 def derive_sizes(args: Args) -> Args:
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
         args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
@@ -851,281 +740,372 @@ def derive_sizes(args: Args) -> Args:
     return args
 
 
-def default_chunk(args: Args) -> int:
-    """The largest divisor of the update count (and of --eval-every) up to 1/25 of the updates."""
-    whole = math.gcd(args.num_updates, args.eval_every) if args.eval_every else args.num_updates
-    return max(d for d in range(1, max(1, args.num_updates // 25) + 1) if whole % d == 0)
-
-
-def eval_record(seeds: list[int], update: int, step: int, results: dict) -> dict:
-    """One evaluation for summary.json: per seed and env the mean return of each episode index of a
-    trial; per split (train, heldout), across seeds (mean, std): each env's curve, and the first and
-    last episode's return averaged over the split's envs, and their difference."""
-    record = {"update": update, "global_step": step,
-              "per_seed": {str(s): {k: v[i].tolist() for k, v in results.items()} for i, s in enumerate(seeds)}}  # fmt: skip
-    for split in ("train", "heldout"):
-        curves = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(split + "/")}  # [seeds, episodes]
-        if curves:
-            split_mean = np.mean(list(curves.values()), 0)  # [seeds, episodes], averaged over envs
-            record[split] = {
-                "episode_returns": {k: {"mean": v.mean(0).tolist(), "std": v.std(0).tolist()} for k, v in curves.items()},
-                **{name: {"mean": float(x.mean()), "std": float(x.std())} for name, x in (
-                    ("first_episode", split_mean[:, 0]), ("last_episode", split_mean[:, -1]),
-                    ("improvement", split_mean[:, -1] - split_mean[:, 0]))},
-            }  # fmt: skip
-    return record
-
-
-def log_eval(writers, results: dict, step: int):
-    for i, writer in writers.items():  # {seed index: writer}
-        for split in ("train", "heldout"):
-            curves = [(k, v[i]) for k, v in results.items() if k.startswith(split + "/")]
-            for name, curve in curves:
-                for k, value in enumerate(curve):
-                    writer.add_scalar(f"eval/{name}/episode_{k + 1}", value, step)
-            if curves:
-                writer.add_scalar(f"eval/{split}/first_episode", np.mean([c[0] for _, c in curves]), step)
-                writer.add_scalar(f"eval/{split}/last_episode", np.mean([c[-1] for _, c in curves]), step)
-        writer.flush()
-
-
-def eval_keys(seeds: list[int], sharding):
-    """The training and evaluation keys of the seeds: fixed, so every evaluation (and --eval-model) sees the same
-    trials."""
-    keys = seed_keys(seeds, sharding)
-    return keys, jax.jit(jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED)), out_shardings=sharding)(keys)
-
-
 def enable_compile_cache(folder: str):
-    """JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, if set, wins): a rerun skips compiling."""
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(folder)
+    """JAX's persistent compilation cache in `folder` ('': off); JAX_COMPILATION_CACHE_DIR, if set, wins."""
+    folder = os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
     if folder:
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
+# ---------------------------------------------------------------------------------------------
+# may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
+RESUME_MAY_CHANGE = (
+    "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
+    "save_model"
+).split()
+NOT_COMPARED = "resume eval_model eval_episodes eval_greedy batch_size minibatch_size num_updates".split()
+# this launch's: a run may be resumed with another number of processes (every seed computes the same)
+DISTRIBUTED = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def strict_json(x):
+    """NaN and +-inf -> None, numpy -> Python: what json.dump(..., allow_nan=False) accepts."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(strict_json(obj), f, indent=2, allow_nan=False)
+
+
+def args_from(saved: dict) -> Args:
+    """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
+
+    def fix(v):
+        if isinstance(v, dict):
+            return tuple(v[k] for k in sorted(v, key=int))
+        return tuple(v) if isinstance(v, list) else v
+
+    return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved and f.name not in DISTRIBUTED})
+
+
+def run_folder(path: str) -> str:
+    """The run folder of a `.cleanrl_model` file, of a run folder or of its `checkpoints/` folder."""
+    path = os.path.abspath(path)
+    return os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
+
+
+def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
+    """A run's `checkpoints/`, to read (no `args`) or to write (keeps the latest --keep-checkpoints). Step = PPO
+    updates done; items: `state` (every seed's RunnerState, PRNG keys as key_data) and `meta` (JSON: the Args and
+    the logs: per-update returns, evaluations, global_step, seconds)."""
+    folder = os.path.join(run_folder(path), "checkpoints")
+    if args is None and not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
+    options = ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints, create=True) if args else None
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(folder, options=options, item_handlers=handlers)
+
+
+def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: bool = False):
+    """(step, meta, state) of the latest checkpoint. The state takes `target`'s structure and sharding (a fresh
+    init: the resumed arrays are bit-identical), or comes as nested dicts on this process's first device without one
+    (whichever processes and devices wrote it)."""
+    manager = checkpoints(path)
+    if (step := manager.latest_step()) is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint")
+    items = {"meta": ocp.args.JsonRestore()}
+    if not meta_only and target is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        as_saved = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
+        items["state"] = ocp.args.StandardRestore(jax.tree.map(as_saved, manager.item_metadata(step)["state"]))
+    elif not meta_only:
+        items["state"] = ocp.args.StandardRestore(target._replace(key=jax.random.key_data(target.key)))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    manager.close()
+    state = restored.get("state")
+    return step, restored["meta"], state._replace(key=jax.random.wrap_key_data(state.key)) if target else state
+
+
+def save_checkpoint(manager, runner: RunnerState, args: Args, logs: dict) -> int:
+    """Checkpoint `runner` after the updates in `logs`: every process writes its own shards, process 0 the JSON."""
+    step, state = len(logs["returns"]), runner._replace(key=jax.random.key_data(runner.key))
+    meta = strict_json({"args": asdict(args), "logs": logs})
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    return step
+
+
+def load_model(path: str) -> tuple[Args, dict]:
+    """`(args, params)` of a `--save-model` file, or of a run folder's latest checkpoint. The params have a leading
+    [num_seeds] axis: `network.apply(jax.tree.map(lambda x: x[i], params), ...)` acts as seed args.seed + i."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            saved = flax.serialization.msgpack_restore(f.read())
+        return args_from(saved["0"]), saved["1"]
+    _, meta, state = restore_checkpoint(path)
+    return args_from(meta["args"]), jax.tree.map(np.asarray, state["train_state"]["params"])
+
+
+def resume_error(args: Args, saved: Args, global_step: int) -> str | None:
+    """A flag given with --resume that would change the run. A larger --total-timesteps continues the same run
+    further, unless --anneal-lr is on (the learning-rate schedule depends on the total)."""
+    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + list(DISTRIBUTED)):
+        new, old, flag = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
+        if new == old or (name == "total_timesteps" and new >= global_step and not args.anneal_lr):
+            continue
+        if name == "total_timesteps" and new < global_step:
+            return f"--resume: {flag} {new} is below the {global_step} steps the checkpoint has done"
+        if name == "total_timesteps":
+            return (
+                f"--resume: {flag} {new} differs from the checkpoint's {old}; with --anneal-lr it would change the "
+                "learning-rate schedule"
+            )
+        allowed = "allowed: " + ", ".join("--" + n.replace("_", "-") for n in ["total_timesteps"] + RESUME_MAY_CHANGE)
+        return f"--resume: {flag} {new} differs from the checkpoint's {old}; it would change the run ({allowed})"
+    return None
+
+
+def parse_args() -> tuple[Args, str | None]:
+    """The CLI: `(args, error or None)`. --distributed joins the run first (before any other JAX call); with --resume
+    the defaults are the checkpoint's Args, and a flag that would change the run is refused."""
+    args = tyro.cli(Args)
+    if not args.eval_model:
+        start_distributed(args)
+    path = args.resume or args.eval_model
+    if (error := check_args(args)) or not path or (args.eval_model and os.path.isfile(path)):
+        return args, error
+    try:
+        _, meta, _ = restore_checkpoint(path, meta_only=True)
+    except FileNotFoundError as error:
+        return args, f"{'--resume' if args.resume else '--eval-model'}: {error}"
+    if args.eval_model:
+        return args, None
+    saved = args_from(meta["args"])  # without the launch flags: this launch's count
+    args = tyro.cli(Args, default=saved)
+    return args, check_args(args) or resume_error(args, saved, meta["logs"]["global_step"])
+
+
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: the in-context evaluation of a saved model, --eval-episodes trials per train and held-out env
+    and seed, on the keys of the training run's evaluations; prints it and writes eval.json beside the model."""
+    saved, params = load_model(args.eval_model)
+    saved = derive_sizes(replace(saved, eval_trials=args.eval_episodes))
+    seeds = [saved.seed + i for i in range(saved.num_seeds)]
+    keys_eval = eval_keys(seeds, seed_sharding(len(seeds)))[1]
+    evaluate = jax.jit(jax.vmap(make_evaluate(saved, args.eval_greedy)))
+    record = eval_record(seeds, None, None, to_host(evaluate(params, keys_eval)))
+    for seed in seeds:
+        for split in ("train", "heldout"):
+            curves = np.array([v for k, v in record["per_seed"][str(seed)].items() if k.startswith(split + "/")])
+            if len(curves):  # averaged over the split's envs
+                print(f"seed {seed}, {split} envs: return per episode of a trial {np.round(curves.mean(0), 3)}")
+    print(f"{'greedy' if args.eval_greedy else 'sampled'}, over {len(seeds)} seed(s): {eval_line(record, saved)}")
+    result = {"model": args.eval_model, "trials_per_env": args.eval_episodes, "greedy": args.eval_greedy, **record}
+    write_json(path := os.path.join(run_folder(args.eval_model), "eval.json"), result)
+    print(f"written to {path}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop, logging
+# ---------------------------------------------------------------------------------------------
+LOSSES = ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "explained_variance")
+
+
+def summarize(args: Args, logs: dict) -> dict:
+    """summary.json's results: per seed the last update's mean inner-episode return (null if it finished none), and
+    every evaluation (the last also as `final_eval`)."""
+    seeds, returns, run_s = [args.seed + i for i in range(args.num_seeds)], logs["returns"], logs["run_seconds"]
+    summary = {"train_envs": list(args.train_envs), "heldout_envs": list(args.heldout_envs), "updates": len(returns)}
+    summary.update(global_step=logs["global_step"], compile_seconds=logs["compile_seconds"], run_seconds=run_s)
+    summary["sps"] = logs["global_step"] * args.num_seeds / run_s if run_s > 0 else None
+    summary["final_episodic_return"] = dict(zip(map(str, seeds), returns[-1])) if returns else None
+    summary.update(final_eval=logs["evals"][-1] if logs["evals"] else None, evals=logs["evals"])
+    return summary
+
+
+def eval_record(seeds: list[int], iteration: int | None, global_step: int | None, results: dict) -> dict:
+    """One evaluation for summary.json: per seed and env the mean return of each episode index of a trial; per split
+    (train, heldout), across seeds (mean, std): each env's curve, and the first and last episode's return averaged
+    over the split's envs, and their difference."""
+    per_seed = {str(s): {k: v[i].tolist() for k, v in results.items()} for i, s in enumerate(seeds)}
+    record = {"update": iteration, "global_step": global_step, "per_seed": per_seed}
+    mean_std = lambda x: {"mean": x.mean(0).tolist(), "std": x.std(0).tolist()}  # noqa: E731  (over seeds)
+    for split in ("train", "heldout"):
+        curves = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(split + "/")}  # [seeds, episodes]
+        if curves:
+            split_mean = np.mean(list(curves.values()), 0)  # [seeds, episodes], averaged over envs
+            first, last = split_mean[:, 0], split_mean[:, -1]
+            stats = {"first_episode": first, "last_episode": last, "improvement": last - first}
+            record[split] = {"episode_returns": {k: mean_std(v) for k, v in curves.items()}}
+            record[split].update({k: mean_std(x) for k, x in stats.items()})
+    return record
+
+
+def eval_line(record: dict, args: Args) -> str:
+    """An evaluation's first and last episode return per split (mean +- std over seeds), for the progress lines."""
+    return " | ".join(
+        f"{split} envs: episode 1 {r['first_episode']['mean']:+.4f} +- {r['first_episode']['std']:.4f}, "
+        f"episode {args.episodes_per_trial} {r['last_episode']['mean']:+.4f} +- {r['last_episode']['std']:.4f}"
+        for split, r in record.items()
+        if split in ("train", "heldout")
+    )
+
+
+def log_iteration(writers: dict, metrics: dict, global_step: int):
+    """One PPO update's scalars ([seeds] arrays) for the seeds whose writers this process holds ({index: writer})."""
+    for i, writer in writers.items():
+        for name in ("episodic_return", "first_episode_return", "last_episode_return"):
+            if not np.isnan(metrics[name][i]):
+                writer.add_scalar(f"charts/{name}", metrics[name][i], global_step)
+        writer.add_scalar("charts/learning_rate", metrics["learning_rate"][i], global_step)
+        for name in LOSSES:
+            writer.add_scalar(f"losses/{name}", metrics[name][i], global_step)
+
+
+def log_eval(writers: dict, results: dict, global_step: int):
+    """An evaluation's scalars: every env's return per episode index, and each split's first and last episode."""
+    for i, writer in writers.items():
+        for split in ("train", "heldout"):
+            curves = [(k, v[i]) for k, v in results.items() if k.startswith(split + "/")]
+            for name, curve in curves:
+                for k, value in enumerate(curve):
+                    writer.add_scalar(f"eval/{name}/episode_{k + 1}", value, global_step)
+            if curves:
+                writer.add_scalar(f"eval/{split}/first_episode", np.mean([c[0] for _, c in curves]), global_step)
+                writer.add_scalar(f"eval/{split}/last_episode", np.mean([c[-1] for _, c in curves]), global_step)
+        writer.flush()
+
+
 def main(args: Args) -> dict:
+    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json."""
     start_distributed(args)
-    enable_compile_cache(args.compile_cache)
     derive_sizes(args)
-    chunk = args.updates_per_chunk or default_chunk(args)
-    lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, runs wandb
+    chunk = args.updates_per_chunk or default_chunk(args.num_updates, args.eval_every)
+    lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, and runs wandb
     say = print if lead else lambda *_, **__: None
-    # logs: what summary.json and the progress need to continue after --resume (saved with each checkpoint)
+    # what summary.json and the progress need; saved with every checkpoint, continued by --resume
     logs = {"returns": [], "evals": [], "global_step": 0, "run_seconds": 0.0, "compile_seconds": 0.0}
     if args.resume:
-        run_dir = args.resume.rstrip("/")
-        logs = read_checkpoint(run_dir)["logs"]
-    else:  # the processes of a --distributed run agree on the run folder's time stamp
+        run_dir, logs = args.resume.rstrip("/"), restore_checkpoint(args.resume, meta_only=True)[1]["logs"]
+    else:  # the processes of a --distributed run agree on the time stamp
         stamp = np.int32(time.time())
-        stamp = int(multihost_utils.broadcast_one_to_all(stamp)) if jax.process_count() > 1 else int(stamp)
+        stamp = int(multihost_utils.broadcast_one_to_all(stamp) if jax.process_count() > 1 else stamp)
         run_dir = os.path.join(args.log_dir, f"metarl__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(run_dir), [args.seed + i for i in range(args.num_seeds)]
+    returns, evals, runner, failure = logs["returns"], logs["evals"], None, None
     if args.track and lead:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)  # fmt: skip
+        settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, save_code=True)
+        wandb.init(**settings, sync_tensorboard=True, config=vars(args))
     sharding = seed_sharding(args.num_seeds)
-    # TensorBoard continues after the checkpoint's step; anything a killed process logged later is purged.
-    # Each process writes the runs of the seeds it holds.
-    purge = logs["global_step"] + 1 if args.resume else None
-    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge)
-               for i in local_seeds(sharding, args.num_seeds)}  # fmt: skip
+    # each process writes its seeds' runs; on --resume TensorBoard drops what was logged after the checkpoint
+    purge_step = logs["global_step"] + 1 if args.resume else None
+    folders = {i: os.path.join(run_dir, f"seed_{seeds[i]}") for i in local_seeds(sharding, args.num_seeds)}
+    writers = {i: SummaryWriter(folder, purge_step=purge_step) for i, folder in folders.items()}
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for writer in writers.values() if not args.resume else []:
+    for writer in [] if args.resume else writers.values():
         writer.add_text("hyperparameters", table)
+    manager = checkpoints(run_dir, args) if args.checkpoint_every else None
+    last_saved = len(returns)  # the update count of the latest checkpoint
 
-    init, update_chunk, evaluate = make_train(args)
     keys, keys_eval = eval_keys(seeds, sharding)
+    train_envs, heldout_envs = ", ".join(args.train_envs), ", ".join(args.heldout_envs) or "none"
     say(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-        f"{args.num_updates} updates of {args.batch_size} steps; train {', '.join(args.train_envs)}; "
-        f"held-out {', '.join(args.heldout_envs) or 'none'}")  # fmt: skip
-    start = time.time()
-    # every leaf carries the leading seed axis, sharded; parameters are initialised outside the training jit
-    runner = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys).compile()(keys)
-    if args.resume:  # the checkpoint's state, bit for bit, in the structure and sharding of a fresh one
-        runner = read_checkpoint(run_dir, state=runner)["state"]
-    evaluate_seeds = jax.jit(jax.vmap(evaluate), in_shardings=sharding, out_shardings=sharding)
-    manager = checkpoint_manager(run_dir, args.keep_checkpoints) if args.checkpoint_every else None
-    compiled, returns, evals = {}, logs["returns"], logs["evals"]
-    saved = len(returns) if args.resume else 0  # the update count of the latest checkpoint
-
-    def compiled_chunk(n):  # one compile per distinct chunk length (at most two)
-        if n not in compiled:
-            chunk_fn = jax.vmap(partial(update_chunk, num_updates=n))
-            compiled[n] = jax.jit(chunk_fn, in_shardings=sharding, out_shardings=sharding).lower(runner).compile()
-        return compiled[n]
+        f"{args.num_updates} updates of {args.batch_size} steps; train {train_envs}; held-out {heldout_envs}")
 
     def run_eval():
         t = time.time()
-        results = to_host(evaluate_seeds(runner.train_state.params, keys_eval))
+        results = to_host(evaluate(runner.train_state.params, keys_eval))
         log_eval(writers, results, logs["global_step"])
         evals.append(eval_record(seeds, len(returns), logs["global_step"], results))
-        line = " | ".join(f"{s} episode 1 {evals[-1][s]['first_episode']['mean']:+.3f} -> {args.episodes_per_trial} "
-                          f"{evals[-1][s]['last_episode']['mean']:+.3f}" for s in ("train", "heldout") if s in evals[-1])  # fmt: skip
-        say(f"eval at update {len(returns)}: {line} ({time.time() - t:.1f} s)", flush=True)
+        say(f"eval at update {len(returns)}: {eval_line(evals[-1], args)} ({time.time() - t:.1f} s)", flush=True)
 
-    def checkpoint(force=False):  # every --checkpoint-every updates (at the next chunk boundary), at the end, on Ctrl-C
-        nonlocal saved
-        done = len(returns)
-        if manager and done != saved and (force or done // args.checkpoint_every > saved // args.checkpoint_every):
-            state = runner._replace(key=jax.random.key_data(runner.key))  # every process saves its own shards
-            manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                         args=ocp.args.JsonSave(asdict(args)), logs=ocp.args.JsonSave(strict_json(logs))))  # fmt: skip
-            saved = done
-
-    failure = None
+    start = time.time()
     try:
-        compiled_chunk(min(chunk, args.num_updates - len(returns)) or 1)
+        left = args.num_updates - len(returns)
+        lengths = {min(chunk, left), left % chunk} - {0}
+        runner, compiled_chunk, evaluate = compile_training(
+            *make_train(args), keys, sharding, lengths, make_evaluate(args), keys_eval
+        )
+        if args.resume:
+            runner = restore_checkpoint(run_dir, runner)[2]
         logs["compile_seconds"] += time.time() - start
         say(f"compiled in {time.time() - start:.1f} s" + (f"; resumed at update {len(returns)}" if args.resume else ""))
         if not returns:
             run_eval()
         while len(returns) < args.num_updates:
             n = min(chunk, args.num_updates - len(returns))
-            if n not in compiled:
-                t = time.time()
-                compiled_chunk(n)
-                logs["compile_seconds"] += time.time() - t
             t = time.time()
-            new_runner, metrics = compiled_chunk(n)(runner)
+            new_runner, metrics = compiled_chunk[n](runner)
             metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n]
             elapsed = time.time() - t
             logs["run_seconds"] += elapsed
-            sps = n * args.batch_size / elapsed
-            bad = np.argwhere(~metrics.pop("finite").T)  # (update in chunk, seed index) of non-finite updates
-            new_returns = []
-            for u in range(bad[0, 0] if len(bad) else n):  # only the updates before a non-finite one
-                step = logs["global_step"] + (u + 1) * args.batch_size
-                update = {k: v[:, u] for k, v in metrics.items()}
-                new_returns.append(update["episodic_return"].tolist())
-                for i, writer in writers.items():
-                    for name in ("episodic_return", "first_episode_return", "last_episode_return"):
-                        if not np.isnan(update[name][i]):
-                            writer.add_scalar(f"charts/{name}", update[name][i], step)
-                    writer.add_scalar("charts/learning_rate", update["learning_rate"][i], step)
-                    for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                                 "explained_variance"):  # fmt: skip
-                        writer.add_scalar(f"losses/{name}", update[name][i], step)
+            if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, then stop
+                n, i = min((u, i) for i, u in zip(*np.nonzero(~finite)))
+                failure = f"non-finite loss/parameters at update {len(returns) + n + 1} (seed {seeds[i]})"
+            for u in range(n):
+                global_step = logs["global_step"] + (u + 1) * args.batch_size
+                log_iteration(writers, {k: v[:, u] for k, v in metrics.items()}, global_step)
             # the returns, the step count and the state change together (a checkpoint saves them)
-            returns += new_returns
-            logs["global_step"] += len(new_returns) * args.batch_size
-            if len(bad):
-                raise FloatingPointError(
-                    f"non-finite loss/parameters at update {len(returns) + 1} (seed {seeds[bad[0, 1]]}); last good "
-                    f"checkpoint: " + (f"update {saved} in {run_dir}/checkpoints" if saved else "none")
-                )  # fmt: skip
-            runner = new_runner
+            returns += [metrics["episodic_return"][:, u].tolist() for u in range(n)]
+            logs["global_step"] += n * args.batch_size
+            if failure:
+                break
+            runner, sps = new_runner, n * args.batch_size / elapsed
             for writer in writers.values():
                 writer.add_scalar("charts/SPS", sps, logs["global_step"])
                 writer.flush()
             eta = logs["run_seconds"] / len(returns) * (args.num_updates - len(returns))
             last = np.array(returns[-1], float)
-            mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
-            say(f"step {logs['global_step']:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                f"(all seeds) | episode return {mean_ret:+.3f} | ETA {eta:.0f} s", flush=True)  # fmt: skip
+            mean_return = np.nanmean(last) if np.isfinite(last).any() else float("nan")
+            progress = f"SPS {sps * args.num_seeds:,.0f} (all seeds) | return {mean_return:+.3f} | ETA {eta:.0f} s"
+            say(f"step {logs['global_step']:>10,}/{args.num_updates * args.batch_size:,} | {progress}", flush=True)
             if (args.eval_every and len(returns) % args.eval_every == 0) or len(returns) == args.num_updates:
                 run_eval()
-            checkpoint()
-        checkpoint(force=True)
+            if manager and len(returns) // args.checkpoint_every > last_saved // args.checkpoint_every:
+                last_saved = save_checkpoint(manager, runner, args, logs)
     except KeyboardInterrupt:
         say(f"\ninterrupted after {len(returns)} updates; writing what was logged and a checkpoint", file=sys.stderr)
-        checkpoint(force=True)
-    except FloatingPointError as error:  # the last good checkpoint stays the latest
-        failure = str(error)
-    finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
-        run_s, compile_s, steps_done = logs["run_seconds"], logs["compile_seconds"], logs["global_step"]
-        summary = {"train_envs": list(args.train_envs), "heldout_envs": list(args.heldout_envs),
-                   "updates": len(returns), "global_step": steps_done, "compile_seconds": compile_s,
-                   "run_seconds": run_s, "sps": steps_done * args.num_seeds / run_s if run_s > 0 else None,
-                   # null for a seed whose last update finished no inner episode
-                   "final_episodic_return": dict(zip(map(str, seeds), returns[-1])) if returns else None,
-                   "final_eval": evals[-1] if evals else None, "evals": evals}  # fmt: skip
-        for split in ("train", "heldout"):
-            if evals and split in evals[-1]:
-                r = evals[-1][split]
-                say(f"final eval, {split} envs over {args.num_seeds} seed(s): episode 1 {r['first_episode']['mean']:+.4f} "
-                    f"+- {r['first_episode']['std']:.4f}, episode {args.episodes_per_trial} "
-                    f"{r['last_episode']['mean']:+.4f} +- {r['last_episode']['std']:.4f}")  # fmt: skip
-        say(f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
+    finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
+        if manager:
+            if runner is not None and not failure and len(returns) != last_saved:  # the last good state stays latest
+                last_saved = save_checkpoint(manager, runner, args, logs)
+            manager.wait_until_finished()
+            manager.close()
+        summary = summarize(args, logs)
+        if evals:
+            say(f"final eval over {args.num_seeds} seed(s): {eval_line(evals[-1], args)}")
+        say(f"compile {summary['compile_seconds']:.1f} s, run {summary['run_seconds']:.1f} s, "
+            f"{summary['sps'] or 0:,.0f} steps/s")
         if lead:
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
-        if args.save_model:
+        if args.save_model and runner is not None:
             params = to_host(runner.train_state.params)  # an all-gather: every process takes part
             path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
             if lead:
                 with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
                     f.write(flax.serialization.to_bytes([asdict(args), params]))
             say(f"model saved to {path}")
-        if manager:
-            manager.wait_until_finished()
-            manager.close()
         for writer in writers.values():
             writer.close()
         if args.track and lead:
             wandb.finish()
         say(f"results in {run_dir}")
     if failure:
-        say(f"error: {failure}", file=sys.stderr)
+        where = f"update {last_saved} in {run_dir}/checkpoints" if last_saved else "none"
+        say(f"error: {failure}; last good checkpoint: {where}", file=sys.stderr)
         sys.exit(1)
     return summary
-
-
-def evaluate_model(args: Args) -> dict:
-    """--eval-model: the in-context evaluation of a saved model, --eval-episodes trials per train and held-out
-    env and seed, on the keys of the training run's evaluations; eval.json beside the model."""
-    saved, params = load_model(args.eval_model)
-    enable_compile_cache(args.compile_cache)
-    saved = derive_sizes(replace(saved, eval_trials=args.eval_episodes))
-    seeds = [saved.seed + i for i in range(saved.num_seeds)]
-    evaluate = make_train(saved)[2]
-    keys_eval = eval_keys(seeds, seed_sharding(len(seeds)))[1]
-    results = jax.jit(jax.vmap(partial(evaluate, greedy=args.eval_greedy)))(params, keys_eval)
-    record = eval_record(seeds, None, None, jax.tree.map(np.asarray, results))
-    for i, seed in enumerate(seeds):
-        for split in ("train", "heldout"):
-            curves = np.array([v for k, v in record["per_seed"][str(seed)].items() if k.startswith(split + "/")])
-            if len(curves):
-                print(f"seed {seed}, {split} envs: return per episode of a trial " + " ".join(f"{x:+.3f}" for x in curves.mean(0))
-                      + f" (first {curves[:, 0].mean():+.3f} +- {curves[:, 0].std():.3f} over envs, last "
-                      f"{curves[:, -1].mean():+.3f} +- {curves[:, -1].std():.3f})")  # fmt: skip
-    for split in ("train", "heldout"):
-        if split in record:
-            r = record[split]
-            print(f"{split} envs over {len(seeds)} seed(s): episode 1 {r['first_episode']['mean']:+.4f} +- "
-                  f"{r['first_episode']['std']:.4f}, episode {saved.episodes_per_trial} {r['last_episode']['mean']:+.4f} "
-                  f"+- {r['last_episode']['std']:.4f}")  # fmt: skip
-    path = os.path.abspath(args.eval_model)
-    folder = os.path.dirname(path) if os.path.isfile(path) or os.path.basename(path) == "checkpoints" else path
-    result = {"model": args.eval_model, "trials_per_env": args.eval_episodes, "greedy": args.eval_greedy, **record}
-    write_json(os.path.join(folder, "eval.json"), result)
-    print(f"written to {os.path.join(folder, 'eval.json')}")
-    return result
-
-
-def parse_args() -> tuple[Args, str | None]:
-    """The CLI: `(args, error or None)`. --distributed joins the run first (before any other JAX call); with
-    --resume the defaults come from the checkpoint and a flag that would change the run is refused."""
-    args = tyro.cli(Args)
-    if not args.eval_model:
-        start_distributed(args)
-    error = check_args(args)
-    if error or not args.resume:
-        return args, error
-    restored = read_checkpoint(args.resume)
-    running = {f.name: getattr(args, f.name) for f in fields(Args) if f.name in DISTRIBUTED}  # this launch's
-    saved = replace(args_from_dict(restored["args"]), **running)
-    args = tyro.cli(Args, default=saved)
-    return args, check_args(args) or resume_error(args, saved, restored["logs"]["global_step"])
 
 
 if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too: checkpoint, summary, exit
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
     args, error = parse_args()
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
     evaluate_model(args) if args.eval_model else main(args)

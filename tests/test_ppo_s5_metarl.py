@@ -1,5 +1,5 @@
-"""PPO + S5 meta-RL: GAE over trials, memory resets at trial boundaries only, deterministic evaluation,
-the script end to end (TensorBoard eval tags, summary JSON) and bad inputs."""
+"""PPO + S5 meta-RL: GAE over trials, memory resets at trial boundaries only, deterministic evaluation, the script end
+to end (TensorBoard eval tags, summary JSON, kill and resume bit for bit, --eval-model), bad inputs."""
 
 import glob
 import json
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import envs_popjax
@@ -79,20 +80,19 @@ def test_memory_resets_at_trial_boundaries_only():
 
 
 def test_evaluation_is_jitted_deterministic_and_independent_of_the_env_set():
-    init, update_chunk, evaluate = metarl.make_train(tiny_args())
-    runner = jax.jit(init)(jax.random.key(4))
+    init, _ = metarl.make_train(tiny_args())
+    params = jax.jit(init)(jax.random.key(4)).train_state.params
     key = jax.random.key(7)
-    evaluate = jax.jit(evaluate)
-    results = evaluate(runner.train_state.params, key)
+    evaluate = jax.jit(metarl.make_evaluate(tiny_args()))
+    results = evaluate(params, key)
     assert sorted(results) == ["heldout/gymnax/Swimmer-misc", "train/gymnax/Pendulum-v1", "train/gymnax/Reacher-misc"]
     for curve in results.values():
         assert curve.shape == (2,) and np.isfinite(curve).all()
-    again = evaluate(runner.train_state.params, key)
+    again = evaluate(params, key)
     for k in results:
         np.testing.assert_array_equal(results[k], again[k])
     # an env's trials depend on the key and the env only, not on which other envs are evaluated
-    _, _, evaluate_other = metarl.make_train(tiny_args(heldout_envs=()))
-    other = jax.jit(evaluate_other)(runner.train_state.params, key)
+    other = jax.jit(metarl.make_evaluate(tiny_args(heldout_envs=())))(params, key)
     np.testing.assert_array_equal(other["train/gymnax/Pendulum-v1"], results["train/gymnax/Pendulum-v1"])
     # a Pendulum episode's scaled return lies in [-1, 0]
     assert (-1 <= results["train/gymnax/Pendulum-v1"]).all() and (results["train/gymnax/Pendulum-v1"] <= 0).all()
@@ -109,40 +109,6 @@ def compile_cache(tmp_path_factory):
 
 def run_script(*flags, timeout=600):
     return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def test_smoke_run_writes_eval_tags_and_summary(tmp_path):
-    result = run_script(*TINY_FLAGS, *ENV_FLAGS, "--total-timesteps=144", "--num-seeds=2", "--seed=5",
-                        "--eval-every=2", f"--log-dir={tmp_path}")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled in" in result.stdout and "final eval, heldout envs over 2 seed(s)" in result.stdout
-    (run_dir,) = glob.glob(str(tmp_path / "metarl__ppo_s5_metarl__5__*"))
-    assert sorted(os.listdir(run_dir)) == ["checkpoints", "seed_5", "seed_6", "summary.json"]
-    for seed in (5, 6):
-        acc = EventAccumulator(os.path.join(run_dir, f"seed_{seed}"))
-        acc.Reload()
-        scalars = set(acc.Tags()["scalars"])
-        for tag in ("charts/episodic_return", "charts/first_episode_return", "charts/last_episode_return",
-                    "charts/SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl",
-                    "eval/train/gymnax/Pendulum-v1/episode_1", "eval/train/gymnax/Reacher-misc/episode_2",
-                    "eval/heldout/gymnax/Swimmer-misc/episode_1", "eval/heldout/gymnax/Swimmer-misc/episode_2",
-                    "eval/train/first_episode", "eval/train/last_episode", "eval/heldout/first_episode",
-                    "eval/heldout/last_episode"):  # fmt: skip
-            assert tag in scalars, tag
-        # evaluated before training, every 2 updates, and at the end (update 3)
-        assert [e.step for e in acc.Scalars("eval/heldout/last_episode")] == [0, 96, 144]
-        assert [e.step for e in acc.Scalars("losses/value_loss")] == [48, 96, 144]
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    assert summary["updates"] == 3 and summary["global_step"] == 144
-    assert [e["update"] for e in summary["evals"]] == [0, 2, 3]
-    final = summary["final_eval"]
-    assert set(final["per_seed"]) == {"5", "6"}
-    assert len(final["per_seed"]["5"]["heldout/gymnax/Swimmer-misc"]) == 2  # one return per episode index
-    for split in ("train", "heldout"):
-        assert set(final[split]) == {"episode_returns", "first_episode", "last_episode", "improvement"}
-        assert set(final[split]["first_episode"]) == {"mean", "std"}
-    assert set(final["train"]["episode_returns"]) == {"gymnax/Pendulum-v1", "gymnax/Reacher-misc"}
 
 
 def test_bad_inputs_are_caught_before_compiling():
@@ -168,14 +134,17 @@ def test_bad_inputs_are_caught_before_compiling():
     assert "gymnax/Pendulum-v1" in lines[0] and "compiled" not in result.stdout
 
 
-def test_help_documents_every_flag():
-    out = run_script("--help", timeout=120).stdout
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        tyro.cli(metarl.Args, args=["--help"])
+    out = capsys.readouterr().out
     for field in fields(metarl.Args):
         assert f"--{field.name.replace('_', '-')}" in out, field.name
 
 
 def scalars(run_dir: str) -> dict:
-    """{(seed folder, tag): [(step, value), ...]} of every TensorBoard scalar but SPS (EventAccumulator honours purge_step)."""
+    """{(seed folder, tag): [(step, value), ...]} of every TensorBoard scalar but SPS (EventAccumulator honours
+    purge_step)."""
     out = {}
     for folder in sorted(glob.glob(os.path.join(run_dir, "seed_*"))):
         events = EventAccumulator(folder)
@@ -186,42 +155,82 @@ def scalars(run_dir: str) -> dict:
     return out
 
 
-def test_kill_and_resume_is_bit_identical_and_the_saved_model_evaluates(tmp_path):
-    """30 updates in one go, versus a run killed with SIGKILL after its first checkpoint and resumed: the same
-    parameters bit for bit, the same logged scalars and evaluations. The one-go run's saved model loads
-    (file = final checkpoint) and --eval-model, with the run's trial count, reproduces its final evaluation."""
-    flags = [*TINY_FLAGS, *ENV_FLAGS, "--total-timesteps=1440", "--num-seeds=2", "--eval-every=10", "--updates-per-chunk=1",
+EVAL_TAGS = ["eval/train/gymnax/Pendulum-v1/episode_1", "eval/train/gymnax/Reacher-misc/episode_2",
+             "eval/heldout/gymnax/Swimmer-misc/episode_1", "eval/heldout/gymnax/Swimmer-misc/episode_2",
+             "eval/train/first_episode", "eval/train/last_episode", "eval/heldout/first_episode",
+             "eval/heldout/last_episode"]  # fmt: skip
+TRAIN_TAGS = ["charts/episodic_return", "charts/first_episode_return", "charts/last_episode_return",
+              "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl"]  # fmt: skip
+
+
+def check_one_go_run(run_dir: str, stdout: str):
+    """The tags, evaluation steps and summary.json of the uninterrupted 29-update run (seeds 5 and 6, default chunk)."""
+    assert "compiled in" in stdout and "final eval over 2 seed(s): train envs: episode 1" in stdout
+    assert "heldout envs: episode 1" in stdout
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "ppo_s5_metarl.cleanrl_model", "seed_5", "seed_6",
+                                           "summary.json"]  # fmt: skip
+    logged = scalars(run_dir)
+    for seed in ("seed_5", "seed_6"):
+        assert [step for step, _ in logged[seed, "losses/value_loss"]] == [48 * (u + 1) for u in range(29)]
+        assert all((seed, tag) in logged for tag in TRAIN_TAGS), sorted(logged)
+        for tag in EVAL_TAGS:  # before training, every 10 updates, and at the end (update 29)
+            assert [step for step, _ in logged[seed, tag]] == [0, 480, 960, 1392], tag
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["updates"] == 29 and summary["global_step"] == 1392
+    assert [e["update"] for e in summary["evals"]] == [0, 10, 20, 29]
+    final = summary["final_eval"]
+    assert set(final["per_seed"]) == {"5", "6"}
+    assert len(final["per_seed"]["5"]["heldout/gymnax/Swimmer-misc"]) == 2  # one return per episode index
+    for split in ("train", "heldout"):
+        assert set(final[split]) == {"episode_returns", "first_episode", "last_episode", "improvement"}
+        assert set(final[split]["first_episode"]) == {"mean", "std"}
+    assert set(final["train"]["episode_returns"]) == {"gymnax/Pendulum-v1", "gymnax/Reacher-misc"}
+    return summary
+
+
+def test_one_run_kill_and_resume_bit_identical_and_eval_model(tmp_path):
+    """29 updates in one go (checked for its tags, evaluation steps and summary), versus a run killed with SIGKILL
+    after its first checkpoint and resumed: the same parameters bit for bit, the same logged scalars and evaluations.
+    The one-go run's saved model loads (file = final checkpoint) and --eval-model, with the run's trial count,
+    reproduces its final evaluation."""
+    flags = [*TINY_FLAGS, *ENV_FLAGS, "--total-timesteps=1392", "--num-seeds=2", "--seed=5", "--eval-every=10",
              "--checkpoint-every=2", "--save-model"]  # fmt: skip
-    assert run_script(*flags, f"--log-dir={tmp_path / 'one'}").returncode == 0
-    (one,) = glob.glob(str(tmp_path / "one" / "*"))
+    result = run_script(*flags, f"--log-dir={tmp_path / 'one'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (one,) = glob.glob(str(tmp_path / "one" / "metarl__ppo_s5_metarl__5__*"))
+    summary_one = check_one_go_run(one, result.stdout)
     process = subprocess.Popen([sys.executable, SCRIPT, *flags, f"--log-dir={tmp_path / 'two'}"], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     # committed checkpoints only, read without orbax while the run writes (orbax renames a finished temporary folder)
-    checkpoints = lambda: [os.path.basename(p) for p in glob.glob(str(tmp_path / "two" / "*" / "checkpoints" / "*"))]  # noqa: E731
-    while process.poll() is None and not any(name.isdigit() for name in checkpoints()):
+    committed = lambda: [os.path.basename(p) for p in glob.glob(str(tmp_path / "two" / "*" / "checkpoints" / "*"))]  # noqa: E731
+    while process.poll() is None and not any(name.isdigit() for name in committed()):
         time.sleep(0.01)
     process.kill()
     process.wait()
     (two,) = glob.glob(str(tmp_path / "two" / "*"))
-    assert metarl.latest_checkpoint(two) < 30 and not os.path.exists(os.path.join(two, "summary.json")), "not killed"
+    step = metarl.restore_checkpoint(two, meta_only=True)[0]
+    assert step < 29 and not os.path.exists(os.path.join(two, "summary.json")), "not killed"
     result = run_script("--resume", two)
     assert result.returncode == 0, result.stderr[-3000:]
     (args_a, a), (args_b, b) = (metarl.load_model(os.path.join(run, "ppo_s5_metarl.cleanrl_model")) for run in (one, two))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert scalars(one) == scalars(two)
-    summary = [json.load(open(os.path.join(run, "summary.json"))) for run in (one, two)]
-    assert summary[0]["evals"] == summary[1]["evals"] and summary[1]["updates"] == 30
-    assert summary[0]["final_episodic_return"] == summary[1]["final_episodic_return"]
+    summary_two = json.load(open(os.path.join(two, "summary.json")))
+    assert summary_one["evals"] == summary_two["evals"] and summary_two["updates"] == 29
+    assert summary_one["final_episodic_return"] == summary_two["final_episodic_return"]
 
     args_ckpt, from_checkpoint = metarl.load_model(one)
     assert args_a == args_ckpt and args_a.num_seeds == 2 and args_a.train_envs == ENVS["train_envs"]
     jax.tree.map(np.testing.assert_array_equal, a, from_checkpoint)
-    result = run_script("--eval-model", os.path.join(one, "ppo_s5_metarl.cleanrl_model"), f"--eval-episodes={TINY['eval_trials']}")
+    model = os.path.join(one, "ppo_s5_metarl.cleanrl_model")
+    result = run_script("--eval-model", model, f"--eval-episodes={TINY['eval_trials']}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(open(os.path.join(one, "eval.json")).read(), parse_constant=pytest.fail)
     # the same trials (keys), the same parameters, the same stochastic policy: the final evaluation again
     assert report["trials_per_env"] == TINY["eval_trials"] and not report["greedy"]
-    assert report["per_seed"] == summary[0]["final_eval"]["per_seed"] and report["heldout"] == summary[0]["final_eval"]["heldout"]
+    final = summary_one["final_eval"]
+    assert report["per_seed"] == final["per_seed"] and report["heldout"] == final["heldout"]
 
 
 def test_non_finite_loss_stops_the_run_and_summary_is_strict_json(tmp_path):
@@ -236,7 +245,7 @@ def test_non_finite_loss_stops_the_run_and_summary_is_strict_json(tmp_path):
     (run_dir,) = glob.glob(str(tmp_path / "*"))
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"error: non-finite loss/parameters at update 2 (seed 1); last good checkpoint: update 1 in {run_dir}/checkpoints"
-    assert metarl.latest_checkpoint(run_dir) == 1
+    assert metarl.restore_checkpoint(run_dir, meta_only=True)[0] == 1
     summary = json.loads(open(os.path.join(run_dir, "summary.json")).read(), parse_constant=pytest.fail)
     assert summary["updates"] == 1 and summary["final_episodic_return"] == {"1": None}
 
