@@ -8,10 +8,10 @@ scan, so a whole rollout of many episodes is processed in one parallel pass. See
     python ppo_s5_popgym.py --env-id CartPoleHard --num-seeds 8
     tensorboard --logdir runs
     python ppo_s5_popgym.py --resume runs/RUN_FOLDER      # continue after a crash or kill, bit for bit
-    python ppo_s5_popgym.py --eval-model runs/RUN_FOLDER  # 100 episodes per seed, latest checkpoint
+    python ppo_s5_popgym.py --eval-model runs/RUN_FOLDER  # play the saved policy (latest checkpoint)
+    python ppo_s5_popgym.py --distributed --num-seeds 16  # one of several processes (README: many GPUs and hosts)
 
-Defaults are the paper's POPGym settings (64 envs x 1024 steps, 30 epochs x 8 minibatches,
-lr 5e-5, GAE lambda 1.0, 4 S5 layers of width 256). The README gives smaller settings for a CPU.
+Defaults are the paper's POPGym settings; the README gives smaller settings for a CPU.
 """
 
 import importlib.util
@@ -57,13 +57,11 @@ class Args:
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of the updates)"""
     checkpoint_every: int = 20
-    """write a checkpoint of the complete training state every N updates (at the first chunk boundary after each N;
-    also at the end and on Ctrl-C/SIGTERM); 0: never"""
+    """checkpoint the training state every N updates (at chunk ends), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
     """how many of the latest checkpoints to keep"""
     resume: str = ""
-    """continue the run in this run folder from its latest checkpoint, to its --total-timesteps (the other flags come
-    from the checkpoint; only --total-timesteps (without --anneal-lr) and the logging/running flags may change)"""
+    """continue this run folder from its latest checkpoint (flags that would change its math are refused)"""
     eval_model: str = ""
     """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
     eval_episodes: int = 100
@@ -71,8 +69,7 @@ class Args:
     eval_greedy: bool = False
     """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
     compile_cache: str = "~/.cache/s5_icrl_jax"
-    """JAX persistent compilation cache folder, so a repeated or resumed run starts fast; empty string: off
-    (the JAX_COMPILATION_CACHE_DIR environment variable, if set, wins)"""
+    """JAX's persistent compilation cache folder ('': off; JAX_COMPILATION_CACHE_DIR wins), for fast restarts"""
     track: bool = False
     """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
     wandb_project_name: str = "s5-icrl"
@@ -147,9 +144,7 @@ class Args:
     postnorm: bool = False
     """LayerNorm after each residual (its own parameters, separate from the prenorm's)"""
     s5_scan: Literal["auto", "parallel", "sequential"] = "auto"
-    """how the resettable recurrence is evaluated: associative scan or lax.scan (same numbers to
-    round-off); auto: lax.scan on CPU (faster there, and compiles in a fraction of the time), the
-    associative scan on GPU/TPU"""
+    """the recurrence by associative scan or lax.scan (equal to round-off); auto: lax.scan on CPU, else parallel"""
 
     # to be filled in at runtime
     batch_size: int = 0
@@ -471,9 +466,8 @@ def make_train(args: Args):
         return args.learning_rate * frac if args.anneal_lr else args.learning_rate
 
     # flatten: one vector for the optimizer instead of ~60 leaves, a smaller program to compile
-    optimizer = optax.flatten(
-        optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
-    )
+    clip = optax.clip_by_global_norm(args.max_grad_norm)
+    optimizer = optax.flatten(optax.chain(clip, optax.adam(learning_rate, eps=1e-5)))
 
     def init(key) -> RunnerState:
         key, key_params, key_env = jax.random.split(key, 3)
@@ -486,16 +480,15 @@ def make_train(args: Args):
 
     def env_step(runner: RunnerState, _):
         key, key_action, key_env = jax.random.split(runner.key, 3)
-        carry, policy, value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
+        inputs = runner.carry, runner.obs[None], runner.done[None]  # a time axis of one step
+        carry, policy, value = network.apply(runner.train_state.params, *inputs)
         policy = jax.tree.map(lambda p: p[0], policy)
         action = policy_sample(key_action, policy, continuous)
         log_prob = policy_log_prob(policy, action, continuous)
         obs, env_state, reward, terminated, truncated, info = env.step(key_env, runner.env_state, action, env_params)
         done = terminated | truncated  # POPGym returns are finite-horizon: truncation ends it too
-        transition = Transition(
-            runner.obs, runner.done, action, log_prob, value[0], reward, info["returned_episode"],
-            info["returned_episode_return"], info["returned_episode_length"],
-        )  # fmt: skip
+        episode = info["returned_episode"], info["returned_episode_return"], info["returned_episode_length"]
+        transition = Transition(runner.obs, runner.done, action, log_prob, value[0], reward, *episode)
         return RunnerState(runner.train_state, env_state, obs, done, carry, key), transition
 
     def ppo_loss(params, carry, batch: Transition, advantages, returns):
@@ -505,9 +498,8 @@ def make_train(args: Args):
         ratio = jnp.exp(log_ratio)
         if args.norm_adv:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg_loss = jnp.maximum(
-            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        ).mean()
+        clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+        pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
         if args.clip_vloss:
             value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
             v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
@@ -515,13 +507,10 @@ def make_train(args: Args):
             v_loss = 0.5 * ((value - returns) ** 2).mean()
         entropy = policy_entropy(policy, continuous).mean()
         loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        stats = dict(
-            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
-            old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
-            approx_kl=((ratio - 1) - log_ratio).mean(),
-            clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
-        )  # fmt: skip
-        return loss, stats
+        # http://joschu.net/blog/kl-approx.html
+        kl = dict(old_approx_kl=(-log_ratio).mean(), approx_kl=((ratio - 1) - log_ratio).mean())
+        clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+        return loss, dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, **kl, clipfrac=clipfrac)
 
     def update_step(runner: RunnerState, _):
         initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
@@ -558,13 +547,16 @@ def make_train(args: Args):
 
         var_returns = jnp.var(returns)
         n_episodes = batch.episode_done.sum()
+
+        def per_episode(x):  # the mean over the episodes that ended in this rollout (NaN if none did)
+            return (x * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan)
+
         metrics = {k: v.mean() for k, v in stats.items()}
         metrics.update(
             explained_variance=jnp.where(var_returns == 0, jnp.nan, 1 - jnp.var(returns - batch.value) / var_returns),
             episodes=n_episodes,
-            # mean return of the episodes completed in this rollout (NaN if none completed)
-            episodic_return=(batch.episode_return * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan),
-            episodic_length=(batch.episode_length * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan),
+            episodic_return=per_episode(batch.episode_return),
+            episodic_length=per_episode(batch.episode_length),
             learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
             finite=jnp.isfinite(jnp.stack([stats[k] for k in ("policy_loss", "value_loss", "entropy")])).all()
             & jnp.isfinite(optax.tree.norm(train_state.params)),  # checked by the host after each chunk
@@ -608,11 +600,12 @@ def make_evaluate(args: Args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Running: input checks, seeds and devices
+# Running: input checks, processes and devices, compiling
 # ---------------------------------------------------------------------------------------------
-POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "d_model",
-            "ssm_size", "n_layers", "s5_blocks", "learning_rate", "clip_coef", "max_grad_norm", "dt_min", "dt_max",
-            "keep_checkpoints", "eval_episodes")  # fmt: skip
+POSITIVE = tuple(
+    "num_seeds total_timesteps num_envs num_steps num_minibatches update_epochs d_model ssm_size n_layers s5_blocks "
+    "learning_rate clip_coef max_grad_norm dt_min dt_max keep_checkpoints eval_episodes".split()
+)
 NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef", "num_processes")
 
 
@@ -622,18 +615,15 @@ def check_args(args: Args) -> str | None:
         make_env(args, 1)  # an unknown id, or MemoryChain-L with L < 1
     except ValueError as error:
         return f"--env-id: {error}"
-    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
-               (("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]  # fmt: skip
-    for names, domain, ok in domains:
+    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0)]
+    for names, domain, ok in domains + [(("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]:
         for name in names:
             if not (math.isfinite(value := getattr(args, name)) and ok(value)):
                 return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % args.num_minibatches:
-        return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
-                "(minibatches split the envs into whole sequences)")  # fmt: skip
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes "
-                f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")  # fmt: skip
+        return f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches}"
+    if args.total_timesteps < (batch := args.num_envs * args.num_steps):
+        return f"--total-timesteps {args.total_timesteps} gives zero updates: one is --num-envs x --num-steps = {batch}"
     if error := S5Config.from_args(args).error():
         return error
     if args.dt_min > args.dt_max:
@@ -641,7 +631,7 @@ def check_args(args: Args) -> str | None:
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
-        return "--coordinator-address, --num-processes and --process-id describe a multi-process run: add --distributed"
+        return "--coordinator-address, --num-processes and --process-id set up a multi-process run: add --distributed"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
     if args.distributed and args.num_seeds % jax.process_count():
@@ -652,8 +642,8 @@ def check_args(args: Args) -> str | None:
 def start_distributed(args: Args):
     """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
     if args.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None,
-                                   None if args.process_id < 0 else args.process_id)  # fmt: skip
+        process_id = None if args.process_id < 0 else args.process_id
+        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None, process_id)
 
 
 def seed_sharding(num_seeds: int):
@@ -680,21 +670,20 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def local_seeds(sharding, num_seeds: int) -> list[int]:
-    """The seed indices whose shards this process holds."""
-    index_map = sharding.addressable_devices_indices_map((num_seeds,))
-    return sorted({i for index in index_map.values() for i in range(num_seeds)[index[0]]})
+def default_chunk(num_updates: int) -> int:
+    """The largest divisor of num_updates up to num_updates // 25 (at least 1): one program compiled, ~25 chunks."""
+    return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
 
 
 def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
-    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and
-    compile `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
+    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and compile
+    `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
     Returns `(runner_state with a leading seed axis on every leaf, {length: compiled chunk})`."""
     init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
-    lowered = [init_lowered] + [
-        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
-        .lower(init_lowered.out_info) for n in sorted(chunk_lengths)
-    ]  # fmt: skip
+    lowered = [init_lowered]
+    for n in sorted(chunk_lengths):
+        chunk = jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
+        lowered.append(chunk.lower(init_lowered.out_info))
     with ThreadPoolExecutor(len(lowered)) as pool:
         init_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
     return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks))
@@ -720,9 +709,11 @@ def enable_compile_cache(folder: str):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
 # ---------------------------------------------------------------------------------------------
-# may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
-RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
-                     "wandb_project_name", "wandb_entity", "save_model")  # fmt: skip
+# --resume may change these (and --total-timesteps without --anneal-lr): they do not change the run's math
+RESUME_MAY_CHANGE = tuple(
+    "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
+    "save_model".split()
+)
 NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
 LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
 
@@ -756,7 +747,7 @@ def run_folder(path: str) -> str:
 def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
     """A run's `checkpoints/`, to read (no `args`) or to write (keeps the latest --keep-checkpoints). Step = PPO
     updates done; items: `state` (every seed's RunnerState, PRNG keys as key_data) and `meta` (JSON: the Args, the
-    per-update metrics so far, run seconds so far)."""
+    per-update metrics so far, run seconds so far). Every process of a --distributed run writes its own shards."""
     folder = os.path.join(run_folder(path), "checkpoints")
     if args is None and not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
@@ -767,17 +758,16 @@ def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
 
 def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: bool = False):
     """(step, meta, state) of the latest checkpoint. The state takes `target`'s structure and sharding (a fresh
-    init: the resumed arrays are bit-identical), or comes as nested dicts on this process's first device without
-    one (whichever processes and devices wrote it)."""
+    init: the resumed arrays are bit-identical), or without one comes as nested dicts on this process's first
+    device (whichever processes and devices wrote it)."""
     manager = checkpoints(path)
     if (step := manager.latest_step()) is None:
         raise FileNotFoundError(f"{path} holds no checkpoint")
     items = {"meta": ocp.args.JsonRestore()}
-    if not meta_only and target is None:
+    if target is None and not meta_only:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                manager.item_metadata(step)["state"])  # fmt: skip
-        items["state"] = ocp.args.StandardRestore(abstract)
+        as_saved = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
+        items["state"] = ocp.args.StandardRestore(jax.tree.map(as_saved, manager.item_metadata(step)["state"]))
     elif not meta_only:
         items["state"] = ocp.args.StandardRestore(target._replace(key=jax.random.key_data(target.key)))
     restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -792,8 +782,8 @@ def save_checkpoint(manager, runner: RunnerState, args: Args, history: list, run
     step = int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
     if step not in manager.all_steps():
         meta = strict_json({"args": asdict(args), "history": history[:step], "run_seconds": run_s})
-        state = runner._replace(key=jax.random.key_data(runner.key))
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state = ocp.args.StandardSave(runner._replace(key=jax.random.key_data(runner.key)))
+        manager.save(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonSave(meta)))
     return step
 
 
@@ -812,7 +802,7 @@ def parse_args() -> tuple[Args, str | None]:
     """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
     flag that would change that run's math is refused."""
     args = tyro.cli(Args)
-    start_distributed(args)  # before anything starts JAX (reading a checkpoint does)
+    start_distributed(args)  # before anything starts JAX's backend (reading a checkpoint does)
     if not (path := args.resume or args.eval_model):
         return args, None
     flag, whose = ("--resume", "checkpoint") if args.resume else ("--eval-model", "model")
@@ -828,18 +818,16 @@ def parse_args() -> tuple[Args, str | None]:
     except (FileNotFoundError, ValueError) as error:
         return args, f"{flag}: {error}"
     args = tyro.cli(Args, default=saved)
-    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
-        new, old, option = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
-        if new == old or (name == "total_timesteps" and (args.eval_model or (new >= done and not args.anneal_lr))):
-            continue
-        if name == "total_timesteps" and new < done:
-            return args, f"--resume: {option} {new} is below the {done} steps the checkpoint has done"
-        if name == "total_timesteps":
-            return args, f"--resume: {option} {new} differs from the checkpoint's {old}; with --anneal-lr it would " \
-                         "change the learning-rate schedule"  # fmt: skip
-        allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
-        return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; it would change the run " \
-                     f"(allowed to change: {allowed})"  # fmt: skip
+    if args.total_timesteps < done:
+        return args, f"--resume: --total-timesteps {args.total_timesteps} is below the {done} steps done"
+    free = ("total_timesteps",) if args.eval_model or not args.anneal_lr else ()
+    allowed = ", ".join("--" + name.replace("_", "-") for name in ("total_timesteps",) + RESUME_MAY_CHANGE)
+    allowed = f"the run (allowed to change: {allowed})"
+    for name in (f.name for f in fields(Args) if f.name not in free + RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
+        if (new := getattr(args, name)) != (old := getattr(saved, name)):
+            why = "the learning-rate schedule (--anneal-lr)" if name == "total_timesteps" else allowed
+            option = "--" + name.replace("_", "-")
+            return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; it would change {why}"
     return args, None
 
 
@@ -849,64 +837,67 @@ def evaluate_model(args: Args) -> dict:
     seeds = [args.seed + i for i in range(args.num_seeds)]
     keys = jax.vmap(jax.random.key)(jnp.array(seeds))
     returns = to_host(jax.jit(jax.vmap(make_evaluate(args)))(load_model(args.eval_model)[1], keys))  # [seeds, N]
-    result = strict_json({"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy,
-                          "episodes_per_seed": args.eval_episodes, "mean": returns.mean(1).mean(),
-                          "std": returns.mean(1).std(),  # of the seeds' means
-                          "per_seed": {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)}})
+    means = returns.mean(1)  # the std is that of the seeds' means
+    result = {"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy}
+    result.update(episodes_per_seed=args.eval_episodes, mean=means.mean(), std=means.std())
+    result["per_seed"] = {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)}
+    result = strict_json(result)
     for s, r in result["per_seed"].items():
         print(f"seed {s}: return {r['mean']:.4f} +- {r['std']:.4f} over {args.eval_episodes} episodes")
     write_json(path := os.path.join(run_folder(args.eval_model), "eval.json"), result)
-    print(f"{'greedy' if args.eval_greedy else 'sampled'} return over {args.num_seeds} seed(s): "
-          f"{result['mean']:.4f} +- {result['std']:.4f}; written to {path}")  # fmt: skip
+    how = "greedy" if args.eval_greedy else "sampled"
+    print(f"{how} return over {args.num_seeds} seed(s): {result['mean']:.4f} +- {result['std']:.4f}; written to {path}")
     return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Training loop, logging
 # ---------------------------------------------------------------------------------------------
-def summarize(args: Args, history: list[dict], compile_s: float, run_s: float) -> dict:
-    """Per-seed and across-seed results from the per-update metrics (arrays of [seeds])."""
-    seeds = [args.seed + i for i in range(args.num_seeds)]
-    returns = np.array([h["episodic_return"] for h in history], float).reshape(len(history), args.num_seeds)
-    finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the updates that completed episodes
-    last = lambda f: float(f[-1]) if f.size else None  # noqa: E731
-    per_seed = {str(s): {"mmer": float(f.max()) if f.size else None, "final_episodic_return": last(f)}
-                for s, f in zip(seeds, finished)}  # fmt: skip
+def summarize(args: Args, history: list[dict], mmer: np.ndarray, compile_s: float, run_s: float) -> dict:
+    """Per-seed and across-seed results: the MMER the loop kept, and the return of each seed's last rollout that
+    completed episodes."""
+    returns = np.array([h["episodic_return"] for h in history], float).reshape(len(history), args.num_seeds).T
+    final = [r[~np.isnan(r)][-1] if (~np.isnan(r)).any() else None for r in returns]
+    seeds = [str(args.seed + i) for i in range(args.num_seeds)]
+    per_seed = {s: strict_json({"mmer": m, "final_episodic_return": f}) for s, m, f in zip(seeds, mmer, final)}
     steps = len(history) * args.batch_size
-    summary = {"env_id": args.env_id, "updates": len(history), "global_step": steps, "compile_seconds": compile_s,
-               "run_seconds": run_s, "sps": steps * args.num_seeds / run_s if run_s > 0 else None,
-               "per_seed": per_seed}  # fmt: skip
+    summary = dict(env_id=args.env_id, updates=len(history), global_step=steps, compile_seconds=compile_s)
+    summary.update(run_seconds=run_s, sps=steps * args.num_seeds / run_s if run_s > 0 else None, per_seed=per_seed)
     for key in ("mmer", "final_episodic_return"):
         values = [v[key] for v in per_seed.values() if v[key] is not None]
         summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
     return summary
 
 
-def log_update(writers: dict, update: dict, mmer, step: int):
-    """TensorBoard scalars of one update; `writers`: {seed index: writer} for this process's seeds."""
+def finite_mean(x: np.ndarray) -> float:
+    """The mean over the seeds whose value is finite (NaN if none), for the progress line."""
+    return x[np.isfinite(x)].mean() if np.isfinite(x).any() else float("nan")
+
+
+def log_iteration(writers: dict, metrics: dict, mmer: np.ndarray, global_step: int):
+    """One iteration's TensorBoard scalars; `writers`: {seed index: writer} of this process's seeds."""
     for i, writer in writers.items():
-        if not np.isnan(update["episodic_return"][i]):
-            writer.add_scalar("charts/episodic_return", update["episodic_return"][i], step)
-            writer.add_scalar("charts/episodic_length", update["episodic_length"][i], step)
-            writer.add_scalar("charts/mmer", mmer[i], step)
-        writer.add_scalar("charts/learning_rate", update["learning_rate"][i], step)
-        for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                     "explained_variance"):  # fmt: skip
-            writer.add_scalar(f"losses/{name}", update[name][i], step)
+        if not np.isnan(metrics["episodic_return"][i]):
+            writer.add_scalar("charts/episodic_return", metrics["episodic_return"][i], global_step)
+            writer.add_scalar("charts/episodic_length", metrics["episodic_length"][i], global_step)
+            writer.add_scalar("charts/mmer", mmer[i], global_step)
+        writer.add_scalar("charts/learning_rate", metrics["learning_rate"][i], global_step)
+        for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+            writer.add_scalar(f"losses/{name}", metrics[name][i], global_step)
+        writer.add_scalar("losses/explained_variance", metrics["explained_variance"][i], global_step)
 
 
 def main(args: Args) -> dict:
     """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json."""
     start_distributed(args)
     derive_sizes(args)
-    # default: the largest divisor of num_updates up to 1/25 of it, so one program is compiled
-    divisors = [d for d in range(1, max(1, args.num_updates // 25) + 1) if args.num_updates % d == 0]
-    chunk = args.updates_per_chunk or max(divisors)
-    now = int(time.time())  # the processes of a --distributed run agree on process 0's clock
-    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(now))) if jax.process_count() > 1 else now
+    chunk = args.updates_per_chunk or default_chunk(args.num_updates)
+    stamp = int(time.time())  # the run folder's: the processes of a --distributed run take process 0's
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp))) if jax.process_count() > 1 else stamp
     run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
-    lead = jax.process_index() == 0  # prints, writes summary.json and the model, runs wandb
+    lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, runs wandb
+    print0 = print if lead else lambda *_, **__: None
     history, run_s, compile_s, runner, failure = [], 0.0, 0.0, None, None
     if args.resume:  # the logs continue from the checkpoint: metrics so far (null -> NaN), run time
         meta = restore_checkpoint(run_dir, meta_only=True)[1]
@@ -914,69 +905,60 @@ def main(args: Args) -> dict:
     if args.track and lead:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)  # fmt: skip
+        settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(sync_tensorboard=True, save_code=True, **settings)
     sharding = seed_sharding(args.num_seeds)
-    # each process writes the TensorBoard runs of its own seeds; on --resume TensorBoard drops what the interrupted
-    # run logged after the checkpoint (purge_step)
-    purge_step = len(history) * args.batch_size + 1 if args.resume else None
-    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step)
-               for i in local_seeds(sharding, args.num_seeds)}  # fmt: skip
+    index_map = sharding.addressable_devices_indices_map((args.num_seeds,))  # each process writes its seeds' runs
+    mine = sorted({i for index in index_map.values() for i in range(args.num_seeds)[index[0]]})
+    purge_step = len(history) * args.batch_size + 1 if args.resume else None  # TensorBoard drops what followed
+    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step) for i in mine}
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     for writer in [] if args.resume else writers.values():
         writer.add_text("hyperparameters", table)
     manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
     last_saved = len(history)
-    mmer = np.full(args.num_seeds, -np.inf)
-    for update in history:
-        mmer = np.fmax(mmer, update["episodic_return"])
+    # MMER: the running max over iterations of each seed's mean completed-episode return
+    mmer = np.fmax.reduce([np.full(args.num_seeds, -np.inf)] + [h["episodic_return"] for h in history])
 
     init, update_chunk = make_train(args)
     keys = seed_keys(seeds, sharding)
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     resumed = f", from update {last_saved}" if args.resume else ""
-    if lead:
-        print(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s)"
-              f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}, "
-              f"{args.num_updates} updates of {args.batch_size} steps{resumed}")
+    print0(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s){processes}"
+           f", {args.num_updates} updates of {args.batch_size} steps{resumed}")
     start = time.time()
     try:
         left = args.num_updates - len(history)
-        lengths = {min(chunk, left), left % chunk} - {0}
-        runner, compiled_chunk = compile_training(init, update_chunk, keys, sharding, lengths)
+        runner, compiled = compile_training(init, update_chunk, keys, sharding, {min(chunk, left), left % chunk} - {0})
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start
-        if lead:
-            print(f"compiled in {compile_s:.1f} s")
+        print0(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
             n = min(chunk, args.num_updates - len(history))
             t = time.time()
-            new_runner, metrics = compiled_chunk[n](runner)
-            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n]
-            elapsed = time.time() - t
-            run_s += elapsed
-            if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, then stop
+            new_runner, metrics = compiled[n](runner)
+            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n], on every process
+            run_s += (elapsed := time.time() - t)
+            if not (finite := metrics.pop("finite")).all():  # log the iterations before the first bad one, then stop
                 n, i = min((u, i) for i, u in zip(*np.nonzero(~finite)))
                 failure = f"non-finite loss/parameters at update {len(history) + n + 1} (seed {seeds[i]})"
             for u in range(n):
                 history.append({k: v[:, u] for k, v in metrics.items()})
-                mmer = np.fmax(mmer, history[-1]["episodic_return"])
-                log_update(writers, history[-1], mmer, step := len(history) * args.batch_size)
+                iteration, mmer = len(history), np.fmax(mmer, history[-1]["episodic_return"])
+                log_iteration(writers, history[-1], mmer, global_step := iteration * args.batch_size)
             if failure:
                 break
             runner, sps = new_runner, n * args.batch_size / elapsed
             for writer in writers.values():
-                writer.add_scalar("charts/SPS", sps, step)
+                writer.add_scalar("charts/SPS", sps, global_step)
                 writer.flush()
-            if args.checkpoint_every and len(history) // args.checkpoint_every > last_saved // args.checkpoint_every:
+            if args.checkpoint_every and iteration // args.checkpoint_every > last_saved // args.checkpoint_every:
                 last_saved = save_checkpoint(manager, runner, args, history, run_s)
-            eta = run_s / len(history) * (args.num_updates - len(history))
-            last = history[-1]["episodic_return"]
-            mean_ret = np.nanmean(last) if np.isfinite(last).any() else float("nan")
-            mean_mmer = mmer[np.isfinite(mmer)].mean() if np.isfinite(mmer).any() else float("nan")
-            if lead:
-                print(f"step {step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                      f"(all seeds) | return {mean_ret:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)
+            eta = run_s / iteration * (args.num_updates - iteration)
+            mean_return, mean_mmer = finite_mean(history[-1]["episodic_return"]), finite_mean(mmer)
+            print0(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+                   f"(all seeds) | return {mean_return:+.3f} | mmer {mean_mmer:+.3f} | ETA {eta:.0f} s", flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
@@ -985,29 +967,26 @@ def main(args: Args) -> dict:
                 last_saved = save_checkpoint(manager, runner, args, history, run_s)
             manager.wait_until_finished()
             manager.close()
-        summary = summarize(args, history, compile_s, run_s)
+        summary = summarize(args, history, mmer, compile_s, run_s)
+        for s, r in summary["per_seed"].items():
+            print0(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
+        if summary["mmer"]:
+            mean, std, sps = summary["mmer"]["mean"], summary["mmer"]["std"], summary["sps"] or 0
+            print0(f"MMER over {args.num_seeds} seed(s): {mean:.4f} +- {std:.4f} | compile {compile_s:.1f} s, "
+                   f"run {run_s:.1f} s, {sps:,.0f} steps/s")
         if lead:
-            for s in seeds:
-                r = summary["per_seed"][str(s)]
-                print(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
-            if summary["mmer"]:
-                mean, std = summary["mmer"]["mean"], summary["mmer"]["std"]
-                print(f"MMER over {args.num_seeds} seed(s): {mean:.4f} +- {std:.4f} | "
-                      f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")  # fmt: skip
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
-        if args.save_model and runner is not None:
-            params = to_host(runner.train_state.params)  # a leading [num_seeds] axis
-            path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        if args.save_model and runner is not None:  # every seed's parameters: a leading [num_seeds] axis
+            model, path = to_host(runner.train_state.params), os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
             if lead:
                 with open(path, "wb") as f:
-                    f.write(flax.serialization.to_bytes([asdict(args), params]))
+                    f.write(flax.serialization.to_bytes([asdict(args), model]))
                 print(f"model saved to {path}")
         for writer in writers.values():
             writer.close()
         if args.track and lead:
             wandb.finish()
-        if lead:
-            print(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
+        print0(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
     if failure:
         where = f"update {last_saved} in {os.path.join(run_dir, 'checkpoints')}" if manager and last_saved else "none"
         raise SystemExit(f"error: {failure}; last good checkpoint: {where}")
