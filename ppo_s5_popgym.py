@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 import flax.linen as nn
 import flax.serialization
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -38,8 +39,7 @@ from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-# envs_popjax (and gymnax) is imported where first used: importing gymnax runs a JAX computation, and a --distributed
-# process must join the multi-process run before any (start_distributed)
+import envs_popjax
 
 
 @dataclass
@@ -436,8 +436,6 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
 
 
 def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
-    import envs_popjax  # not at the top: see the note below the imports
-
     action_space = env.action_space(env_params)
     continuous = not isinstance(action_space, envs_popjax.spaces.Discrete)
     action_dim = envs_popjax.action_size(action_space)
@@ -448,8 +446,6 @@ def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
 def make_env(args: Args, num_envs: int):
     """`num_envs` batched envs that reset only those whose episode ended; the observation carries the previous
     action and the first-step flag, `info` the episode statistics (envs_popjax.make_vec)."""
-    import envs_popjax  # not at the top: see the note below the imports
-
     return envs_popjax.make_vec(args.env_id, num_envs, wrappers=True)
 
 
@@ -642,6 +638,7 @@ def check_args(args: Args) -> str | None:
 def start_distributed(args: Args):
     """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
     if args.distributed and not jax.distributed.is_initialized():
+        jax.extend.backend.clear_backends()  # importing gymnax made an array (frozen_lake), which started JAX
         process_id = None if args.process_id < 0 else args.process_id
         jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None, process_id)
 
