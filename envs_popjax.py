@@ -23,7 +23,7 @@ Map, in file order (sections 3-8: the POPGym families in the registry's order):
   8. labyrinths: LabyrinthEscape, LabyrinthExplore
   9. registry: FAMILIES (one row per family), aliases, canonical_id, make
  10. bsuite's MemoryChain
- 11. multi-environment meta-RL: MetaEnv, MetaEnvPool
+ 11. multi-environment meta-RL: META_ENVS (gymnax, brax, DM Control via MuJoCo Playground), MetaEnv, MetaEnvPool
 """
 
 import difflib
@@ -1185,9 +1185,9 @@ def make_memory_chain(env_id: str, **overrides) -> tuple[MemoryChain, MemoryChai
 
 # ---------------------------------------------------------------------------------------------
 # 11. Multi-environment meta-RL (Lu et al. 2023, section 5.3; used by ppo_s5_metarl.py). Continuous-control envs
-# from gymnax and brax, hidden behind random linear projections of their observations and actions. A *trial* is
-# `episodes_per_trial` episodes of one env with one pair of projections; the agent's memory (and the PPO `done`)
-# resets only between trials.
+# from gymnax, brax and the DM Control suite (MuJoCo Playground), hidden behind random linear projections of their
+# observations and actions. A *trial* is `episodes_per_trial` episodes of one env with one pair of projections; the
+# agent's memory (and the PPO `done`) resets only between trials.
 # ---------------------------------------------------------------------------------------------
 @struct.dataclass
 class MetaEnvSpec:
@@ -1223,13 +1223,23 @@ META_ENVS: dict[str, MetaEnvSpec] = {
     "brax/ant": MetaEnvSpec(3.0, 200),
     "brax/humanoid": MetaEnvSpec(5.0, 200),
     "brax/swimmer": MetaEnvSpec(0.3, 200, backend="generalized"),  # brax supports no other backend
+    # The DM Control suite on MJX (MuJoCo Playground 0.2.0, its registered names): rewards in [0, 1] per step. One
+    # step is one control step (ctrl_dt 0.01-0.04 s, several physics steps); DM Control's episodes are 1,000 steps,
+    # ours 200 (4-8 s simulated), 400 for the envs with a 0.01 s control step (acrobot, cartpole, cheetah).
+    **{
+        f"dmc/{name}": MetaEnvSpec(1.0, 400 if name.startswith(("Acrobot", "Cartpole", "Cheetah")) else 200)
+        for name in """AcrobotSwingup AcrobotSwingupSparse BallInCup CartpoleBalance CartpoleBalanceSparse
+        CartpoleSwingup CartpoleSwingupSparse CheetahRun FingerSpin FingerTurnEasy FingerTurnHard FishSwim HopperHop
+        HopperStand HumanoidStand HumanoidWalk HumanoidRun PendulumSwingup PointMass ReacherEasy ReacherHard
+        SwimmerSwimmer6 WalkerRun WalkerStand WalkerWalk""".split()
+    },
 }
 META_ENV_IDS: tuple[str, ...] = tuple(META_ENVS)
 BRAX_BACKENDS = ("spring", "positional", "generalized", "mjx")
 
 
 def meta_env_id(env_id: str) -> str:
-    """`gymnax/Pendulum-v1` / `brax/hopper`; plain names (`Pendulum-v1`, `hopper`) resolve to them. Raises
+    """`gymnax/Pendulum-v1` / `brax/hopper` / `dmc/PointMass`; plain names (`hopper`, `PointMass`) resolve. Raises
     ValueError naming the closest valid ids."""
     if env_id in META_ENVS:
         return env_id
@@ -1303,6 +1313,22 @@ class BraxInnerEnv:
         return state.obs, state, state.reward, state.done > 0.5
 
 
+class PlaygroundInnerEnv(BraxInnerEnv):
+    """A MuJoCo Playground DM Control env, as BraxInnerEnv (its State has brax's obs/reward/done): MJX's pure-JAX
+    `impl` (Playground's default, warp, is NVIDIA-only), flat observations, actions in [-1, 1]. Its `done` only flags
+    NaN physics; its own episode_length/action_repeat belong to its training wrappers, which are not used."""
+
+    def __init__(self, name: str):
+        from mujoco_playground import dm_control_suite  # imported here: slow (~5 s), and optional for other envs
+
+        self.env = dm_control_suite.load(name, config_overrides={"impl": "jax"})
+        # jitted, so that tracing MJX (seconds) happens once per env: observation_size's eval_shape and every later
+        # trace of reset/step (under vmap, jit or scan too) reuse the cached jaxpr; XLA inlines the nested jit.
+        self.env.reset, self.env.step = jax.jit(self.env.reset), jax.jit(self.env.step)
+        self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
+        self.low, self.high = -np.ones(self.action_size, np.float32), np.ones(self.action_size, np.float32)
+
+
 @struct.dataclass
 class MetaEnvState:
     env_state: Any
@@ -1358,6 +1384,8 @@ class MetaEnv:
         family, name = self.env_id.split("/", 1)
         if family == "gymnax":
             self.env = GymnaxInnerEnv(name, self.episode_length, spec.params)
+        elif family == "dmc":
+            self.env = PlaygroundInnerEnv(name)
         else:
             self.env = BraxInnerEnv(name, spec.backend or brax_backend)
         self.mid = jnp.asarray((self.env.low + self.env.high) / 2)

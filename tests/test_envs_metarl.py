@@ -1,5 +1,5 @@
 """envs_popjax's meta-RL section: projections, trial/episode boundaries, observation layout, reward
-scaling, the env registry and train/held-out checks, the slot pool, and a brax env end to end."""
+scaling, the env registry and train/held-out checks, the slot pool, and a brax and a DM Control env end to end."""
 
 import math
 
@@ -134,7 +134,30 @@ def test_registry_ids_and_train_heldout_sets():
     gymnax_box = [i for i in gymnax.registered_envs if i.endswith(("-misc", "v1", "v0"))]
     for env_id in envs_popjax.META_ENV_IDS:
         family, name = env_id.split("/")
-        assert family in ("gymnax", "brax") and (family == "brax" or name in gymnax_box)
+        assert family in ("gymnax", "brax", "dmc") and (family != "gymnax" or name in gymnax_box)
+
+
+# MuJoCo Playground 0.2.0's DM Control suite: (observation size, action size) per domain (the issue's table)
+DMC_SIZES = {"Acrobot": (6, 1), "BallInCup": (8, 2), "Cartpole": (5, 1), "Cheetah": (17, 6), "FingerSpin": (9, 2),
+             "FingerTurn": (12, 2), "Fish": (24, 5), "Hopper": (15, 4), "Humanoid": (67, 21), "Pendulum": (3, 1),
+             "PointMass": (4, 2), "Reacher": (6, 2), "Swimmer": (25, 5), "Walker": (24, 6)}  # fmt: skip
+
+
+def test_dmc_registry_covers_playground_with_the_listed_sizes():
+    """Every DM Control env of Playground is registered as dmc/<name> (plain names resolve) with the listed action
+    size; observation sizes (a traced reset each, seconds) for the cheap domains, the rest end to end elsewhere."""
+    from mujoco_playground import dm_control_suite
+
+    ids = [i for i in envs_popjax.META_ENV_IDS if i.startswith("dmc/")]
+    assert sorted(ids) == sorted(f"dmc/{name}" for name in dm_control_suite.ALL_ENVS) and len(ids) == 25
+    for env_id in ids:
+        name = env_id.split("/")[1]
+        assert envs_popjax.meta_env_id(name) == env_id and envs_popjax.META_ENVS[env_id].reward_scale == 1.0
+        ((obs_size, action_size),) = [v for k, v in DMC_SIZES.items() if name.startswith(k)]
+        env = dm_control_suite.load(name, config_overrides={"impl": "jax"})  # builds the model only: cheap
+        assert env.action_size == action_size and env.mj_model.actuator_ctrlrange.tolist() == [[-1, 1]] * action_size
+        if name in ("PendulumSwingup", "PointMass", "ReacherEasy", "AcrobotSwingup"):
+            assert envs_popjax.PlaygroundInnerEnv(name).obs_size == obs_size
 
 
 def test_pool_gives_each_env_an_equal_block_of_slots():
@@ -158,17 +181,25 @@ def test_pool_gives_each_env_an_equal_block_of_slots():
 
 
 @pytest.mark.timeout(600)
-def test_brax_inverted_pendulum_through_the_meta_env():
-    env = MetaEnv("brax/inverted_pendulum", episodes_per_trial=2, episode_length=10, brax_backend="spring")
-    assert env.env.env.backend == "spring"
+@pytest.mark.parametrize("env_id", ["brax/inverted_pendulum", "dmc/CartpoleBalance"])
+def test_physics_env_through_the_meta_env(env_id):
+    env = MetaEnv(env_id, episodes_per_trial=2, episode_length=10, brax_backend="spring")
+    if env_id.startswith("brax/"):
+        assert env.env.env.backend == "spring"
+    else:  # MJX's pure-JAX implementation, not Playground's default (warp, NVIDIA-only)
+        assert env.env.env.mjx_model.impl.value == "jax" and (env.env.obs_size, env.env.action_size) == (5, 1)
     T = 30
     actions = jax.random.uniform(jax.random.key(1), (T, 2), minval=-1, maxval=1)
     obs0, (before, obs, reward, done, info), _ = rollout(env, jax.random.key(0), actions)
     assert obs0.shape == obs.shape[1:] == (16 + 2 + 2,) and np.isfinite(obs).all()
-    # the pole pays 1 per step alive: scaled by 1 / (1.0 * 10)
-    np.testing.assert_allclose(reward, info["raw_reward"] / 10.0, rtol=1e-6)
-    lengths = np.diff(np.concatenate([[-1], np.flatnonzero(np.asarray(info["episode_done"]))]))
+    # the pole pays 1 per step alive (brax) or at most 1 per step (DM Control): scaled by 1 / (1.0 * 10)
+    raw = np.asarray(info["raw_reward"])
+    assert np.isfinite(raw).all() and (raw >= 0).all() and (raw <= 1).all() and raw.max() > 0.1
+    np.testing.assert_allclose(reward, raw / 10.0, rtol=1e-6)
+    ends = np.flatnonzero(np.asarray(info["episode_done"]))
+    lengths = np.diff(np.concatenate([[-1], ends]))
     assert (lengths <= 10).all() and len(lengths) >= 3
-    # the PPO done is raised after every second episode only
-    np.testing.assert_array_equal(np.flatnonzero(np.asarray(done)), np.flatnonzero(np.asarray(info["episode_done"]))[1::2])
+    if env_id.startswith("dmc/"):  # DM Control never terminates: every episode hits the time limit
+        np.testing.assert_array_equal(lengths, [10, 10, 10])
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(done)), ends[1::2])  # PPO done: every second episode end
     np.testing.assert_array_equal(np.asarray(obs[:, -1]), np.asarray(info["episode_done"], np.float32))
