@@ -2,13 +2,15 @@
 In-Context Reinforcement Learning", NeurIPS 2023, section 5.3), in one file.
 
 A trial is `--episodes-per-trial` episodes of one continuous-control env of `--train-envs`, seen through fresh random
-projections of its observations and actions (`envs_popjax.MetaEnv`). The S5 memory is reset only between trials, so
-the agent can identify the env in the first episodes and do better in later ones (RL^2's meta-episode: GAE runs across
-the episode ends inside a trial). Before training, every `--eval-every` updates and at the end, the policy plays fresh
-trials of every train and held-out env: the mean return per episode index of a trial is the in-context learning curve
-(TensorBoard `eval/{train,heldout}/...`, summary.json). Defaults: a CPU-sized setting on gymnax envs.
+projections of its observations and actions (`envs_popjax.MetaEnv`). The S5 memory (`--memory lstm`: the LSTM of
+ppo_lstm_popgym.py, the baseline) is reset only between trials, so the agent can identify the env in the first episodes
+and do better in later ones (RL^2's meta-episode: GAE runs across the episode ends inside a trial). Before training,
+every `--eval-every` updates and at the end, the policy plays fresh trials of every train and held-out env: the mean
+return per episode index of a trial is the in-context learning curve (TensorBoard `eval/{train,heldout}/...`,
+summary.json). Defaults: a CPU-sized setting on gymnax envs.
 
     python ppo_s5_metarl.py --num-seeds 3
+    python ppo_s5_metarl.py --num-seeds 3 --memory lstm  # the LSTM baseline, otherwise the same run
     tensorboard --logdir runs
     python ppo_s5_metarl.py --resume runs/RUN_FOLDER      # continue after a crash or kill, bit for bit
     python ppo_s5_metarl.py --eval-model runs/RUN_FOLDER  # the in-context evaluation of a saved model
@@ -141,7 +143,11 @@ class Args:
     max_grad_norm: float = 0.5
     """global gradient norm clip"""
 
-    # S5 memory
+    # Memory: S5 (the default) or the LSTM baseline
+    memory: Literal["s5", "lstm"] = "s5"
+    """the recurrent core: resettable S5, or ppo_lstm_popgym's LSTM (the same PPO, meta-env and evaluation)"""
+    hidden_size: int = 64
+    """LSTM hidden size (with --memory lstm)"""
     d_model: int = 64
     """width H of the encoder output and of every S5 layer"""
     ssm_size: int = 64
@@ -369,18 +375,41 @@ class S5Memory(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Actor-critic: shared encoder and S5 trunk, separate actor and critic heads (paper, app. B),
-# a diagonal Gaussian policy over the agent's fixed-size action.
+# The LSTM baseline's memory (--memory lstm). Actor-critic: shared encoder and memory trunk (S5 or LSTM), separate
+# actor and critic heads (paper, app. B), a diagonal Gaussian policy over the agent's fixed-size action.
 # ---------------------------------------------------------------------------------------------
+class RNNMemory(nn.Module):
+    """ppo_lstm_popgym's resettable LSTM (without its GRU option): `(carry, x[T, B, H], resets[T, B]) -> (carry,
+    y[T, B, H])`. `resets[t, b]`: x[t, b] starts a trial, so the carry is zeroed before it. Carry: `(c, h)`, [B, H]."""
+
+    hidden_size: int = 256
+
+    @nn.compact
+    def __call__(self, carry, x, resets):
+        def step(cell, carry, inputs):
+            x_t, reset_t = inputs
+            carry = jax.tree.map(lambda c: jnp.where(reset_t[:, None], jnp.zeros_like(c), c), carry)
+            return cell(carry, x_t)
+
+        scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False})
+        return scan(nn.OptimizedLSTMCell(features=self.hidden_size), carry, (x, resets))
+
+    @staticmethod
+    def initialize_carry(batch_size: int, hidden_size: int):
+        # flax's default carry_init is zeros, so this is the same carry the resets put back
+        return nn.OptimizedLSTMCell(features=hidden_size).initialize_carry(jax.random.key(0), (batch_size, hidden_size))
+
+
 class ActorCritic(nn.Module):
     action_dim: int
-    memory: S5Memory
+    width: int  # of the memory's inputs and outputs
+    memory: nn.Module
 
     @nn.compact
     def __call__(self, carry, obs, resets):
         dense = lambda n, scale=math.sqrt(2): nn.Dense(n, kernel_init=nn.initializers.orthogonal(scale))  # noqa: E731
         x = nn.leaky_relu(dense(128)(obs))
-        x = nn.leaky_relu(dense(self.memory.config.d_model)(x))
+        x = nn.leaky_relu(dense(self.width)(x))
         carry, x = self.memory(carry, x, resets)
         actor = nn.leaky_relu(dense(128, 2.0)(nn.leaky_relu(dense(128, 2.0)(x))))
         mean = dense(self.action_dim, 0.01)(actor)
@@ -461,8 +490,16 @@ def make_env(args: Args, env_id: str) -> envs_popjax.MetaEnv:
     return envs_popjax.MetaEnv(env_id, *sizes, args.brax_backend, args.fixed_reset)
 
 
-def build_network(args: Args) -> ActorCritic:
-    return ActorCritic(args.action_size, S5Memory(S5Config.from_args(args)))
+def build_network(args: Args):
+    """`(network, new_carry)`: the actor-critic with the --memory core, and `new_carry(batch)`, a batch's zero memory
+    (what a trial start puts back)."""
+    if args.memory == "lstm":
+        memory, width = RNNMemory(args.hidden_size), args.hidden_size
+        new_carry = partial(RNNMemory.initialize_carry, hidden_size=args.hidden_size)
+    else:
+        memory, width = S5Memory(config := S5Config.from_args(args)), args.d_model
+        new_carry = partial(S5Memory.initialize_carry, config=config)
+    return ActorCritic(args.action_size, width, memory), new_carry
 
 
 def make_train(args: Args):
@@ -470,8 +507,7 @@ def make_train(args: Args):
     `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`."""
     train_ids, _ = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
     pool = envs_popjax.MetaEnvPool([make_env(args, env_id) for env_id in train_ids], args.num_envs)
-    network = build_network(args)
-    new_carry = partial(S5Memory.initialize_carry, config=S5Config.from_args(args))
+    network, new_carry = build_network(args)
 
     def learning_rate(count):  # CleanRL's linear annealing, once per update
         frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / args.num_updates
@@ -587,7 +623,7 @@ def make_evaluate(args: Args, greedy: bool = False):
     seed, sees the same projections and starts (the curves over training compare like with like)."""
     train_ids, heldout_ids = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
     envs = [("train", make_env(args, i)) for i in train_ids] + [("heldout", make_env(args, i)) for i in heldout_ids]
-    network, n, num_episodes = build_network(args), args.eval_trials, args.episodes_per_trial
+    (network, new_carry), n, num_episodes = build_network(args), args.eval_trials, args.episodes_per_trial
 
     def evaluate_env(params, key, env: envs_popjax.MetaEnv):
         key_reset, key_run = jax.random.split(jax.random.fold_in(key, envs_popjax.META_ENV_IDS.index(env.env_id)))
@@ -602,8 +638,7 @@ def make_evaluate(args: Args, greedy: bool = False):
             returns = returns + counted * info["episode_return"][:, None]
             return (memory, obs, done, state, active & ~done, returns), None
 
-        memory = S5Memory.initialize_carry(n, S5Config.from_args(args))
-        init = (memory, obs, jnp.ones(n, bool), state, jnp.ones(n, bool), jnp.zeros((n, num_episodes)))
+        init = (new_carry(n), obs, jnp.ones(n, bool), state, jnp.ones(n, bool), jnp.zeros((n, num_episodes)))
         # a trial lasts at most episodes_per_trial * episode_length steps; later steps are masked
         (*_, returns), _ = jax.lax.scan(step, init, jax.random.split(key_run, num_episodes * env.episode_length))
         return returns.mean(0)
@@ -620,7 +655,7 @@ def make_evaluate(args: Args, greedy: bool = False):
 POSITIVE = (
     "num_seeds total_timesteps num_envs num_steps num_minibatches update_epochs episodes_per_trial obs_size "
     "action_size eval_trials d_model ssm_size n_layers s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm "
-    "keep_checkpoints eval_episodes"
+    "keep_checkpoints eval_episodes hidden_size"
 ).split()
 NON_NEGATIVE = "updates_per_chunk eval_every episode_length checkpoint_every vf_coef ent_coef num_processes".split()
 
@@ -870,14 +905,14 @@ def parse_args() -> tuple[Args, str | None]:
     args = tyro.cli(Args)
     if not args.eval_model:
         start_distributed(args)
-    path = args.resume or args.eval_model
-    if (error := check_args(args)) or not path or (args.eval_model and os.path.isfile(path)):
+    path = args.resume or args.eval_model  # --resume: checked below, with the checkpoint's flags as the defaults
+    if (error := None if args.resume else check_args(args)) or not path or (args.eval_model and os.path.isfile(path)):
         return args, error
     try:
         _, meta, _ = restore_checkpoint(path, meta_only=True)
     except FileNotFoundError as error:
         return args, f"{'--resume' if args.resume else '--eval-model'}: {error}"
-    if args.eval_model:
+    if not args.resume:
         return args, None
     saved = args_from(meta["args"])  # without the launch flags: this launch's count
     args = tyro.cli(Args, default=saved)
@@ -1011,8 +1046,10 @@ def main(args: Args) -> dict:
 
     keys, keys_eval = eval_keys(seeds, sharding)
     train_envs, heldout_envs = ", ".join(args.train_envs), ", ".join(args.heldout_envs) or "none"
-    say(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-        f"{args.num_updates} updates of {args.batch_size} steps; train {train_envs}; held-out {heldout_envs}")
+    say(
+        f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
+        f"{args.num_updates} updates of {args.batch_size} steps; train {train_envs}; held-out {heldout_envs}"
+    )
 
     def run_eval():
         t = time.time()
@@ -1076,8 +1113,10 @@ def main(args: Args) -> dict:
         summary = summarize(args, logs)
         if evals:
             say(f"final eval over {args.num_seeds} seed(s): {eval_line(evals[-1], args)}")
-        say(f"compile {summary['compile_seconds']:.1f} s, run {summary['run_seconds']:.1f} s, "
-            f"{summary['sps'] or 0:,.0f} steps/s")
+        say(
+            f"compile {summary['compile_seconds']:.1f} s, run {summary['run_seconds']:.1f} s, "
+            f"{summary['sps'] or 0:,.0f} steps/s"
+        )
         if lead:
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model and runner is not None:

@@ -50,10 +50,11 @@ def test_gae_bootstraps_across_inner_episodes_and_masks_trial_ends():
     np.testing.assert_allclose(np.asarray(adv)[:, 0], expected, rtol=1e-12)
 
 
-def test_memory_resets_at_trial_boundaries_only():
+@pytest.mark.parametrize("memory", ["s5", "lstm"])
+def test_memory_resets_at_trial_boundaries_only(memory):
     """Acting on a real rollout with the env's dones equals running each trial from a zero memory,
     and differs from also resetting at the inner episode boundaries (the memory spans a trial)."""
-    args = tiny_args()
+    args = tiny_args(memory=memory, hidden_size=16)
     env = envs_popjax.MetaEnv("Pendulum-v1", episodes_per_trial=2, episode_length=3)
     obs, state = env.reset(jax.random.key(0))
     obs_seq, done_seq, done = [], [], True
@@ -65,8 +66,8 @@ def test_memory_resets_at_trial_boundaries_only():
     np.testing.assert_array_equal(np.flatnonzero(done_seq[:, 0]), [0, 6, 12])  # trials of 2 x 3 steps
     np.testing.assert_array_equal(np.flatnonzero(obs_seq[:, 0, -1]), [0, 3, 6, 9, 12])  # episode starts
 
-    network = metarl.build_network(args)
-    carry0 = metarl.S5Memory.initialize_carry(1, metarl.S5Config.from_args(args))
+    network, new_carry = metarl.build_network(args)
+    carry0 = new_carry(1)
     params = network.init(jax.random.key(1), carry0, obs_seq, done_seq)
     apply = jax.jit(network.apply)
     _, (mean, _), value = apply(params, carry0, obs_seq, done_seq)
@@ -77,6 +78,21 @@ def test_memory_resets_at_trial_boundaries_only():
     # resetting at inner episode starts too would give other outputs in the second episode of a trial
     _, (mean_ep, _), _ = apply(params, carry0, obs_seq, obs_seq[..., -1] > 0)
     assert not np.allclose(mean_ep[3:6], mean[3:6], atol=1e-6)
+
+
+def test_lstm_network_is_ppo_lstm_popgym_s():
+    """--memory lstm builds ppo_lstm_popgym's actor-critic (continuous): the same parameters from the same key, the
+    same outputs, the same zero carry (what a trial start puts back)."""
+    import ppo_lstm_popgym
+
+    network, new_carry = metarl.build_network(tiny_args(memory="lstm", hidden_size=16))
+    theirs = ppo_lstm_popgym.ActorCritic(2, True, ppo_lstm_popgym.RNNMemory(16))
+    jax.tree.map(np.testing.assert_array_equal, new_carry(3), ppo_lstm_popgym.RNNMemory.initialize_carry(3, 16))
+    obs, resets = jax.random.normal(jax.random.key(0), (4, 3, 16)), jax.random.bernoulli(jax.random.key(1), 0.3, (4, 3))
+    params = network.init(jax.random.key(2), new_carry(3), obs, resets)
+    jax.tree.map(np.testing.assert_array_equal, params, theirs.init(jax.random.key(2), new_carry(3), obs, resets))
+    outputs = network.apply(params, new_carry(3), obs, resets), theirs.apply(params, new_carry(3), obs, resets)
+    jax.tree.map(np.testing.assert_array_equal, *outputs)
 
 
 def test_evaluation_is_jitted_deterministic_and_independent_of_the_env_set():
@@ -120,6 +136,7 @@ def test_bad_inputs_are_caught_before_compiling():
         (dict(num_envs=5, num_minibatches=5), "divisible by the 2 --train-envs"),
         (dict(eval_every=3, updates_per_chunk=2), "--eval-every 3 must be a multiple"),
         (dict(episodes_per_trial=0), "--episodes-per-trial must be positive"),
+        (dict(memory="lstm", hidden_size=0), "--hidden-size must be positive"),
         (dict(distributed=True, eval_model="model.cleanrl_model"), "--eval-model runs in one process"),
         (dict(num_processes=2), "add --distributed"),
         (dict(process_id=0), "add --distributed"),
@@ -233,6 +250,29 @@ def test_one_run_kill_and_resume_bit_identical_and_eval_model(tmp_path):
     assert report["per_seed"] == final["per_seed"] and report["heldout"] == final["heldout"]
 
 
+def test_lstm_run_resume_and_eval_model(tmp_path):
+    """--memory lstm end to end (one train env, none held out: a small program): 2 updates with checkpoints, --resume
+    to 3 (the LSTM carry restored), finite evaluations in a strict summary.json, and --eval-model of the saved model
+    reproduces the final evaluation in another process (deterministic evaluation)."""
+    flags = [*TINY_FLAGS, "--train-envs=Pendulum-v1", "--heldout-envs", "--memory=lstm", "--hidden-size=16"]
+    flags += ["--total-timesteps=96", "--eval-every=1", "--checkpoint-every=1", "--save-model", f"--log-dir={tmp_path}"]
+    assert (result := run_script(*flags)).returncode == 0, result.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "*"))
+    assert (result := run_script("--resume", run_dir, "--total-timesteps=144")).returncode == 0, result.stderr[-3000:]
+    assert "resumed at update 2" in result.stdout
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read(), parse_constant=pytest.fail)
+    assert summary["args"]["memory"] == "lstm" and [e["update"] for e in summary["evals"]] == [0, 1, 2, 3]
+    assert np.isfinite(summary["final_eval"]["per_seed"]["1"]["train/gymnax/Pendulum-v1"]).all()
+    model = os.path.join(run_dir, "ppo_s5_metarl.cleanrl_model")
+    args, params = metarl.load_model(model)  # one seed: [1, ...] parameters
+    cell = params["params"]["memory"]["OptimizedLSTMCell_0"]
+    assert args.memory == "lstm" and cell["hi"]["kernel"].shape == (1, 16, 16)
+    result = run_script("--eval-model", model, f"--eval-episodes={TINY['eval_trials']}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(open(os.path.join(run_dir, "eval.json")).read(), parse_constant=pytest.fail)
+    assert report["per_seed"] == summary["final_eval"]["per_seed"]
+
+
 def test_non_finite_loss_stops_the_run_and_summary_is_strict_json(tmp_path):
     """A learning rate of 1e30 makes the parameters ~1e30 after one update (one minibatch) and the loss
     non-finite in the next: the run stops with one line naming the update and the seed, keeps the last good
@@ -255,6 +295,9 @@ def test_resume_refuses_flags_that_change_the_run():
     assert metarl.resume_error(tiny_args(checkpoint_every=5, updates_per_chunk=1), saved, 96) is None
     assert metarl.resume_error(tiny_args(total_timesteps=480), saved, 96) is None  # longer, no annealing
     assert metarl.resume_error(tiny_args(distributed=True, num_processes=2), saved, 96) is None  # this launch's
+    assert metarl.resume_error(tiny_args(memory="lstm"), saved, 96).startswith(
+        "--resume: --memory lstm differs from the checkpoint's s5; it would change the run")
+    assert metarl.resume_error(tiny_args(hidden_size=32), saved, 96).startswith("--resume: --hidden-size 32 differs")
     error = metarl.resume_error(tiny_args(learning_rate=0.1), saved, 96)
     assert error.startswith("--resume: --learning-rate 0.1 differs from the checkpoint's 0.001; it would change the run")
     assert metarl.resume_error(tiny_args(total_timesteps=48), saved, 96) == (
