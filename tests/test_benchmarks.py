@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,3 +208,42 @@ def test_cells_resume_only_with_the_same_args():
     assert args_match(saved, A())  # "auto" resolved by the script, log_dir and the new default field ignored
     assert not args_match(saved, A(lr=3e-4)) and not args_match(saved, A(lengths=(1,)))
     assert not args_match(saved, A(new_field=1)) and not args_match(saved, A(scan="parallel"))
+
+
+def test_metarl_in_context_stats_and_table(tmp_path):
+    """bench_metarl's reading of a summary (no training: the run path is bench_common's, tested above): curves
+    averaged over a split's envs per seed, the gain episode K - 1, the in-context criterion and the S5/LSTM verdict."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_metarl
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+    def summary(gain_seed_1, gain_seed_2, level=0.0):
+        def record(update, gains):  # seed s: train env a rises by its gain, env b is flat; held-out flat
+            per_seed = {str(s): {"train/a": [level, level + g, level + 2 * g], "train/b": [level] * 3,
+                                 "heldout/c": [1.0, 1.0, 1.0]} for s, g in zip((1, 2), gains)}  # fmt: skip
+            return {"update": update, "per_seed": per_seed}
+
+        return {"evals": [record(0, (0.0, 0.0)), record(9, (gain_seed_1, gain_seed_2))]}
+
+    stats = bench_metarl.split_stats(summary(0.2, 0.4))
+    train, heldout = stats["train"], stats["heldout"]
+    # env-averaged: (2g + 0) / 2 = g at episode 3, so the gains are 0.2 and 0.4
+    assert np.allclose(train["gain"]["per_seed"], [0.2, 0.4]) and np.isclose(train["gain"]["mean"], 0.3)
+    assert np.isclose(train["gain"]["std"], 0.1) and train["in_context"]  # 0.3 > max(0, 0.1)
+    assert np.allclose(train["curve"]["mean"], [0.0, 0.15, 0.3]) and np.allclose(train["curve_before"]["mean"], 0)
+    assert not heldout["in_context"] and heldout["gain"]["mean"] == 0 and heldout["envs"] == {"c": [1.0, 1.0, 1.0]}
+    assert not bench_metarl.split_stats(summary(-0.2, 0.6))["train"]["in_context"]  # mean 0.2 under std 0.4
+    cells = {"s5": {"splits": stats}, "lstm": {"splits": bench_metarl.split_stats(summary(0.2, 0.4, level=-1.0))}}
+    assert bench_metarl.better(cells, "train") == "s5" and bench_metarl.better(cells, "heldout") == "tie"
+    report = {"settings": {"train_envs": ["a", "b"], "heldout_envs": ["c"], "total_timesteps": 10, "seeds": [1, 2],
+                           "episodes_per_trial": 3, "episode_length": 5, "obs_size": 4, "action_size": 2,
+                           "eval_trials": 8}, "results": cells, "wall_seconds_total": 60, "load_range": None,
+              "machine": {"cpu": "x", "cores": 2, "cores_usable": 2, "jax": "0", "jax_devices": ["cpu"],
+                          "load_average_at_start": None}}  # fmt: skip
+    table = bench_metarl.markdown(report)
+    assert "| s5 | train | +0.000 ± 0.000 | +0.300 ± 0.100 | +0.300 ± 0.100 | yes |" in table
+    assert "train: s5, heldout: tie" in table
+    bench_metarl.plot(report, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
