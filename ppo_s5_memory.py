@@ -811,7 +811,8 @@ def parse_args() -> tuple[Args, str | None]:
     the defaults are the checkpoint's Args, and a flag that would change the sweep is refused."""
     args = tyro.cli(Args)
     start_distributed(args)
-    if (error := check_args(args)) or not (path := args.resume or args.eval_model):
+    path = args.resume or args.eval_model  # --resume: checked below, with the checkpoint's Args as the defaults
+    if (error := None if args.resume else check_args(args)) or not path:
         return args, error
     flag = "--resume" if args.resume else "--eval-model"
     try:
