@@ -1225,7 +1225,8 @@ META_ENVS: dict[str, MetaEnvSpec] = {
     "brax/swimmer": MetaEnvSpec(0.3, 200, backend="generalized"),  # brax supports no other backend
     # The DM Control suite on MJX (MuJoCo Playground 0.2.0, its registered names): rewards in [0, 1] per step. One
     # step is one control step (ctrl_dt 0.01-0.04 s, several physics steps); DM Control's episodes are 1,000 steps,
-    # ours 200 (4-8 s simulated), 400 for the envs with a 0.01 s control step (acrobot, cartpole, cheetah).
+    # ours 200 (4-8 s simulated), 400 for the envs with a 0.01 s control step (acrobot, cartpole, cheetah). MetaEnv.step
+    # computes a reset at every step (a select under vmap): CheetahRun's reset settles 200 physics steps, ~100x slower.
     **{
         f"dmc/{name}": MetaEnvSpec(1.0, 400 if name.startswith(("Acrobot", "Cartpole", "Cheetah")) else 200)
         for name in """AcrobotSwingup AcrobotSwingupSparse BallInCup CartpoleBalance CartpoleBalanceSparse
