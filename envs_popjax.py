@@ -222,30 +222,36 @@ class VecEnv:
         truncated = jax.vmap(self.env.is_truncated, (0, None))(state, params)
         info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs}
         done = terminated | truncated
-        (obs, state), (reward, info) = self.reset_ended(done, keys[:, 1], obs, state, (reward, info), params)
+        reset = lambda key, values: (self.env.reset_env(key, params), values[1])  # noqa: E731
+        values = ((obs, state), (reward, info))
+        (obs, state), (reward, info) = reset_where(done, keys[:, 1], reset, values, self.reset_chunk)
         return obs, state, reward, terminated, truncated, info
 
-    def reset_ended(self, done: jax.Array, keys: jax.Array, obs, state, others, params):
-        """`(obs, state)` with env i's replaced by `reset_env(keys[i])` wherever `done[i]`, and `others`
-        (the step's other outputs) unchanged. They pass through the loops, rewritten with their own values, so that
-        all reads of the old state come first: XLA then updates the state in place, where it copied it on every step
-        when an output computed from it bypassed them."""
-        n = self.num_envs
 
-        def reset_chunks(size: int, carry_on, carry):
-            def one_chunk(carry):  # reset the first `size` pending envs
-                pending, (obs_state, others) = carry
-                index = jnp.nonzero(pending, size=size, fill_value=n)[0]  # n: no env, dropped below
-                some = jnp.minimum(index, n - 1)  # indexing by `pending` also keeps XLA from hoisting the resets
-                new = jax.vmap(self.env.reset_env, (0, None))(keys[some], params)
-                new = new, jax.tree.map(lambda x: x[some], others)
-                scatter = lambda old, new: old.at[index].set(new, mode="drop")  # noqa: E731
-                return pending.at[index].set(False, mode="drop"), jax.tree.map(scatter, (obs_state, others), new)
+def tree_select(cond: jax.Array, new, old):  # lax.select of two pytrees
+    return jax.tree.map(lambda x, y: jax.lax.select(cond, x, y), new, old)
 
-            return jax.lax.while_loop(lambda carry: carry_on(carry[0]), one_chunk, carry)
 
-        carry = reset_chunks(n, lambda pending: 4 * jnp.sum(pending) > n, (done, ((obs, state), others)))
-        return reset_chunks(self.reset_chunk, jnp.any, carry)[1]
+def reset_where(done: jax.Array, keys: jax.Array, reset, values, chunk: int | None = None):
+    """`values` ([N, ...] arrays) with entry i replaced by `reset(keys[i], values[i])` where `done[i]` (see VecEnv;
+    MetaEnv.step_batch). What `reset` returns unchanged is rewritten with its own value: all reads of the old values
+    come first, so XLA updates them in place (it copied the state on every step when an output bypassed the loops)."""
+    n = done.shape[0]
+    chunk = min(chunk or max(1, n // 32), n)
+
+    def reset_chunks(size: int, carry_on, carry):
+        def one_chunk(carry):  # reset the first `size` pending entries
+            pending, values = carry
+            index = jnp.nonzero(pending, size=size, fill_value=n)[0]  # n: no entry, dropped below
+            some = jnp.minimum(index, n - 1)  # indexing by `pending` also keeps XLA from hoisting the resets
+            new = jax.vmap(reset)(keys[some], jax.tree.map(lambda x: x[some], values))
+            scatter = lambda old, new: old.at[index].set(new, mode="drop")  # noqa: E731
+            return pending.at[index].set(False, mode="drop"), jax.tree.map(scatter, values, new)
+
+        return jax.lax.while_loop(lambda carry: carry_on(carry[0]), one_chunk, carry)
+
+    carry = reset_chunks(n, lambda pending: 4 * jnp.sum(pending) > n, (done, values))
+    return reset_chunks(chunk, jnp.any, carry)[1]
 
 
 def make_vec(env_id: str, num_envs: int, *, wrappers: bool = False, reset_chunk: int | None = None, **overrides):
@@ -1225,8 +1231,8 @@ META_ENVS: dict[str, MetaEnvSpec] = {
     "brax/swimmer": MetaEnvSpec(0.3, 200, backend="generalized"),  # brax supports no other backend
     # The DM Control suite on MJX (MuJoCo Playground 0.2.0, its registered names): rewards in [0, 1] per step. One
     # step is one control step (ctrl_dt 0.01-0.04 s, several physics steps); DM Control's episodes are 1,000 steps,
-    # ours 200 (4-8 s simulated), 400 for the envs with a 0.01 s control step (acrobot, cartpole, cheetah). MetaEnv.step
-    # computes a reset at every step (a select under vmap): CheetahRun's reset settles 200 physics steps, ~100x slower.
+    # ours 200 (4-8 s simulated), 400 for the envs with a 0.01 s control step (acrobot, cartpole, cheetah). A reset
+    # costs ~100 steps (CheetahRun's settles 200 physics steps): MetaEnv.step_batch resets only the envs that need one.
     **{
         f"dmc/{name}": MetaEnvSpec(1.0, 400 if name.startswith(("Acrobot", "Cartpole", "Cheetah")) else 200)
         for name in """AcrobotSwingup AcrobotSwingupSparse BallInCup CartpoleBalance CartpoleBalanceSparse
@@ -1423,7 +1429,19 @@ class MetaEnv:
     def env_action(self, state: MetaEnvState, action: jax.Array) -> jax.Array:
         return jnp.clip(self.mid + state.w_act @ jnp.clip(action, -1.0, 1.0), self.env.low, self.env.high)
 
-    def step(self, key, state: MetaEnvState, action: jax.Array):
+    def step(self, key, state: MetaEnvState, action: jax.Array):  # under vmap: a reset only if some env needs one
+        out = self.step_batch(*jax.tree.map(lambda x: jnp.expand_dims(x, 0), (key, state, action)), reset_chunk=1)
+        return jax.tree.map(lambda x: x[0], out)
+
+    def step_batch(self, keys, states: MetaEnvState, actions: jax.Array, reset_chunk: int | None = None):
+        """`step` of `[N]` envs, drawing a new trial (`reset_where`) only where a trial (without fixed_reset: an
+        episode) ended, with the env's own `key_reset`: the values of a reset drawn for all and selected."""
+        key_reset, need_reset, trial, reward, info = jax.vmap(self.step_without_reset)(keys, states, actions)
+        done, env_obs, states = reset_where(need_reset, key_reset, self.with_new_trial, trial, reset_chunk)
+        return jax.vmap(self.observe)(env_obs, states), states, reward, done, info
+
+    def step_without_reset(self, key, state: MetaEnvState, action: jax.Array):
+        """`(key_reset, need_reset, (trial_done, env_obs, state), reward, info)`: `step` but for the new trial."""
         key_step, key_reset = jax.random.split(key)
         action = jnp.clip(action, -1.0, 1.0)
         env_action = self.env_action(state, action)
@@ -1436,13 +1454,9 @@ class MetaEnv:
         info = dict(
             episode_done=episode_done, episode_return=episode_return, episode_index=state.episode, raw_reward=raw_reward
         )
-        # One reset serves both boundaries: a new episode may take its env state, a new trial all of it.
-        fresh_obs, fresh = self.new_trial(key_reset)
-        select = lambda cond, new, old: jax.tree.map(lambda x, y: jax.lax.select(cond, x, y), new, old)  # noqa: E731
-        start = (state.start_obs, state.start_env_state) if self.fixed_reset else (fresh_obs, fresh.env_state)
-        restart_obs, restart_state = start  # where an episode inside the trial restarts
-        continuing = state.replace(
-            env_state=select(episode_done, restart_state, env_state),
+        restart = episode_done & self.fixed_reset  # from the trial's first state; else (no fixed_reset) a fresh one
+        state = state.replace(
+            env_state=tree_select(restart, state.start_env_state, env_state),
             prev_action=action.astype(jnp.float32),
             prev_reward=raw_reward / self.reward_scale,
             first=episode_done.astype(jnp.float32),
@@ -1450,9 +1464,13 @@ class MetaEnv:
             time=jnp.where(episode_done, 0, time),
             episode_return=jnp.where(episode_done, 0.0, episode_return),
         )
-        state = select(trial_done, fresh, continuing)
-        env_obs = jnp.where(trial_done, fresh_obs, jnp.where(episode_done, restart_obs, env_obs))
-        return self.observe(env_obs, state), state, reward, trial_done, info
+        env_obs = jnp.where(restart, state.start_obs, env_obs)
+        return key_reset, trial_done | (episode_done & ~restart), (trial_done, env_obs, state), reward, info
+
+    def with_new_trial(self, key, trial):  # one reset serves both: a new trial, or a new episode's env state
+        trial_done, _, state = trial
+        fresh_obs, fresh = self.new_trial(key)
+        return trial_done, fresh_obs, tree_select(trial_done, fresh, state.replace(env_state=fresh.env_state))
 
 
 class MetaEnvPool:
@@ -1482,7 +1500,7 @@ class MetaEnvPool:
 
     def step(self, key, states, actions):
         keys = self.groups(jax.random.split(key, self.num_envs))
-        out = [jax.vmap(env.step)(k, s, a) for env, k, s, a in zip(self.envs, keys, states, self.groups(actions))]
+        out = [env.step_batch(k, s, a) for env, k, s, a in zip(self.envs, keys, states, self.groups(actions))]
         obs, states, reward, done, info = zip(*out)
         concat = lambda *xs: jnp.concatenate(xs)  # noqa: E731
         return concat(*obs), tuple(states), concat(*reward), concat(*done), jax.tree.map(concat, *info)

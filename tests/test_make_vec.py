@@ -86,8 +86,9 @@ def test_make_vec_equals_gymnax_auto_reset_bit_for_bit(env_id):
     assert (terminated | truncated).any(), "no episode ended: the resets were not exercised"
 
 
-def test_reset_ended_replaces_exactly_the_done_envs():
-    """Dense pass (more than N/4 ended), chunked passes (fewer, more than one chunk), nothing."""
+def test_reset_where_replaces_exactly_the_done_envs():
+    """VecEnv's resets (`reset_where`): dense pass (more than N/4 ended), chunked passes (fewer, more than one
+    chunk), nothing."""
     n = 32
     vec_env, params = ep.make_vec("RepeatFirstEasy", n, reset_chunk=3)
     env = vec_env.env
@@ -95,8 +96,10 @@ def test_reset_ended_replaces_exactly_the_done_envs():
     obs, state = vec_env.reset(jax.random.key(0), params)
     fresh_obs, fresh = jax.vmap(env.reset_env, (0, None))(keys, params)
     others = jnp.arange(n)
+    reset = lambda key, values: (env.reset_env(key, params), values[1])  # noqa: E731
+    reset_where = jax.jit(lambda done: ep.reset_where(done, keys, reset, ((obs, state), others), 3))
     for done in (np.ones(n, bool), np.arange(n) % 3 == 0, np.arange(n) == 5, np.zeros(n, bool)):
-        (new_obs, new_state), new_others = jax.jit(vec_env.reset_ended)(done, keys, obs, state, others, params)
+        (new_obs, new_state), new_others = reset_where(done)
         pick = lambda a, b: np.where(done.reshape((n,) + (1,) * (np.ndim(a) - 1)), a, b)  # noqa: E731
         assert_trees_equal((new_obs, new_state), jax.tree.map(pick, (fresh_obs, fresh), (obs, state)))
         np.testing.assert_array_equal(new_others, others)
