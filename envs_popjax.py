@@ -1429,6 +1429,7 @@ class MetaEnv:
     def env_action(self, state: MetaEnvState, action: jax.Array) -> jax.Array:
         return jnp.clip(self.mid + state.w_act @ jnp.clip(action, -1.0, 1.0), self.env.low, self.env.high)
 
+    @partial(jax.jit, static_argnames=("self",))  # jitted: eager calls would compile its loops at every call
     def step(self, key, state: MetaEnvState, action: jax.Array):  # under vmap: a reset only if some env needs one
         out = self.step_batch(*jax.tree.map(lambda x: jnp.expand_dims(x, 0), (key, state, action)), reset_chunk=1)
         return jax.tree.map(lambda x: x[0], out)
