@@ -172,6 +172,17 @@ def run_cell(module, args, log_dir: Path) -> tuple[Path, dict]:
     return run_dir, {**json.loads((run_dir / "summary.json").read_text()), **extra}
 
 
+def cell_result(module, args, log_dir: Path, key: str, previous: list[dict], complete) -> tuple:
+    """One resumable cell: `(run_dir, result)` read back from `log_dir`, else taken from an earlier report
+    (`from_previous`), else run here (`run_cell`); `result["source"]` says which."""
+    if found := finished_run(log_dir, args, complete):
+        return found[0], {**found[1], "source": "read back"}
+    if r := from_previous(previous, key, args, complete):
+        return r.get("run_dir"), r
+    run_dir, r = run_cell(module, args, log_dir)
+    return run_dir, {**r, "source": "run here"}
+
+
 def load_range(cells) -> list[float] | None:
     """[min, max] of the 5-minute load average at the ends of the cells run (None if none ran here)."""
     loads = [c["load_average_after"][1] for c in cells if c.get("load_average_after")]

@@ -38,14 +38,12 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
 from bench_common import (  # noqa: E402
-    finished_run,
-    from_previous,
+    cell_result,
     load_average,
     load_range,
     machine_info,
     machine_line,
     parse_overrides,
-    run_cell,
     write_results,
     written_files,
 )
@@ -268,14 +266,8 @@ def main(args: Args) -> dict:
         for model in args.models:
             a, module = cells[L][model], (ppo_s5_memory if model == "S5" else ppo_lstm_popgym)
             key, log_dir = f"{L}/{model}", runs_dir / f"L{L}__{model}"
-            found = finished_run(log_dir, a, complete_for(a))
-            if found:
-                run_dir, r = found[0], {**found[1], "source": "read back"}
-            elif r := from_previous(previous, key, a, complete_for(a)):
-                run_dir = Path(r["run_dir"])
-            else:
-                run_dir, r = run_cell(module, a, log_dir)
-                r["source"] = "run here"
+            run_dir, r = cell_result(module, a, log_dir, key, previous, complete_for(a))
+            run_dir = Path(run_dir)
             if "success" not in r:  # from a run folder: success per seed, by the S5 script's rule
                 r |= s5_result(r, L) if model == "S5" else lstm_result(a, cells[L]["S5"], run_dir)
             row[model] = {k: v for k, v in r.items() if k not in ("per_length", "args", "per_seed")}  # per_run: complete_for

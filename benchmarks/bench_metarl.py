@@ -31,14 +31,12 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
 from bench_common import (  # noqa: E402
-    finished_run,
-    from_previous,
+    cell_result,
     load_average,
     load_range,
     machine_info,
     machine_line,
     parse_overrides,
-    run_cell,
     write_results,
     written_files,
 )
@@ -249,13 +247,7 @@ def main(args: Args) -> dict:
     report = {"machine": machine, "args": dataclasses.asdict(args), "settings": settings, "results": {}}
     for memory, a in cells.items():
         log_dir = runs_dir / memory
-        if found := finished_run(log_dir, a, complete_for(a)):
-            run_dir, r = found[0], {**found[1], "source": "read back"}
-        elif r := from_previous(previous, memory, a, complete_for(a)):
-            run_dir = r.get("run_dir")
-        else:
-            run_dir, r = run_cell(ppo_s5_metarl, a, log_dir)
-            r["source"] = "run here"
+        run_dir, r = cell_result(ppo_s5_metarl, a, log_dir, memory, previous, complete_for(a))
         splits = r.get("splits") or split_stats(r)
         kept = {k: r[k] for k in KEPT if k in r}
         report["results"][memory] = {**kept, "source": r["source"], "run_dir": str(run_dir),

@@ -38,14 +38,12 @@ from bench_common import (  # noqa: E402
     SMOKE_LSTM,
     SMOKE_PPO,
     SMOKE_S5,
-    finished_run,
-    from_previous,
+    cell_result,
     load_average,
     load_range,
     machine_info,
     machine_line,
     parse_overrides,
-    run_cell,
     write_results,
     written_files,
 )
@@ -234,14 +232,7 @@ def main(args: Args) -> dict:
     report = {"machine": machine, "args": dataclasses.asdict(args), "settings": settings, "results": {}}
     for (env_id, model), a in cells.items():
         key, log_dir = f"{env_id}/{model}", runs_dir / f"{env_id}__{model}"
-        found = finished_run(log_dir, a, complete_for(a))
-        if found:
-            run_dir, r = found[0], {**found[1], "source": "read back"}
-        elif r := from_previous(previous, key, a, complete_for(a)):
-            run_dir = r.get("run_dir")
-        else:
-            run_dir, r = run_cell(MODELS[model], a, log_dir)
-            r["source"] = "run here"
+        run_dir, r = cell_result(MODELS[model], a, log_dir, key, previous, complete_for(a))
         report["results"][key] = {**{k: r[k] for k in KEPT if k in r}, "source": r["source"], "run_dir": str(run_dir),
                                   "script_args": r.get("script_args") or r["args"]}  # fmt: skip
         wall = r.get("wall_seconds")
