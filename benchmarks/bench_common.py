@@ -7,6 +7,7 @@ training scripts as modules.
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -65,14 +66,18 @@ def machine_line(machine: dict) -> str:
     )
 
 
-def written_files(out: Path, out_name: str, backend: str, figure: bool, keep_all: bool = False) -> list[Path]:
-    """The JSON, markdown and PNG written under `out`; with `figure`, the PNG (with `keep_all`, all
-    three) is also copied to benchmarks/figures/{out_name}_{backend}.* (committed with the README)."""
-    written = [out / f"{out_name}.json", out / f"{out_name}.md", out / f"{out_name}.png"]
+def written_files(
+    out: Path, out_name: str, backend: str, figure: bool, keep_all: bool = False, extra: tuple[str, ...] = ()
+) -> list[Path]:
+    """The JSON, markdown and PNG written under `out` (and `{out_name}{suffix}` for each of `extra`); with `figure`,
+    the PNGs (with `keep_all`, all of them) are also copied to benchmarks/figures/{out_name}_{backend}* (committed
+    with the README)."""
+    written = [out / f"{out_name}{suffix}" for suffix in (".json", ".md", ".png", *extra)]
     if figure:
         FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        for path in written[:3] if keep_all else written[2:3]:
-            written.append(Path(shutil.copyfile(path, FIGURES_DIR / f"{out_name}_{backend}{path.suffix}")))
+        for path in [p for p in written if keep_all or p.suffix == ".png"]:
+            suffix = path.name[len(out_name):]
+            written.append(Path(shutil.copyfile(path, FIGURES_DIR / f"{out_name}_{backend}{suffix}")))
     return written
 
 
@@ -181,6 +186,69 @@ def cell_result(module, args, log_dir: Path, key: str, previous: list[dict], com
         return r.get("run_dir"), r
     run_dir, r = run_cell(module, args, log_dir)
     return run_dir, {**r, "source": "run here"}
+
+
+def read_curves(run_dir: Path, seeds: list[int]) -> dict:
+    """{seed: (steps, returns)} from the run's TensorBoard files (tag charts/episodic_return)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = {}
+    for s in seeds:
+        acc = EventAccumulator(str(run_dir / f"seed_{s}"), size_guidance={"scalars": 0})
+        acc.Reload()
+        events = acc.Scalars("charts/episodic_return") if "charts/episodic_return" in acc.Tags()["scalars"] else []
+        curves[str(s)] = ([int(e.step) for e in events], [float(e.value) for e in events])
+    return curves
+
+
+def mean_std_curve(curves: dict) -> tuple[list, list, list]:
+    """Mean and std over seeds at every logged step (seeds with no episode there are left out)."""
+    steps = sorted({x for xs, _ in curves.values() for x in xs})
+    index = {x: i for i, x in enumerate(steps)}
+    table = np.full((len(curves), len(steps)), np.nan)
+    for row, (xs, ys) in enumerate(curves.values()):
+        table[row, [index[x] for x in xs]] = ys
+    with np.errstate(all="ignore"):
+        mean, std = np.nanmean(table, 0), np.nanstd(table, 0)
+    return steps, mean.tolist(), std.tolist()
+
+
+def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
+    """One panel per env of `by_env` ({env: {memory: cell}}): each cell's `curve_mean` (episodic return, mean ±
+    std over seeds, against env steps per seed), labelled with its MMER; `s` is the report's settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(by_env)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.5 * cols, 7), 3.4 * rows + 0.4), squeeze=False)
+    for ax, (env_id, per_model) in zip(axes.flat, by_env.items()):
+        for model, r in per_model.items():
+            c = r.get("curve_mean")
+            if not c or not c["steps"]:
+                continue
+            steps, mean, std = np.array(c["steps"]), np.array(c["mean"]), np.array(c["std"])
+            marker = "." if len(steps) < 20 else None
+            mmer = f"{r['mmer']['mean']:.3f} ± {r['mmer']['std']:.3f}" if r.get("mmer") else "n/a"
+            ax.plot(steps, mean, marker=marker, label=f"{model} (MMER {mmer})")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+        ax.set_title(env_id, fontsize=10)
+        ax.set_xlabel("env steps per seed")
+        ax.set_ylabel("episodic return")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"episodic return, mean ± std over {len(s['seeds'])} seeds; {s['num_envs']} envs x {s['num_steps']} "
+                 f"steps, {s['update_epochs']} epochs x {s['num_minibatches']} minibatches, lr {s['learning_rate']};\n"
+                 f"S5 {s['s5']['n_layers']}x{s['s5']['d_model']}, LSTM {s['lstm']['hidden_size']}; "
+                 f"{s['total_timesteps']:,} steps per seed", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def load_range(cells) -> list[float] | None:

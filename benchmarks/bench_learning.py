@@ -23,12 +23,10 @@ return against env steps, mean +- std over seeds, one panel per env); `--figure`
 """
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
@@ -42,7 +40,10 @@ from bench_common import (  # noqa: E402
     load_average,
     machine_info,
     machine_line,
+    mean_std_curve,
     parse_overrides,
+    plot_return_curves,
+    read_curves,
     write_results,
     written_files,
 )
@@ -80,31 +81,6 @@ class Args:
     """folder for the JSON, markdown and PNG results (and the TensorBoard runs)"""
     out_name: str = ""
     """file stem of the results; default bench_learning (bench_learning_quick with --quick)"""
-
-
-def read_curves(run_dir: Path, seeds: list[int]) -> dict:
-    """{seed: (steps, returns)} from the run's TensorBoard files (tag charts/episodic_return)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    curves = {}
-    for s in seeds:
-        acc = EventAccumulator(str(run_dir / f"seed_{s}"), size_guidance={"scalars": 0})
-        acc.Reload()
-        events = acc.Scalars("charts/episodic_return") if "charts/episodic_return" in acc.Tags()["scalars"] else []
-        curves[str(s)] = ([int(e.step) for e in events], [float(e.value) for e in events])
-    return curves
-
-
-def mean_std_curve(curves: dict) -> tuple[list, list, list]:
-    """Mean and std over seeds at every logged step (seeds with no episode there are left out)."""
-    steps = sorted({x for xs, _ in curves.values() for x in xs})
-    index = {x: i for i, x in enumerate(steps)}
-    table = np.full((len(curves), len(steps)), np.nan)
-    for row, (xs, ys) in enumerate(curves.values()):
-        table[row, [index[x] for x in xs]] = ys
-    with np.errstate(all="ignore"):
-        mean, std = np.nanmean(table, 0), np.nanstd(table, 0)
-    return steps, mean.tolist(), std.tolist()
 
 
 def run_one(module, a, log_dir: Path) -> dict:
@@ -154,43 +130,6 @@ def markdown(report: dict) -> str:
         cells += [f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-" for r in runs]
         lines.append(f"| {env_id} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = report["results"]
-    n = len(results)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(4.5 * cols, 7), 3.4 * rows + 0.4), squeeze=False)
-    for ax, (env_id, per_model) in zip(axes.flat, results.items()):
-        for model, r in per_model.items():
-            c = r.get("curve_mean")
-            if not c or not c["steps"]:
-                continue
-            steps, mean, std = np.array(c["steps"]), np.array(c["mean"]), np.array(c["std"])
-            marker = "." if len(steps) < 20 else None
-            ax.plot(steps, mean, marker=marker, label=f"{model} (MMER {fmt_mmer(r.get('mmer'))})")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
-        ax.set_title(env_id, fontsize=10)
-        ax.set_xlabel("env steps per seed")
-        ax.set_ylabel("episodic return")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    s = report["settings"]
-    fig.suptitle(f"episodic return, mean ± std over {len(s['seeds'])} seeds; {s['num_envs']} envs x {s['num_steps']} "
-                 f"steps, {s['update_epochs']} epochs x {s['num_minibatches']} minibatches, lr {s['learning_rate']};\n"
-                 f"S5 {s['s5']['n_layers']}x{s['s5']['d_model']}, LSTM {s['lstm']['hidden_size']}; "
-                 f"{s['total_timesteps']:,} steps per seed", fontsize=8)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(args: Args) -> dict:
@@ -254,7 +193,7 @@ def main(args: Args) -> dict:
 
     table = markdown(report)
     out = write_results(args.out_dir, out_name, report, table)
-    plot(report, out / f"{out_name}.png")
+    plot_return_curves(report["results"], report["settings"], out / f"{out_name}.png")
     written = written_files(out, out_name, machine["backend"], args.figure)
     print("\n" + table)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -44,10 +44,10 @@ from bench_common import (  # noqa: E402
     machine_info,
     machine_line,
     parse_overrides,
+    read_curves,
     write_results,
     written_files,
 )
-from bench_learning import read_curves  # noqa: E402
 import ppo_lstm_popgym  # noqa: E402
 import ppo_s5_memory  # noqa: E402
 

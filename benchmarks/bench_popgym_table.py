@@ -17,8 +17,9 @@ MMER: max over updates of the mean return of the episodes completed in the updat
 table gives mean +- std over seeds and marks the better memory (bold) only where the gap between
 the means exceeds both stds; otherwise the cell is a tie. Writes `{out_dir}/{out_name}.json`
 (machine, settings, per cell: summary, run folder, wall time, load), `.md` (the table) and `.png`
-(MMER per env, both memories, seeds as dots) after every cell; `--figure` copies the PNG, table and
-JSON to `benchmarks/figures/{out_name}_{backend}.*`. `--previous JSON` takes finished cells from
+(MMER per env, both memories, seeds as dots) and `_curves.png` (each env's learning curves, episodic return
+mean +- std over seeds against env steps, both memories) after every cell; `--figure` copies them, the table
+and the JSON to `benchmarks/figures/{out_name}_{backend}.*`. `--previous JSON` takes finished cells from
 such a copied report (a later session resumes from the committed JSON without the run folders).
 """
 
@@ -43,7 +44,10 @@ from bench_common import (  # noqa: E402
     load_range,
     machine_info,
     machine_line,
+    mean_std_curve,
     parse_overrides,
+    plot_return_curves,
+    read_curves,
     write_results,
     written_files,
 )
@@ -54,7 +58,7 @@ import ppo_s5_popgym  # noqa: E402
 MODELS = {"S5": ppo_s5_popgym, "LSTM": ppo_lstm_popgym}
 EASY_IDS = tuple(e for e in envs_popjax.CANONICAL_IDS if e.endswith("Easy"))  # one per family
 KEPT = ("env_id", "updates", "global_step", "compile_seconds", "run_seconds", "sps", "per_seed", "mmer",
-        "final_episodic_return", "wall_seconds", "load_average_before", "load_average_after")  # fmt: skip
+        "final_episodic_return", "wall_seconds", "load_average_before", "load_average_after", "curve_mean")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -206,6 +210,7 @@ def finish(report: dict, out_dir: str, out_name: str) -> Path:
     report["load_range"] = load_range(done)  # recorded when each cell ran, also for cells read back
     out = write_results(out_dir, out_name, {k: v for k, v in report.items() if k != "by_env"}, markdown(report))
     plot(report, out / f"{out_name}.png")
+    plot_return_curves(report["by_env"], report["settings"], out / f"{out_name}_curves.png")
     return out
 
 
@@ -233,6 +238,9 @@ def main(args: Args) -> dict:
     for (env_id, model), a in cells.items():
         key, log_dir = f"{env_id}/{model}", runs_dir / f"{env_id}__{model}"
         run_dir, r = cell_result(MODELS[model], a, log_dir, key, previous, complete_for(a))
+        if run_dir and Path(run_dir).is_dir():  # else an earlier report's curve, if it has one
+            steps, mean, std = mean_std_curve(read_curves(Path(run_dir), [a.seed + i for i in range(a.num_seeds)]))
+            r["curve_mean"] = {"steps": steps, "mean": np.round(mean, 5).tolist(), "std": np.round(std, 5).tolist()}
         report["results"][key] = {**{k: r[k] for k in KEPT if k in r}, "source": r["source"], "run_dir": str(run_dir),
                                   "script_args": r.get("script_args") or r["args"]}  # fmt: skip
         wall = r.get("wall_seconds")
@@ -241,7 +249,7 @@ def main(args: Args) -> dict:
         out = finish(report, args.out_dir, out_name)  # partial results survive a crash
     machine["load_average_at_end"] = load_average()
     out = finish(report, args.out_dir, out_name)
-    written = written_files(out, out_name, machine["backend"], args.figure, keep_all=True)
+    written = written_files(out, out_name, machine["backend"], args.figure, keep_all=True, extra=("_curves.png",))
     print("\n" + (out / f"{out_name}.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     return report

@@ -137,10 +137,14 @@ def test_popgym_table_quick_and_resume(tmp_path):
         assert r["source"] == "run here" and r["wall_seconds"] > 0 and r["global_step"] == 4 * 64
         assert r["mmer"]["mean"] == pytest.approx(sum(v["mmer"] for v in r["per_seed"].values()) / 2)
         assert os.path.isfile(os.path.join(r["run_dir"], "summary.json")), key
+        curve = r["curve_mean"]  # from the seeds' TensorBoard runs: episodes (52 steps) first end in the 4th update
+        assert curve["steps"] == [4 * 64] and len(curve["mean"]) == len(curve["std"]) == 1, curve
+        assert curve["mean"][-1] == pytest.approx(r["final_episodic_return"]["mean"], abs=1e-4)
     assert sum(report["tally"][k] for k in ("S5", "tie", "LSTM")) == report["tally"]["cells"] == 1
     table = (out / "bench_popgym_table_quick.md").read_text()
     assert "| RepeatPreviousEasy |" in table and "S5 MMER" in table and "LSTM MMER" in table and "wins" in table
     assert (out / "bench_popgym_table_quick.png").stat().st_size > 1000
+    assert (out / "bench_popgym_table_quick_curves.png").stat().st_size > 1000
     # a second run reads the finished cells back instead of training again
     proc = run_bench("bench_popgym_table", "--quick", "--out-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,6 +152,7 @@ def test_popgym_table_quick_and_resume(tmp_path):
     for key, r in again["results"].items():
         assert r["source"] == "read back" and r["per_seed"] == report["results"][key]["per_seed"]
         assert r["wall_seconds"] == pytest.approx(report["results"][key]["wall_seconds"])
+        assert r["curve_mean"] == report["results"][key]["curve_mean"]
 
 
 def test_popgym_table_verdict():
