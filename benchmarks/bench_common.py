@@ -224,7 +224,8 @@ def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
     n = len(by_env)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(4.5 * cols, 7), 3.4 * rows + 0.4), squeeze=False)
+    size = (max(4.5 * cols, 7), 3.4 * rows + 0.4)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")  # room for the suptitle
     for ax, (env_id, per_model) in zip(axes.flat, by_env.items()):
         for model, r in per_model.items():
             c = r.get("curve_mean")
@@ -246,7 +247,6 @@ def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
                  f"steps, {s['update_epochs']} epochs x {s['num_minibatches']} minibatches, lr {s['learning_rate']};\n"
                  f"S5 {s['s5']['n_layers']}x{s['s5']['d_model']}, LSTM {s['lstm']['hidden_size']}; "
                  f"{s['total_timesteps']:,} steps per seed", fontsize=8)  # fmt: skip
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

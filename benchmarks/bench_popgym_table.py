@@ -138,6 +138,15 @@ def fmt_mmer(m: dict | None, bold: bool = False) -> str:
     return f"**{text}**" if bold and m else text
 
 
+def early_mmer(cell: dict, total_timesteps: int) -> bool:
+    """Whether the seeds' mean return peaks in the first 5% of training: then MMER holds only the episodes short enough
+    to end in the first updates (LabyrinthEscape's early exits, before any timeout could end), not learning."""
+    curve = cell.get("curve_mean")
+    if not curve or not curve["steps"]:
+        return False
+    return curve["steps"][int(np.nanargmax(curve["mean"]))] <= 0.05 * total_timesteps
+
+
 def markdown(report: dict) -> str:
     s, by_env, models = report["settings"], report["by_env"], report["args"]["models"]
     lines = [
@@ -145,15 +154,20 @@ def markdown(report: dict) -> str:
         f"{s['seeds'][0]}-{s['seeds'][-1]}, {s['total_timesteps']:,} env steps per seed; {s['num_envs']} envs x "
         f"{s['num_steps']} steps, {s['update_epochs']} epochs x {s['num_minibatches']} minibatches, lr "
         f"{s['learning_rate']}; S5 {s['s5']['n_layers']} layers, d_model {s['s5']['d_model']}, SSM {s['s5']['ssm_size']}; "
-        f"LSTM hidden {s['lstm']['hidden_size']}. Bold: the better memory where the gap exceeds both stds.",
+        f"LSTM hidden {s['lstm']['hidden_size']}. Bold: the better memory where the gap exceeds both stds. Final: the "
+        f"mean return of the last update's episodes. †: the mean return peaked in the first 5% of training (early "
+        f"episodes that ended soon), so that MMER does not measure learning: read the final return.",
         "",
-        "| env | " + " | ".join(f"{m} MMER" for m in models) + " | better | " + " | ".join(f"{m} wall (s)" for m in models) + " |",
-        "|---|" + "---|" * len(models) + "---|" + "---:|" * len(models),
+        "| env | " + " | ".join(f"{m} MMER" for m in models) + " | better | " + " | ".join(f"{m} final" for m in models)
+        + " | " + " | ".join(f"{m} wall (s)" for m in models) + " |",
+        "|---|" + "---|" * len(models) + "---|" + "---|" * len(models) + "---:|" * len(models),
     ]  # fmt: skip
     for env_id, cells in by_env.items():
-        better = verdict(cells)
-        row = [fmt_mmer(cells.get(m, {}).get("mmer"), bold=better == m) for m in models] + [better or "-"]
-        row += [f"{cells[m]['wall_seconds']:.0f}" if "wall_seconds" in cells.get(m, {}) else "-" for m in models]
+        better, runs = verdict(cells), [cells.get(m, {}) for m in models]
+        row = [fmt_mmer(r.get("mmer"), bold=better == m) + (" †" if early_mmer(r, s["total_timesteps"]) else "")
+               for m, r in zip(models, runs)] + [better or "-"]  # fmt: skip
+        row += [fmt_mmer(r.get("final_episodic_return")) for r in runs]
+        row += [f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-" for r in runs]
         lines.append(f"| {env_id} | " + " | ".join(row) + " |")
     t = report["tally"]
     lines += ["", f"S5 against the LSTM: {t['S5']} wins, {t['tie']} ties, {t['LSTM']} losses over {t['cells']} envs with "

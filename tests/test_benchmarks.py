@@ -158,7 +158,7 @@ def test_popgym_table_quick_and_resume(tmp_path):
 def test_popgym_table_verdict():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        from bench_popgym_table import verdict
+        from bench_popgym_table import early_mmer, verdict
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
     cell = lambda s5, lstm: {"S5": {"mmer": s5}, "LSTM": {"mmer": lstm}}  # noqa: E731
@@ -166,6 +166,12 @@ def test_popgym_table_verdict():
     assert verdict(cell({"mean": 0.5, "std": 0.1}, {"mean": 0.9, "std": 0.3})) == "LSTM"
     assert verdict(cell({"mean": 0.9, "std": 0.1}, {"mean": 0.7, "std": 0.25})) == "tie"  # gap under one std
     assert verdict({"S5": {"mmer": {"mean": 1.0, "std": 0.0}}}) is None
+    # MMER flagged when the seeds' mean return peaks in the first 5% of training (LabyrinthEscape: early exits only)
+    curve = lambda mean: {"curve_mean": {"steps": [100, 200, 2000, 4000], "mean": mean}}  # noqa: E731
+    assert early_mmer(curve([0.9, 0.5, -1.0, -1.0]), total_timesteps=4000)
+    assert early_mmer(curve([0.2, 0.9, -1.0, -1.0]), total_timesteps=4000)  # step 200 is 5% of 4000
+    assert not early_mmer(curve([0.9, 0.5, -1.0, 0.95]), total_timesteps=4000)
+    assert not early_mmer({}, total_timesteps=4000) and not early_mmer(curve([float("nan"), 0.0, 0.0, 0.5]), 4000)
 
 
 @pytest.mark.timeout(600)
