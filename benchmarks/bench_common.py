@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -85,7 +86,10 @@ def write_results(out_dir: str, out_name: str, report: dict, table: str) -> Path
     """Write `{out_dir}/{out_name}.json` and `.md`; returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{out_name}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    text = json.dumps(report, indent=2, default=float)
+    # lists of numbers (learning curves) on one line each: the committed reports stay readable and small
+    text = re.sub(r"\[\s+([-+\d.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    (out / f"{out_name}.json").write_text(text + "\n")
     (out / f"{out_name}.md").write_text(table)
     return out
 
@@ -215,7 +219,8 @@ def mean_std_curve(curves: dict) -> tuple[list, list, list]:
 
 def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
     """One panel per env of `by_env` ({env: {memory: cell}}): each cell's `curve_mean` (episodic return, mean ±
-    std over seeds, against env steps per seed), labelled with its MMER; `s` is the report's settings."""
+    std over seeds, against env steps per seed), labelled with its MMER, and its seeds' `curves` as thin lines where
+    the cell has them; `s` is the report's settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,8 +239,10 @@ def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
             steps, mean, std = np.array(c["steps"]), np.array(c["mean"]), np.array(c["std"])
             marker = "." if len(steps) < 20 else None
             mmer = f"{r['mmer']['mean']:.3f} ± {r['mmer']['std']:.3f}" if r.get("mmer") else "n/a"
-            ax.plot(steps, mean, marker=marker, label=f"{model} (MMER {mmer})")
+            line = ax.plot(steps, mean, marker=marker, label=f"{model} (MMER {mmer})")[0]
             ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+            for xs, ys in r.get("curves", {}).values():  # each seed, thin: seeds that part ways show
+                ax.plot(xs, ys, color=line.get_color(), lw=0.5, alpha=0.5)
         ax.set_title(env_id, fontsize=10)
         ax.set_xlabel("env steps per seed")
         ax.set_ylabel("episodic return")

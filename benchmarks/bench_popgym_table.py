@@ -58,7 +58,8 @@ import ppo_s5_popgym  # noqa: E402
 MODELS = {"S5": ppo_s5_popgym, "LSTM": ppo_lstm_popgym}
 EASY_IDS = tuple(e for e in envs_popjax.CANONICAL_IDS if e.endswith("Easy"))  # one per family
 KEPT = ("env_id", "updates", "global_step", "compile_seconds", "run_seconds", "sps", "per_seed", "mmer",
-        "final_episodic_return", "wall_seconds", "load_average_before", "load_average_after", "curve_mean")  # fmt: skip
+        "final_episodic_return", "wall_seconds", "load_average_before", "load_average_after", "curve_mean",
+        "curves")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -252,9 +253,11 @@ def main(args: Args) -> dict:
     for (env_id, model), a in cells.items():
         key, log_dir = f"{env_id}/{model}", runs_dir / f"{env_id}__{model}"
         run_dir, r = cell_result(MODELS[model], a, log_dir, key, previous, complete_for(a))
-        if run_dir and Path(run_dir).is_dir():  # else an earlier report's curve, if it has one
-            steps, mean, std = mean_std_curve(read_curves(Path(run_dir), [a.seed + i for i in range(a.num_seeds)]))
+        if run_dir and Path(run_dir).is_dir():  # else an earlier report's curves, if it has them
+            r["curves"] = read_curves(Path(run_dir), [a.seed + i for i in range(a.num_seeds)])
+            steps, mean, std = mean_std_curve(r["curves"])
             r["curve_mean"] = {"steps": steps, "mean": np.round(mean, 5).tolist(), "std": np.round(std, 5).tolist()}
+            r["curves"] = {seed: (xs, np.round(ys, 5).tolist()) for seed, (xs, ys) in r["curves"].items()}
         report["results"][key] = {**{k: r[k] for k in KEPT if k in r}, "source": r["source"], "run_dir": str(run_dir),
                                   "script_args": r.get("script_args") or r["args"]}  # fmt: skip
         wall = r.get("wall_seconds")

@@ -140,6 +140,8 @@ def test_popgym_table_quick_and_resume(tmp_path):
         curve = r["curve_mean"]  # from the seeds' TensorBoard runs: episodes (52 steps) first end in the 4th update
         assert curve["steps"] == [4 * 64] and len(curve["mean"]) == len(curve["std"]) == 1, curve
         assert curve["mean"][-1] == pytest.approx(r["final_episodic_return"]["mean"], abs=1e-4)
+        assert sorted(r["curves"]) == ["1", "2"] and all(xs == [4 * 64] for xs, _ in r["curves"].values())
+        assert np.mean([ys[-1] for _, ys in r["curves"].values()]) == pytest.approx(curve["mean"][-1], abs=1e-4)
     assert sum(report["tally"][k] for k in ("S5", "tie", "LSTM")) == report["tally"]["cells"] == 1
     table = (out / "bench_popgym_table_quick.md").read_text()
     assert "| RepeatPreviousEasy |" in table and "S5 MMER" in table and "LSTM MMER" in table and "wins" in table
