@@ -220,6 +220,14 @@ KEPT = ("updates", "global_step", "compile_seconds", "run_seconds", "sps", "wall
         "load_average_after")  # fmt: skip
 
 
+def cell_record(r: dict, run_dir) -> dict:
+    """What the report keeps of a cell (a run's summary, or an earlier report's record): enough for `complete_for`
+    to accept it again from `--previous` (the final evaluation's update), the statistics, the script's Args."""
+    return {**{k: r[k] for k in KEPT if k in r}, "source": r["source"], "run_dir": str(run_dir),
+            "script_args": r.get("script_args") or r["args"], "final_eval": {"update": r["final_eval"]["update"]},
+            "splits": r.get("splits") or split_stats(r)}  # fmt: skip
+
+
 def finish(report: dict, out_dir: str, out_name: str) -> Path:
     done = list(report["results"].values())
     report["wall_seconds_total"] = sum(r.get("wall_seconds", 0) for r in done)
@@ -248,11 +256,8 @@ def main(args: Args) -> dict:
     for memory, a in cells.items():
         log_dir = runs_dir / memory
         run_dir, r = cell_result(ppo_s5_metarl, a, log_dir, memory, previous, complete_for(a))
-        splits = r.get("splits") or split_stats(r)
-        kept = {k: r[k] for k in KEPT if k in r}
-        report["results"][memory] = {**kept, "source": r["source"], "run_dir": str(run_dir),
-                                     "script_args": r.get("script_args") or r["args"], "splits": splits}  # fmt: skip
-        gains = ", ".join(f"{split} gain {pm(v['gain'])}" for split, v in splits.items())
+        report["results"][memory] = cell_record(r, run_dir)
+        gains = ", ".join(f"{split} gain {pm(v['gain'])}" for split, v in report["results"][memory]["splits"].items())
         print(f"== {memory}: {gains} ({r['source']}, load {load_average()})", flush=True)
         finish(report, args.out_dir, out_name)  # partial results survive a crash
     machine["load_average_at_end"] = load_average()

@@ -229,6 +229,7 @@ def test_metarl_in_context_stats_and_table(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import bench_metarl
+        from bench_common import from_previous
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
 
@@ -260,3 +261,14 @@ def test_metarl_in_context_stats_and_table(tmp_path):
     assert "train: s5, heldout: tie" in table
     bench_metarl.plot(report, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # a finished cell's record is taken again from --previous (the report keeps the final evaluation's update)
+    a = bench_metarl.ppo_s5_metarl.Args(total_timesteps=9 * 64 * 120)  # 9 updates of the default 64 x 120 steps
+    finished = {**summary(0.2, 0.4), "updates": 9, "final_eval": {"update": 9}, "args": json.loads(json.dumps(vars(a))),
+                "source": "run here"}  # fmt: skip
+    assert bench_metarl.complete_for(a)(finished)
+    record = json.loads(json.dumps(bench_metarl.cell_record(finished, tmp_path)))
+    assert "evals" not in record and record["splits"] == json.loads(json.dumps(stats))
+    again = from_previous([{"results": {"s5": record}}], "s5", a, bench_metarl.complete_for(a))
+    assert again and again["source"] == "previous report"
+    assert bench_metarl.cell_record(again, None)["splits"] == record["splits"]
+    assert not bench_metarl.complete_for(a)({**finished, "final_eval": {"update": 4}})  # stopped early
