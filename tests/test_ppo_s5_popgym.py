@@ -105,9 +105,9 @@ def run_script(*flags, env=None, timeout=600):  # the persistent compilation cac
 def test_smoke_run_on_two_forced_host_devices_writes_everything_and_equals_one_device(tmp_path, four_seeds):
     """The CLI end to end (2 seeds sharded over 2 forced host devices): TensorBoard runs, strict summary.json, the
     model file, a checkpoint; its parameters equal the same seeds trained on one device in-process."""
+    two_devices = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"  # conftest's flags too
     result = run_script(*TINY_FLAGS, "--total-timesteps=96", "--num-seeds=2", "--seed=5", "--save-model",
-                        "--env-id=CartPoleEasy", f"--log-dir={tmp_path}",
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # fmt: skip
+                        "--env-id=CartPoleEasy", f"--log-dir={tmp_path}", env={"XLA_FLAGS": two_devices})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 cpu device(s)" in result.stdout and "compiled in" in result.stdout
     assert "MMER over 2 seed(s)" in result.stdout
