@@ -168,9 +168,7 @@ class Args:
     """the recurrence as an associative scan or lax.scan (same numbers to round-off); auto: lax.scan on CPU"""
 
 
-# ---------------------------------------------------------------------------------------------
-# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3).
-# ---------------------------------------------------------------------------------------------
+# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3) ---------------------------------------
 @dataclass(frozen=True)
 class S5Config:
     """The S5 memory's settings; the names are Args' S5 flags (documented there)."""
@@ -360,9 +358,7 @@ class S5Memory(nn.Module):
         return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(config.n_layers))
 
 
-# ---------------------------------------------------------------------------------------------
-# Actor-critic: shared encoder and S5 trunk, separate one-layer actor and critic heads.
-# ---------------------------------------------------------------------------------------------
+# Actor-critic: shared encoder and S5 trunk, separate one-layer actor and critic heads ---------------------------------
 class ActorCritic(nn.Module):
     action_dim: int
     hidden_size: int
@@ -394,9 +390,7 @@ def policy_entropy(policy):
     return -jnp.sum(jnp.exp(log_p) * log_p, -1)
 
 
-# ---------------------------------------------------------------------------------------------
-# PPO
-# ---------------------------------------------------------------------------------------------
+# PPO ------------------------------------------------------------------------------------------------------------------
 class Transition(NamedTuple):
     obs: jax.Array
     done: jax.Array  # the flag *before* the step: obs is the first of an episode (drives resets)
@@ -581,9 +575,7 @@ def make_evaluate(args: Args, num_episodes: int, num_steps: int, greedy: bool):
     return evaluate
 
 
-# ---------------------------------------------------------------------------------------------
-# Running: input checks, processes and devices, compiling
-# ---------------------------------------------------------------------------------------------
+# Running: input checks, processes and devices, compiling --------------------------------------------------------------
 POSITIVE = (
     "num_seeds num_bits total_timesteps num_envs num_minibatches update_epochs hidden_size d_model ssm_size n_layers "
     "s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm keep_checkpoints eval_episodes"
@@ -691,9 +683,7 @@ def enable_compile_cache(folder: str):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
-# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
 # may differ from the checkpoint's on --resume: they do not change the sweep's math
 RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
                      "wandb_project_name", "wandb_entity", "save_model")
@@ -859,9 +849,7 @@ def evaluate_model(args: Args) -> dict:
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop: (length, seed) groups, logging, summary table / JSON / plot
-# ---------------------------------------------------------------------------------------------
+# Training loop: (length, seed) groups, logging, summary table / JSON / plot -------------------------------------------
 def summarize(args: Args, history: dict, clock: dict) -> dict:
     """Final success rate and verdicts per (length, seed), then per length over seeds."""
     per_run, per_length = {}, {}

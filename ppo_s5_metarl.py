@@ -182,9 +182,7 @@ class Args:
     """PPO updates per seed (total_timesteps // batch_size)"""
 
 
-# ---------------------------------------------------------------------------------------------
-# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3).
-# ---------------------------------------------------------------------------------------------
+# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3) ---------------------------------------
 @dataclass(frozen=True)
 class S5Config:
     """The S5 memory's settings; the names are Args' S5 flags (documented there)."""
@@ -374,10 +372,9 @@ class S5Memory(nn.Module):
         return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(config.n_layers))
 
 
-# ---------------------------------------------------------------------------------------------
-# The LSTM baseline's memory (--memory lstm). Actor-critic: shared encoder and memory trunk (S5 or LSTM), separate
-# actor and critic heads (paper, app. B), a diagonal Gaussian policy over the agent's fixed-size action.
-# ---------------------------------------------------------------------------------------------
+# The LSTM baseline's memory (--memory lstm) ---------------------------------------------------------------------------
+# Actor-critic: shared encoder and memory trunk (S5 or LSTM), separate actor and critic heads (paper, app. B), a
+# diagonal Gaussian policy over the agent's fixed-size action.
 class RNNMemory(nn.Module):
     """ppo_lstm_popgym's resettable LSTM (without its GRU option): `(carry, x[T, B, H], resets[T, B]) -> (carry,
     y[T, B, H])`. `resets[t, b]`: x[t, b] starts a trial, so the carry is zeroed before it. Carry: `(c, h)`, [B, H]."""
@@ -442,9 +439,7 @@ def act(network: ActorCritic, params, carry, obs, done, key, greedy: bool = Fals
     return carry, action, policy_log_prob(policy, action), value[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# PPO
-# ---------------------------------------------------------------------------------------------
+# PPO ------------------------------------------------------------------------------------------------------------------
 class Transition(NamedTuple):
     obs: jax.Array
     done: jax.Array  # the flag *before* the step: obs is the first of a trial (drives resets)
@@ -649,9 +644,7 @@ def make_evaluate(args: Args, greedy: bool = False):
     return evaluate
 
 
-# ---------------------------------------------------------------------------------------------
-# Running: input checks, processes, seeds and devices, compiling
-# ---------------------------------------------------------------------------------------------
+# Running: input checks, processes, seeds and devices, compiling -------------------------------------------------------
 POSITIVE = (
     "num_seeds total_timesteps num_envs num_steps num_minibatches update_epochs episodes_per_trial obs_size "
     "action_size eval_trials d_model ssm_size n_layers s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm "
@@ -783,9 +776,7 @@ def enable_compile_cache(folder: str):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
-# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
 # may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
 RESUME_MAY_CHANGE = (
     "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
@@ -940,9 +931,7 @@ def evaluate_model(args: Args) -> dict:
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop, logging
-# ---------------------------------------------------------------------------------------------
+# Training loop, logging -----------------------------------------------------------------------------------------------
 LOSSES = ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "explained_variance")
 
 

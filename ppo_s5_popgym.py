@@ -155,9 +155,7 @@ class Args:
     """PPO updates per seed (total_timesteps // batch_size)"""
 
 
-# ---------------------------------------------------------------------------------------------
-# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3).
-# ---------------------------------------------------------------------------------------------
+# S5 (Smith et al. 2023) with resets inside the scan (Lu et al. 2023, section 3) ---------------------------------------
 @dataclass(frozen=True)
 class S5Config:
     """The S5 memory's settings; the names are Args' S5 flags (documented there)."""
@@ -347,9 +345,8 @@ class S5Memory(nn.Module):
         return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(config.n_layers))
 
 
-# ---------------------------------------------------------------------------------------------
-# Actor-critic: shared encoder and S5 trunk, separate actor and critic heads (paper, app. B).
-# ---------------------------------------------------------------------------------------------
+# Actor-critic: shared encoder and S5 trunk, separate actor and critic heads (paper, app -------------------------------
+# B).
 class ActorCritic(nn.Module):
     action_dim: int
     continuous: bool
@@ -394,9 +391,7 @@ def policy_entropy(policy, continuous: bool):
     return -jnp.sum(jnp.exp(log_p) * log_p, -1)
 
 
-# ---------------------------------------------------------------------------------------------
-# PPO
-# ---------------------------------------------------------------------------------------------
+# PPO ------------------------------------------------------------------------------------------------------------------
 class Transition(NamedTuple):
     obs: jax.Array
     done: jax.Array  # the flag *before* the step: obs is the first of an episode (drives resets)
@@ -595,9 +590,7 @@ def make_evaluate(args: Args):
     return evaluate
 
 
-# ---------------------------------------------------------------------------------------------
-# Running: input checks, processes and devices, compiling
-# ---------------------------------------------------------------------------------------------
+# Running: input checks, processes and devices, compiling --------------------------------------------------------------
 POSITIVE = tuple(
     "num_seeds total_timesteps num_envs num_steps num_minibatches update_epochs d_model ssm_size n_layers s5_blocks "
     "learning_rate clip_coef max_grad_norm dt_min dt_max keep_checkpoints eval_episodes".split()
@@ -703,9 +696,7 @@ def enable_compile_cache(folder: str):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON
-# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
 # --resume may change these (and --total-timesteps without --anneal-lr): they do not change the run's math
 RESUME_MAY_CHANGE = tuple(
     "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
@@ -847,9 +838,7 @@ def evaluate_model(args: Args) -> dict:
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop, logging
-# ---------------------------------------------------------------------------------------------
+# Training loop, logging -----------------------------------------------------------------------------------------------
 def summarize(args: Args, history: list[dict], mmer: np.ndarray, compile_s: float, run_s: float) -> dict:
     """Per-seed and across-seed results: the MMER the loop kept, and the return of each seed's last rollout that
     completed episodes."""
