@@ -1,12 +1,11 @@
 """POPGym in JAX: the 48 envs of popgym 1.0.7, bsuite's MemoryChain and a meta-RL env, plus the scripts' wrappers.
 
-Every POPGym env is a gymnax 1.x `Environment`: `reset(key, params) -> (obs, state)` and
-`step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)`, with auto-reset, jit- and
-vmap-safe. Semantics (rewards, episode lengths, termination vs truncation, card order) follow the `popgym` package
-exactly; `tests/` checks each env step by step against it. Observations are flat float32 vectors (a `Discrete(n)`
-component becomes a one-hot of length n, components are concatenated in popgym's order, a `Box` stays as its
-floats); actions are `Discrete(n)` (grid actions flattened row-major) or the pendulum's `Box(1)`. The scripts of
-this project import this module and nothing else of ours.
+Every POPGym env is a gymnax 1.x `Environment` (`reset(key, params) -> (obs, state)`, `step(key, state, action,
+params) -> (obs, state, reward, terminated, truncated, info)`, auto-reset, jit- and vmap-safe) whose rewards, episode
+lengths, termination vs truncation and card order follow the `popgym` package exactly, as `tests/` checks step by
+step. Observations are flat float32 vectors (a `Discrete(n)` component becomes a one-hot of length n, components are
+concatenated in popgym's order, a `Box` stays as its floats); actions are `Discrete(n)` (grid actions flattened
+row-major) or the pendulum's `Box(1)`. The scripts import this module and nothing else of ours.
 
     import envs_popjax
     env, env_params = envs_popjax.make("RepeatPreviousEasy")  # one env, gymnax style
@@ -17,8 +16,8 @@ Map, in file order (sections 3-8: the POPGym families in the registry's order):
   2. wrappers and the batched env: PreviousActionWrapper, EpisodeStatsWrapper, VecEnv, make_vec
   3. card games: RepeatFirst, RepeatPrevious, Autoencode, CountRecall, HigherLower, Concentration
   4. MultiarmedBandit
-  5. cart-poles: PositionOnlyCartPole, NoisyPositionOnlyCartPole, VelocityOnlyCartPole
-  6. pendulums: PositionOnlyPendulum, NoisyPositionOnlyPendulum
+  5. cart-poles: PositionOnlyCartPole (its noise_sigma makes the Noisy ones), VelocityOnlyCartPole
+  6. pendulums: PositionOnlyPendulum (likewise NoisyPositionOnlyPendulum)
   7. grid games: Battleship, MineSweeper
   8. labyrinths: LabyrinthEscape, LabyrinthExplore
   9. registry: FAMILIES (one row per family), aliases, canonical_id, make
@@ -40,16 +39,11 @@ from gymnax.environments import environment, spaces
 from gymnax.wrappers.purerl import GymnaxWrapper
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Spaces and helpers.
-# ---------------------------------------------------------------------------------------------
+# 1. Spaces and helpers ---------------------------------------------------------------------------------------------
 class PopGymEnvironment(environment.Environment):
-    """What every POPGym port shares: popgym's horizon, a flat observation, `Discrete` actions.
-
-    popgym's card and grid games end with `terminated`, its control tasks and the bandit with `truncated` at
-    `params.max_steps_in_episode`; `truncates` says which this env does. Subclasses set `max_episode_length`,
-    `obs_size` and `num_actions` (per class, or per difficulty in __init__).
-    """
+    """What every POPGym port shares: popgym's horizon, a flat observation, `Discrete` actions. popgym's card and grid
+    games end with `terminated`, its control tasks and the bandit with `truncated` at `params.max_steps_in_episode`;
+    `truncates` says which. Subclasses set `max_episode_length`, `obs_size` and `num_actions` (class or __init__)."""
 
     truncates: bool = True
     obs_low, obs_high = 0.0, 1.0  # one-hot observations; the control envs set their own bounds
@@ -93,9 +87,7 @@ def action_size(action_space) -> int:
     return math.prod(action_space.shape)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Wrappers and the batched env (what the scripts use).
-# ---------------------------------------------------------------------------------------------
+# 2. Wrappers and the batched env (what the scripts use) ------------------------------------------------------------
 @struct.dataclass
 class PreviousActionState:
     env_state: Any
@@ -104,12 +96,9 @@ class PreviousActionState:
 
 
 class PreviousActionWrapper(GymnaxWrapper):
-    """Observation -> [observation, previous action (one-hot or raw), first-step flag].
-
-    popgym's `PreviousAction` + `Antialias` wrappers as used by its baselines. The flag is 1 and the action block
-    zero on the first observation of *every* episode, auto-resets included (popjaxrl's AliasPrevActionV2 only did
-    this at the initial reset).
-    """
+    """Observation -> [observation, previous action (one-hot or raw), first-step flag]: popgym's `PreviousAction` +
+    `Antialias` wrappers as its baselines use them. The flag is 1 and the action block zero on the first observation
+    of *every* episode, auto-resets included (popjaxrl's AliasPrevActionV2 only did this at the initial reset)."""
 
     def __init__(self, env):
         super().__init__(env)
@@ -182,31 +171,20 @@ class EpisodeStatsWrapper(GymnaxWrapper):
 class VecEnv:
     """`num_envs` copies of a gymnax env stepped together, with gymnax's auto-reset semantics.
 
-    `reset(key, params) -> (obs[N, ...], state)`;
-    `step(key, state, action[N], params) -> (obs, state, reward[N], terminated[N], truncated[N], info)`. Env i uses
-    key `jax.random.split(key, N)[i]` exactly as gymnax's `step` does (its `key_reset` half for a reset), so the
-    outputs equal `vmap(env.step)(jax.random.split(key, N), ...)` bit for bit: every episode starts from its own
-    fresh `reset_env` draw (the env's reset distribution, independent across envs and episodes, lockstep endings
-    included). What changes is the cost: gymnax computes a reset for every env on every step and selects it where an
-    episode ended. Here a step where no episode ends computes none; one where m <= N // 4 end computes them in
-    chunks of `reset_chunk` (default N // 32) at the indices of the ended envs (ceil(m / chunk) passes); more (card
-    games, bandits: envs end in lockstep) take one pass of N resets. These are while loops, not `lax.cond`: under an
-    outer `vmap` (the scripts' seeds) a cond becomes a select that always runs both branches, while a batched while
-    loop still runs only when some seed needs it.
-    """
+    `reset(key, params) -> (obs[N, ...], state)`; `step(key, state, action[N], params) -> (obs, state, reward[N],
+    terminated[N], truncated[N], info)`, equal bit for bit to `vmap(env.step)(jax.random.split(key, N), ...)` (env i
+    uses the same key, so every episode starts from its own fresh `reset_env` draw, also when envs end in lockstep).
+    Only the cost differs: gymnax computes a reset for every env at every step; here a step computes only those of the
+    envs whose episode ended (`reset_where`: chunks of `reset_chunk`, default N // 32; one pass of N when over N // 4
+    end), in while loops, which under the scripts' vmap over seeds still run only when some seed needs them."""
 
     def __init__(self, env: environment.Environment, num_envs: int, reset_chunk: int | None = None):
         if num_envs < 1 or (reset_chunk is not None and reset_chunk < 1):
             raise ValueError(f"num_envs and reset_chunk must be >= 1, got {num_envs} and {reset_chunk}")
-        self.env, self.num_envs, self.batch_shape = env, num_envs, (num_envs,)
-        self.reset_chunk = min(reset_chunk or max(1, num_envs // 32), num_envs)
-        self.default_params = env.default_params
+        self.env, self.num_envs, self.batch_shape, self.reset_chunk = env, num_envs, (num_envs,), reset_chunk
 
-    def action_space(self, params=None):
-        return self.env.action_space(params)
-
-    def observation_space(self, params):
-        return self.env.observation_space(params)
+    def __getattr__(self, name):  # default_params, action_space, observation_space, ...: the env's
+        return getattr(self.env, name)
 
     @partial(jax.jit, static_argnames=("self",))
     def reset(self, key, params=None):
@@ -255,9 +233,8 @@ def reset_where(done: jax.Array, keys: jax.Array, reset, values, chunk: int | No
 
 
 def make_vec(env_id: str, num_envs: int, *, wrappers: bool = False, reset_chunk: int | None = None, **overrides):
-    """`make(env_id, **overrides)` as a `VecEnv` of `num_envs` envs: `(vec_env, params)`. With `wrappers=True` the
-    scripts' wrappers are applied to the batch: the observation gets the previous action and the first-step flag
-    (`PreviousActionWrapper`), `info` the episode statistics (`EpisodeStatsWrapper`)."""
+    """`make(env_id, **overrides)` as a `VecEnv` of `num_envs` envs: `(vec_env, params)`. `wrappers=True` adds the
+    scripts' wrappers: the previous action and the first-step flag in the observation, episode statistics in `info`."""
     env, params = make(env_id, **overrides)
     vec_env = VecEnv(env, num_envs, reset_chunk)
     if wrappers:
@@ -265,12 +242,10 @@ def make_vec(env_id: str, num_envs: int, *, wrappers: bool = False, reset_chunk:
     return vec_env, params
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Card games (popgym/core/deck.py). Card id c in [0, 52 * decks): suit c % 4, colour c % 2, rank (c % 52) // 4
-# with 0 = Ace. popgym deals from the end of a shuffled `deck.idx`, so the cards in the order the agent sees them
-# are `deck.idx[::-1]`: that is what `cards` holds here. Each state holds popgym's hidden layout (cards in the order
-# shown, or board positions), so tests can copy it from popgym.
-# ---------------------------------------------------------------------------------------------
+# 3. Card games (popgym/core/deck.py) -------------------------------------------------------------------------------
+# Card id c in [0, 52 * decks): suit c % 4, colour c % 2, rank (c % 52) // 4 with 0 = Ace. popgym deals from the end
+# of a shuffled `deck.idx`, so `cards` here holds `deck.idx[::-1]`, the cards in the order the agent sees them. Each
+# state holds popgym's hidden layout (cards in the order shown, or board positions), so tests can copy it from popgym.
 def shuffled_cards(key: jax.Array, num_decks: int) -> jax.Array:
     return jax.random.permutation(key, 52 * num_decks)
 
@@ -292,8 +267,7 @@ CARD_VALUES = {"colors": (card_colour, 2), "suits": (card_suit, 4), "ranks": (ca
 
 
 class CardGame(PopGymEnvironment):
-    """A game over N = 52 * `num_decks` shuffled cards, terminated after N - 1 steps unless the subclass sets
-    another `max_episode_length`."""
+    """N = 52 * `num_decks` shuffled cards; terminated after N - 1 steps unless a subclass sets `max_episode_length`."""
 
     truncates = False
 
@@ -322,12 +296,9 @@ class CardSequenceGame(CardGame):
 
 
 class RepeatPrevious(CardSequenceGame):
-    """popgym/envs/repeat_previous.py: name the suit of the card shown k observations ago.
-
-    Observation n (n = 0 at reset) is the suit of `cards[n]`. The action taken after seeing it is rewarded
-    +-1/(N - k) once n >= k - 1, against the suit of `cards[n - (k - 1)]` (the k-th most recent card, counting the
-    current one). The episode terminates after N - 1 steps.
-    """
+    """popgym/envs/repeat_previous.py: name the suit of the card shown k observations ago. Observation n (0 at reset)
+    is the suit of `cards[n]`; the action taken after seeing it pays +-1/(N - k) once n >= k - 1, against the suit of
+    `cards[n - (k - 1)]` (the k-th most recent card, counting the current one). Terminated after N - 1 steps."""
 
     obs_size, num_actions = 4, 4
 
@@ -364,10 +335,10 @@ class Autoencode(CardSequenceGame):
     """popgym/envs/autoencode.py: watch N cards, then name their suits in reverse order.
 
     Obs (mode, suit) -> one-hot(2) ++ one-hot(4), mode WATCH = 1, PLAY = 0. Reset shows (1, suit of cards[0]); watch
-    step t < N - 1 shows (1, suit of cards[t]) and pays 0 whatever the action. Step N - 1 shows the last card
-    already flagged PLAY (popgym switches mode when the deck runs out, before building the obs). The N play steps
-    show (0, 0) and pay +-1/N for naming cards[N-1], ..., cards[0]; terminated after 2N - 1 steps.
-    """
+    step t < N - 1 shows (1, suit of cards[t]) and pays 0 whatever the action. Step N - 1 shows the last card already
+    flagged PLAY (popgym switches mode when the deck runs out, before building the obs). The N play steps show (0, 0)
+    (popgym's `make_obs(array([0]))`, card id 0) and pay +-1/N for naming cards[N-1], ..., cards[0]; terminated after
+    2N - 1 steps."""
 
     obs_size, num_actions = 6, 4
 
@@ -378,7 +349,6 @@ class Autoencode(CardSequenceGame):
     def get_obs(self, state: CardSequenceState, params=None, key=None) -> jax.Array:
         last = self.num_cards - 1
         watching = state.time < last
-        # In play popgym shows make_obs(array([0])): the suit of card id 0, which is 0.
         suit = jnp.where(state.time <= last, card_suit(state.cards[jnp.minimum(state.time, last)]), 0)
         return jnp.concatenate([one_hot(watching.astype(jnp.int32), 2), one_hot(suit, 4)])
 
@@ -400,13 +370,10 @@ class CountRecallState:
 
 
 class CountRecall(CardGame):
-    """popgym/envs/count_recall.py: how many value cards of the queried kind have been shown?
-
-    Obs [value, query] -> one-hot(V) ++ one-hot(V), with V = 2 colours, 4 suits or 13 ranks, value and query dealt
-    from two independently shuffled decks. The action is a count in 0..N/V (Discrete(N/V + 1)); it pays +-1/(N - 1)
-    against the number of values equal to the current query among the values shown so far, the current one included.
-    Terminated after N - 1 steps. popgym's `error_clamp` is accepted there but never used, so it is left out.
-    """
+    """popgym/envs/count_recall.py: how many value cards of the queried kind have been shown, the current one included?
+    Obs [value, query] -> one-hot(V) ++ one-hot(V), V = 2 colours, 4 suits or 13 ranks, value and query dealt from two
+    independently shuffled decks. Action: that count, in 0..N/V (Discrete(N/V + 1)), paid +-1/(N - 1). Terminated
+    after N - 1 steps. popgym's `error_clamp` is accepted there but never used, so it is left out."""
 
     def __init__(self, num_decks: int = 1, deck_type: str = "colors"):
         if deck_type not in CARD_VALUES:
@@ -440,12 +407,9 @@ class CountRecall(CardGame):
 
 
 class HigherLower(CardSequenceGame):
-    """popgym/envs/higher_lower.py: guess whether the next card ranks higher (action 0) or lower (1).
-
-    Obs is one-hot(13) of the rank of cards[time]. Step t compares cards[t + 1] with cards[t]: +1/N if the guess is
-    right, -1/N if wrong, 0 on equal ranks (a push). Terminated after N - 1 steps, when the last card is shown
-    (there is no step comparing a card with itself).
-    """
+    """popgym/envs/higher_lower.py: guess whether the next card ranks higher (action 0) or lower (1). Obs: one-hot(13)
+    of the rank of cards[time]. Step t compares cards[t + 1] with cards[t]: +1/N if the guess is right, -1/N if wrong,
+    0 on equal ranks (a push). Terminated after N - 1 steps, when the last card is shown (nothing follows it)."""
 
     obs_size, num_actions = 13, 2
 
@@ -471,13 +435,12 @@ class ConcentrationState:
 class Concentration(CardGame):
     """popgym/envs/concentration.py: find the pairs of equal value among N face-down cards.
 
-    Obs: per position its value (colour or rank) if face up or flipped in the current pair, else the face-down code
-    V; N one-hots of length V + 1 in position order. An action flips one position; every second flip ends a pair. A
-    matching pair pays +1/(N/2) and stays up; a mismatch, or the same position twice, pays -2/E. Flipping a card
-    that is already up pays -(flips in this pair, itself included)/E and starts the pair over. The obs of a pair's
-    second flip still shows both cards. E = ceil(2N - N/(2N - 1)); truncated after E steps, terminated when every
-    card is up (both can hold on step E).
-    """
+    Obs: per position its value (colour or rank) if face up or flipped in the current pair, else the face-down code V;
+    N one-hots of length V + 1 in position order. An action flips one position; every second flip ends a pair. A
+    matching pair pays +1/(N/2) and stays up; a mismatch, or the same position twice, pays -2/E. Flipping a card that
+    is already up pays -(flips in this pair, itself included)/E and starts the pair over. The obs of a pair's second
+    flip still shows both cards. E = ceil(2N - N/(2N - 1)), popgym's bound on a perfect memory player's expected
+    number of flips; truncated after E steps, terminated when every card is up (both can hold on step E)."""
 
     truncates = True
 
@@ -488,7 +451,6 @@ class Concentration(CardGame):
         super().__init__(num_decks)
         self.card_value, self.num_values = CARD_VALUES[deck_type]
         n = self.num_cards
-        # popgym's bound on a perfect memory player's expected number of flips
         self.max_episode_length = math.ceil(2 * n - n / (2 * n - 1))
         self.obs_size = n * (self.num_values + 1)
         self.num_actions = n
@@ -524,9 +486,7 @@ class Concentration(CardGame):
         return obs, state, reward, jnp.all(face_up), {}
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. MultiarmedBandit.
-# ---------------------------------------------------------------------------------------------
+# 4. MultiarmedBandit -----------------------------------------------------------------------------------------------
 @struct.dataclass
 class BanditState:
     bandits: jax.Array  # payout probability of each arm, drawn U(0, 1) per episode
@@ -534,10 +494,8 @@ class BanditState:
 
 
 class MultiarmedBandit(PopGymEnvironment):
-    """popgym/envs/multiarmed_bandit.py: pull arms whose payout probabilities are hidden.
-
-    Obs is one-hot(2): 1 if the pulled arm paid out (0 at reset). A payout pays +1/T, anything else -1/T. Never
-    terminated; truncated after T steps.
+    """popgym/envs/multiarmed_bandit.py: pull arms whose payout probabilities are hidden. Obs: one-hot(2), 1 if the
+    pulled arm paid out (0 at reset). A payout pays +1/T, anything else -1/T. Never terminated; truncated after T steps.
     """
 
     obs_size = 2
@@ -562,9 +520,7 @@ class MultiarmedBandit(PopGymEnvironment):
         return one_hot(payout.astype(jnp.int32), 2), state, reward, jnp.asarray(False), {}
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Cart-poles: gymnasium's CartPoleEnv (Euler integration) with part of the state hidden.
-# ---------------------------------------------------------------------------------------------
+# 5. Cart-poles: gymnasium's CartPoleEnv (Euler integration) with part of the state hidden --------------------------
 @struct.dataclass
 class CartPoleState:
     physics: jax.Array  # (x, x_dot, theta, theta_dot)
@@ -572,13 +528,10 @@ class CartPoleState:
 
 
 class PositionOnlyCartPole(PopGymEnvironment):
-    """popgym/envs/position_only_cartpole.py: CartPole observing only (x, theta).
-
-    Reward 1/T on every step (the failing step included); terminated when |x| > 2.4 or |theta| > 12 degrees,
-    truncated after T = `max_steps_in_episode` steps (both can hold). With `noise_sigma > 0`
-    (popgym's NoisyPositionOnlyCartPole) N(0, sigma) noise is added to the observation at reset and every step, then
-    clipped to the observation bounds.
-    """
+    """popgym/envs/position_only_cartpole.py: CartPole observing only (x, theta). Reward 1/T on every step (the failing
+    step included); terminated when |x| > 2.4 or |theta| > 12 degrees, truncated after T = `max_steps_in_episode`
+    steps (both can hold). `noise_sigma > 0` makes popgym's NoisyPositionOnlyCartPole: N(0, sigma) noise on the
+    observation at reset and every step, clipped to the observation bounds."""
 
     num_actions = 2
     observed = (0, 2)  # indices of (x, x_dot, theta, theta_dot) that the agent sees
@@ -621,24 +574,10 @@ class PositionOnlyCartPole(PopGymEnvironment):
         return self.get_obs(state, key=key), state, reward, terminated, {}
 
 
-class NoisyPositionOnlyCartPole(PositionOnlyCartPole):
-    """popgym/envs/noisy_position_only_cartpole.py: T = 200 at every difficulty, noise sigma varies."""
-
-    def __init__(self, noise_sigma: float = 0.1, max_episode_length: int = 200):
-        super().__init__(max_episode_length=max_episode_length, noise_sigma=noise_sigma)
-
-
 class VelocityOnlyCartPole(PositionOnlyCartPole):
-    """popgym/envs/velocity_only_cartpole.py: CartPole observing only (x_dot, theta_dot).
-
-    "Exactly as popgym" includes popgym's reset bug: its `reset` returns `[init_obs[0], init_obs[2]]`, i.e. the
-    *positions* (x, theta), while every `step` returns the velocities. We keep that by default
-    (`popgym_reset_obs=True`), so trajectories, and agents trained on them, match popgym 1.0.7;
-    `popgym_reset_obs=False` shows the velocities at reset too. Both are inside the Box(-inf, inf, (2,)) popgym
-    declares. Rewards, termination and truncation (T = 200 / 400 / 600) as PositionOnlyCartPole. popgym registers
-    the gym ids with a lower-case p (`popgym-VelocityOnlyCartpoleEasy-v0`); `VelocityOnlyCartpole*` is an alias
-    here.
-    """
+    """popgym/envs/velocity_only_cartpole.py: CartPole observing only (x_dot, theta_dot); else as PositionOnlyCartPole.
+    popgym's reset bug is kept by default (`popgym_reset_obs=True`, so trajectories match popgym 1.0.7): its `reset`
+    shows the *positions* (x, theta), every `step` the velocities; with `popgym_reset_obs=False` reset shows them."""
 
     observed = (1, 3)
 
@@ -653,9 +592,7 @@ class VelocityOnlyCartPole(PositionOnlyCartPole):
         return obs, state
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. Pendulums: gymnasium's Pendulum observing the angle only.
-# ---------------------------------------------------------------------------------------------
+# 6. Pendulums: gymnasium's Pendulum observing the angle only -------------------------------------------------------
 @struct.dataclass
 class PendulumState:
     physics: jax.Array  # (theta, theta_dot); theta is not wrapped, as in gymnasium
@@ -668,10 +605,8 @@ class PositionOnlyPendulum(PopGymEnvironment):
     Action Box(1) in [-2, 2] (torque; clipped as gymnasium does). Reset theta ~ U(-pi, pi), theta_dot ~ U(-1, 1).
     Gymnasium's reward r = -(angle^2 + 0.1 theta_dot^2 + 0.001 u^2), from the state *before* the step, r in
     [-16.2736044, 0], becomes popgym's ((r + c) / c) / T with c = 8.1368022, in [-1/T, 1/T]. Never terminates;
-    truncated after T = `max_steps_in_episode` steps (200 / 150 / 100). With `noise_sigma > 0` (popgym's
-    NoisyPositionOnlyPendulum, T = 200 at every difficulty) N(0, sigma) noise is added to the observation at reset
-    and every step, then clipped to [-1, 1] (popjaxrl did not clip).
-    """
+    truncated after T = `max_steps_in_episode` steps. `noise_sigma > 0` makes popgym's NoisyPositionOnlyPendulum:
+    N(0, sigma) noise on the observation at reset and every step, clipped to [-1, 1] (popjaxrl did not clip)."""
 
     num_actions = 1
     obs_size, obs_low, obs_high = 2, -1.0, 1.0
@@ -709,18 +644,9 @@ class PositionOnlyPendulum(PopGymEnvironment):
         return spaces.Box(-self.max_torque, self.max_torque, (1,), jnp.float32)
 
 
-class NoisyPositionOnlyPendulum(PositionOnlyPendulum):
-    """popgym/envs/noisy_position_only_pendulum.py: T = 200 at every difficulty, noise sigma varies."""
-
-    def __init__(self, noise_sigma: float = 0.1, max_episode_length: int = 200):
-        super().__init__(max_episode_length=max_episode_length, noise_sigma=noise_sigma)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Grid games (popgym battleship.py, minesweeper.py). popgym's MultiDiscrete([R, C]) action is the flat
-# Discrete(R * C) here, row-major: a = row * C + col. The states keep the hidden layout (ships, mines) as boolean
-# grids, so tests can copy it from a seeded popgym env.
-# ---------------------------------------------------------------------------------------------
+# 7. Grid games (popgym battleship.py, minesweeper.py) --------------------------------------------------------------
+# popgym's MultiDiscrete([R, C]) action is the flat Discrete(R * C) here, row-major: a = row * C + col. The states
+# keep the hidden layout (ships, mines) as boolean grids, so tests can copy it from a seeded popgym env.
 def grid_cell(action: jax.Array, num_cols: int) -> tuple[jax.Array, jax.Array]:
     """(row, col) of a row-major flattened grid action."""
     return action // num_cols, action % num_cols
@@ -763,20 +689,18 @@ class BattleshipState:
 class Battleship(PopGymEnvironment):
     """popgym/envs/battleship.py: fire at a hidden B x B board holding ships of sizes 2, 3, 3, 4.
 
-    Observation: one-hot(2) of "this shot was a hit"; 0 at reset. A first hit on a ship cell pays 1/12, anything
-    else (a repeated guess included) -1/(B^2 - 12). Terminated at the 12th hit, truncated after B^2 steps; both hold
-    when the last possible shot is the 12th hit. Ships are placed in turn, each uniformly among the positions that
-    fit beside those already placed: popgym's rejection sampling over (start cell, axis, sign) reaches every such
-    position in exactly two ways (either end as the start), so this is its distribution.
-    """
+    Observation: one-hot(2) of "this shot was a hit"; 0 at reset. A first hit on a ship cell pays 1/12, anything else
+    (a repeated guess included) -1/(B^2 - 12). Terminated at the 12th hit, truncated after B^2 steps; both hold when
+    the last possible shot is the 12th hit. Ships are placed in turn, each uniformly among the positions that fit
+    beside those already placed: popgym's distribution, as its rejection sampling over (start cell, axis, sign)
+    reaches every such position in exactly two ways (either end as the start)."""
 
     obs_size = 2
 
     def __init__(self, board_size: int = 10, ship_sizes: tuple[int, ...] = (2, 3, 3, 4)):
         self.board_size, self.ship_sizes = board_size, tuple(ship_sizes)
-        self.num_actions = board_size**2
+        self.num_actions = self.max_episode_length = board_size**2
         self.needed_hits = sum(self.ship_sizes)
-        self.max_episode_length = board_size**2
         self.hit_reward = 1.0 / self.needed_hits
         self.miss_reward = -1.0 / (self.max_episode_length - self.needed_hits)
 
@@ -817,10 +741,9 @@ class MineSweeper(PopGymEnvironment):
     """popgym/envs/minesweeper.py: uncover the L = R * C - mines clear cells of a hidden board.
 
     Observation: one-hot over min(mines + 1, 10) values of the number of mines in the 3 x 3 block around the chosen
-    cell, the cell itself included; 0 at reset. A new clear cell pays 1/L, one already uncovered -0.5/(L - 2), a
-    mine -0.5 - 1/L and terminates. Terminated when no clear cell is left; truncated at step L unless terminated on
-    that step (popgym 1.0.7, fix #38). Perfect play returns 1; one new cell, L - 2 repeats and a mine return -1.
-    """
+    cell, the cell itself included; 0 at reset. A new clear cell pays 1/L, one already uncovered -0.5/(L - 2), a mine
+    -0.5 - 1/L and terminates. Terminated when no clear cell is left; truncated at step L unless terminated on that
+    step (popgym 1.0.7, fix #38). Perfect play returns 1; one new cell, L - 2 repeats and a mine return -1."""
 
     def __init__(self, dims: tuple[int, int] = (4, 4), num_mines: int = 2):
         self.dims, self.num_mines = tuple(dims), num_mines
@@ -854,11 +777,9 @@ class MineSweeper(PopGymEnvironment):
         return super().is_truncated(state, params) & ~self.is_terminated(state, params)
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. Labyrinths (popgym/core/maze.py, labyrinth_escape.py, labyrinth_explore.py; popgym makes its mazes with
-# mazelib). A maze of R x C cells lives on a (2R + 1) x (2C + 1) grid of popgym's cell codes: cell (i, j) at
-# (2i + 1, 2j + 1), the walls between and around them.
-# ---------------------------------------------------------------------------------------------
+# 8. Labyrinths (popgym/core/maze.py, labyrinth_escape.py, labyrinth_explore.py) ------------------------------------
+# popgym makes its mazes with mazelib. A maze of R x C cells lives on a (2R + 1) x (2C + 1) grid of popgym's cell
+# codes: cell (i, j) at (2i + 1, 2j + 1), the walls between and around them.
 FREE, OBSTACLE, START, GOAL = 0, 1, 2, 3  # popgym's Cell codes; its Discrete(5) also has HIDDEN = 4
 NUM_CELL_CODES = 5
 MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0))  # popgym's actions LEFT, RIGHT, UP, DOWN as (d_row, d_col)
@@ -869,13 +790,12 @@ def hunt_and_kill_maze(key: jax.Array, rows: int, cols: int) -> jax.Array:
     """A maze as mazelib's HuntAndKill(hunt_order="random") makes it: int8 grid, 1 = wall, 0 = open.
 
     mazelib opens a uniformly random cell and walks from it, each step into a uniformly chosen unvisited neighbour
-    (opening the wall between), until stuck. Then it hunts: it draws uniformly random cells, at most
-    (2R + 1)(2C + 1) draws in all, and walks again from any that is open and has an unvisited neighbour
-    (a frontier cell); other draws change nothing. So one hunt here draws how many cells mazelib would draw
-    (geometric, success rate |frontier| / RC) and then a uniform frontier cell: the same distribution in exactly
-    RC - 1 carving steps. If the draws run out first, the maze keeps unvisited (solid) cells, as mazelib's does
-    (very rarely). Cells are boolean (R, C) masks throughout, the current cell a one-hot mask.
-    """
+    (opening the wall between), until stuck. Then it hunts: it draws uniformly random cells, at most (2R + 1)(2C + 1)
+    draws in all, and walks again from any that is open and has an unvisited neighbour (a frontier cell); other draws
+    change nothing. So one hunt here draws how many cells mazelib would draw (geometric, success rate |frontier| / RC)
+    and then a uniform frontier cell: the same distribution in exactly RC - 1 carving steps. If the draws run out
+    first, the maze keeps unvisited (solid) cells, as mazelib's does (very rarely). Cells are boolean (R, C) masks
+    throughout, the current cell a one-hot mask."""
     max_draws = (2 * rows + 1) * (2 * cols + 1)
     u = jax.random.uniform(key, (3 * rows * cols,)).reshape(rows * cols, 3)
     visited = pick_true(u[0, 0], jnp.ones((rows, cols), bool))
@@ -903,11 +823,9 @@ def hunt_and_kill_maze(key: jax.Array, rows: int, cols: int) -> jax.Array:
 
 
 def maze_entrances(key: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
-    """mazelib's Maze.generate_entrances(start_outer=True) as popgym calls it: (start, end).
-
-    A uniformly chosen side (north, south, west, east) gets the start on a uniformly chosen odd row/column of the
-    outer wall, the opposite side the end, drawn likewise and independently. (mazelib redraws adjacent entrances; on
-    opposite sides of a maze that never happens.)
+    """mazelib's Maze.generate_entrances(start_outer=True) as popgym calls it: (start, end). A uniformly chosen side
+    (north, south, west, east) gets the start on a uniformly chosen odd row/column of the outer wall, the opposite
+    side the end, drawn likewise and independently (mazelib redraws adjacent entrances, which opposite sides never are).
     """
     u = jax.random.uniform(key, (3,))
     side = jnp.floor(4 * u[0]).astype(jnp.int32)  # 0 north, 1 south, 2 west, 3 east
@@ -931,15 +849,13 @@ class LabyrinthState:
 class Labyrinth(PopGymEnvironment):
     """popgym/core/maze.py MazeEnv, shared by LabyrinthEscape and LabyrinthExplore.
 
-    `maze_dims` (even) = (2R, 2C): a hunt-and-kill maze of R x C cells on a (2R + 1) x (2C + 1) grid; the agent
-    starts on the outer wall (`maze_entrances`). Actions: 0 left, 1 right, 2 up, 3 down; a move into a wall or off
-    the grid stays put. Observation: one-hot(5) of the 9 cell codes of a 3 x 3 view, row by row, then one-hot(5) of
-    the action just taken, blocked or not (4 = none, at reset): 50 floats. Off-grid view cells read as walls. popgym
-    quirk kept: on row or column 0 its view starts at the edge rather than one before, so there the agent sits in
-    the view's first row/column. Horizon quirk kept: popgym truncates when its step counter reaches
-    `episode_length` - 1, so an episode has at most 1023 steps (`max_steps_in_episode`), while each step costs
-    -1/`episode_length`.
-    """
+    `maze_dims` (even) = (2R, 2C): a hunt-and-kill maze of R x C cells; the agent starts on the outer wall
+    (`maze_entrances`). Actions: 0 left, 1 right, 2 up, 3 down; a move into a wall or off the grid stays put.
+    Observation: one-hot(5) of the 9 cell codes of a 3 x 3 view, row by row (off-grid cells read as walls), then
+    one-hot(5) of the action just taken, blocked or not (4 = none, at reset): 50 floats. popgym's quirks, kept: on
+    row or column 0 its view starts at the edge rather than one before, so there the agent sits in the view's first
+    row/column; it truncates when its step counter reaches `episode_length` - 1, so an episode has at most 1023 steps
+    (`max_steps_in_episode`), while each step costs -1/`episode_length`."""
 
     obs_size, num_actions = 10 * NUM_CELL_CODES, 4
     marks_goal = False  # whether the end entrance becomes a GOAL cell
@@ -979,10 +895,8 @@ class Labyrinth(PopGymEnvironment):
 
 
 class LabyrinthEscape(Labyrinth):
-    """popgym/envs/labyrinth_escape.py: reach the exit on the far side of the maze.
-
-    Every step pays -1/1024; stepping onto the GOAL cell pays +1 more and terminates.
-    """
+    """popgym/envs/labyrinth_escape.py: reach the exit on the far side of the maze. Every step pays -1/1024; stepping
+    onto the GOAL cell pays +1 more and terminates."""
 
     marks_goal = True
 
@@ -994,12 +908,9 @@ class LabyrinthEscape(Labyrinth):
 
 
 class LabyrinthExplore(Labyrinth):
-    """popgym/envs/labyrinth_explore.py: visit every open cell of the maze.
-
-    Stepping onto a cell not visited before pays 1/(number of FREE cells, the start excluded), so visiting them all
-    earns 1; any other step pays -1/1024. Terminated once every non-wall cell has been visited. There is no goal:
-    the far entrance stays a wall.
-    """
+    """popgym/envs/labyrinth_explore.py: visit every open cell of the maze. Stepping onto a cell not visited before
+    pays 1/(number of FREE cells, the start excluded), so visiting them all earns 1; any other step pays -1/1024.
+    Terminated once every non-wall cell has been visited. There is no goal: the far entrance stays a wall."""
 
     def step_env(self, key, state, action, params):
         moved = self.moved(state, action)
@@ -1009,9 +920,7 @@ class LabyrinthExplore(Labyrinth):
         return self.observe_view(moved, action), moved, reward, explored_all, {}
 
 
-# ---------------------------------------------------------------------------------------------
-# 9. Registry: popgym's families with their difficulty constants, and the aliases of earlier names.
-# ---------------------------------------------------------------------------------------------
+# 9. Registry: popgym's families with their difficulty constants, and the aliases of earlier names ------------------
 DIFFICULTIES = ("Easy", "Medium", "Hard")
 FAMILIES: dict[str, tuple[type, dict[str, tuple]]] = {
     # family: (class, {constructor argument: its (Easy, Medium, Hard) values})
@@ -1023,10 +932,10 @@ FAMILIES: dict[str, tuple[type, dict[str, tuple]]] = {
     "Concentration": (Concentration, dict(num_decks=(1, 2, 1), deck_type=("colors", "colors", "ranks"))),
     "MultiarmedBandit": (MultiarmedBandit, dict(num_bandits=(10, 20, 30), episode_length=(200, 400, 600))),
     "PositionOnlyCartPole": (PositionOnlyCartPole, dict(max_episode_length=(200, 400, 600))),
-    "NoisyPositionOnlyCartPole": (NoisyPositionOnlyCartPole, dict(noise_sigma=(0.1, 0.2, 0.3))),
+    "NoisyPositionOnlyCartPole": (PositionOnlyCartPole, dict(noise_sigma=(0.1, 0.2, 0.3))),  # T = 200 at every level
     "VelocityOnlyCartPole": (VelocityOnlyCartPole, dict(max_episode_length=(200, 400, 600))),
     "PositionOnlyPendulum": (PositionOnlyPendulum, dict(max_episode_length=(200, 150, 100))),
-    "NoisyPositionOnlyPendulum": (NoisyPositionOnlyPendulum, dict(noise_sigma=(0.1, 0.2, 0.3))),
+    "NoisyPositionOnlyPendulum": (PositionOnlyPendulum, dict(noise_sigma=(0.1, 0.2, 0.3))),  # T = 200 at every level
     "Battleship": (Battleship, dict(board_size=(8, 10, 12))),
     "MineSweeper": (MineSweeper, dict(dims=((4, 4), (6, 6), (8, 8)), num_mines=(2, 6, 10))),
     "LabyrinthEscape": (LabyrinthEscape, dict(maze_dims=((10, 10), (14, 14), (18, 18)))),
@@ -1084,11 +993,9 @@ def make(env_id: str, **overrides) -> tuple[environment.Environment, environment
     return env, params.replace(**param_overrides)
 
 
-# ---------------------------------------------------------------------------------------------
-# 10. bsuite's MemoryChain (bsuite/environments/memory_chain.py), kept out of the POPGym registry. Ids:
-# "MemoryChain" (gymnax's "MemoryChain-bsuite" is an alias) and "MemoryChain-{L}", which fixes the memory length,
-# for scripts that only take an env id.
-# ---------------------------------------------------------------------------------------------
+# 10. bsuite's MemoryChain (bsuite/environments/memory_chain.py) ----------------------------------------------------
+# Ids: "MemoryChain" (alias: gymnax's "MemoryChain-bsuite") and "MemoryChain-{L}", which fixes L for scripts that take
+# only an id. Kept out of the POPGym registry.
 MEMORY_CHAIN_IDS: tuple[str, ...] = ("MemoryChain", "MemoryChain-bsuite")
 
 
@@ -1111,13 +1018,11 @@ class MemoryChainState:
 class MemoryChain(environment.Environment):
     """bsuite's memory chain: remember the context bit shown at the start for L steps.
 
-    The observation at time t (t = 0 at reset) is
-    `[1 - t/L, query if t == L - 1 else 0, 2 * context - 1 (+-1) if t == 0 else 0]`, `num_bits + 2` floats whatever
-    L is, so L can be a traced param. As in bsuite, a step returns the observation of the time *before* it: the
-    context is shown at reset and by the first step, the query by step L. Steps 1..L pay 0; step L + 1 pays +1 if
-    the action is the bit `context[query]`, else -1, and terminates. No truncation: gymnax 1.0.1's port also ends
-    episodes at `max_steps_in_episode` (default 1000), which would cut every L >= 1000.
-    """
+    The observation at time t (t = 0 at reset) is `[1 - t/L, query if t == L - 1 else 0, 2 * context - 1 (+-1) if
+    t == 0 else 0]`, `num_bits + 2` floats whatever L is, so L can be a traced param. As in bsuite, a step returns the
+    observation of the time *before* it: the context is shown at reset and by the first step, the query by step L.
+    Steps 1..L pay 0; step L + 1 pays +1 if the action is the bit `context[query]`, else -1, and terminates. No
+    truncation (gymnax 1.0.1's port also ends episodes at `max_steps_in_episode`, default 1000, cutting L >= 1000)."""
 
     def __init__(self, num_bits: int = 1):
         super().__init__()
@@ -1189,18 +1094,15 @@ def make_memory_chain(env_id: str, **overrides) -> tuple[MemoryChain, MemoryChai
     return env, env.default_params.replace(**overrides)
 
 
-# ---------------------------------------------------------------------------------------------
-# 11. Multi-environment meta-RL (Lu et al. 2023, section 5.3; used by ppo_s5_metarl.py). Continuous-control envs
-# from gymnax, brax and the DM Control suite (MuJoCo Playground), hidden behind random linear projections of their
-# observations and actions. A *trial* is `episodes_per_trial` episodes of one env with one pair of projections; the
-# agent's memory (and the PPO `done`) resets only between trials.
-# ---------------------------------------------------------------------------------------------
+# 11. Multi-environment meta-RL (Lu et al. 2023, section 5.3; used by ppo_s5_metarl.py) -----------------------------
+# Continuous-control envs from gymnax, brax and the DM Control suite (MuJoCo Playground) behind random projections of
+# their observations and actions, in trials of several episodes (MetaEnv; README: Meta-RL).
 @struct.dataclass
 class MetaEnvSpec:
-    """One env of the meta-RL pool: `reward_scale`, a rough, fixed size of its per-step reward (the meta-env divides
-    every reward by `reward_scale * episode_length`, so a typical episode return is O(1) whatever the env and the
-    episode length); `episode_length`, the default inner-episode time limit; `backend`, the brax backend of envs that
-    support only one (brax's swimmer); `params`, overrides of gymnax env params."""
+    """One env of the meta-RL pool: `reward_scale`, a rough, fixed size of its per-step reward (rewards are divided by
+    `reward_scale * episode_length`, so a typical episode return is O(1) whatever the env and episode length);
+    `episode_length`, the default inner-episode time limit; `backend`, the brax backend of an env that supports only
+    one; `params`, overrides of gymnax env params."""
 
     reward_scale: float = struct.field(pytree_node=False)
     episode_length: int = struct.field(pytree_node=False)
@@ -1229,10 +1131,9 @@ META_ENVS: dict[str, MetaEnvSpec] = {
     "brax/ant": MetaEnvSpec(3.0, 200),
     "brax/humanoid": MetaEnvSpec(5.0, 200),
     "brax/swimmer": MetaEnvSpec(0.3, 200, backend="generalized"),  # brax supports no other backend
-    # The DM Control suite on MJX (MuJoCo Playground 0.2.0, its registered names): rewards in [0, 1] per step. One
-    # step is one control step (ctrl_dt 0.01-0.04 s, several physics steps); DM Control's episodes are 1,000 steps,
-    # ours 200 (4-8 s simulated), 400 for the envs with a 0.01 s control step (acrobot, cartpole, cheetah). A reset
-    # costs ~100 steps (CheetahRun's settles 200 physics steps): MetaEnv.step_batch resets only the envs that need one.
+    # The DM Control suite on MJX (MuJoCo Playground 0.2.0, its registered names): rewards in [0, 1] per control step
+    # (ctrl_dt 0.01-0.04 s, several physics steps). DM Control's episodes are 1,000 steps, ours 200 (4-8 s simulated),
+    # 400 for the envs with a 0.01 s control step (acrobot, cartpole, cheetah).
     **{
         f"dmc/{name}": MetaEnvSpec(1.0, 400 if name.startswith(("Acrobot", "Cartpole", "Cheetah")) else 200)
         for name in """AcrobotSwingup AcrobotSwingupSparse BallInCup CartpoleBalance CartpoleBalanceSparse
@@ -1352,31 +1253,22 @@ class MetaEnvState:
 
 
 class MetaEnv:
-    """One env of the pool behind random projections; trials of `episodes_per_trial` episodes.
-
-    Agent observation (`obs_size + action_size + 2` floats): `[W_obs @ o, previous action, previous reward, first]`
-    with o the env's observation, the previous action clipped to [-1, 1], the previous reward divided by the env's
-    `reward_scale`, and `first` = 1 on the first step of every episode of the trial. At a trial start the previous
-    action and reward are 0; inside a trial they carry over from the previous episode's last step (RL^2's inputs).
-    Projections, drawn at every trial start and kept for the whole trial: `W_obs[i, j] ~ N(0, 1 / env_obs_size)` and
-    `W_act[k, j] ~ N(0, 1 / action_size) * (high_k - low_k) / 2`; the env receives
-    `clip((low + high) / 2 + W_act @ clip(a, -1, 1), low, high)`, so the agent acts in Box(-1, 1, (action_size,)).
-    An episode ends when the env terminates or after `episode_length` steps. With `fixed_reset` (the default) every
-    episode of a trial restarts from the trial's first env state (the env's reset randomness, e.g. PointRobot's hidden
-    goal, is part of the task); without it every episode draws a fresh reset. After `episodes_per_trial` episodes
-    `step` returns `done = True` (the only done the agent's memory sees) and the state of a new trial.
-
-    `reset(key) -> (obs, state)`; `step(key, state, action) -> (obs, state, reward, done, info)`, the reward divided by
-    `reward_scale * episode_length` (see `MetaEnvSpec`); info: `episode_done` (an episode ended at this step),
-    `episode_return` (its scaled return, valid where episode_done), `episode_index` (its index in the trial),
-    `raw_reward`. Pure functions of their inputs: jit- and vmap-able.
-    """
+    """One env of the pool behind random projections, in trials of `episodes_per_trial` episodes (README: Meta-RL).
+    Agent observation: `[W_obs @ o, previous action (clipped to [-1, 1]), previous reward / reward_scale, first]`;
+    action and reward are 0 at a trial start and carry over between its episodes (RL^2's inputs); `first` = 1 on the
+    first step of every episode. Drawn at every trial start: `W_obs[i, j] ~ N(0, 1 / env_obs_size)`, `W_act[k, j] ~
+    N(0, 1 / action_size) * (high_k - low_k) / 2`; the env gets `clip((low + high) / 2 + W_act @ clip(a, -1, 1), low,
+    high)`. An episode ends when the env terminates or after `episode_length` steps; with `fixed_reset` each episode
+    of a trial restarts from the trial's first env state (its reset randomness, e.g. PointRobot's goal, is the task),
+    else from a fresh reset. `done` is True only at a trial's end (all the memory sees), with the next trial's state.
+    `reset(key) -> (obs, state)`; `step(key, state, action) -> (obs, state, reward, done, info)`: the reward divided by
+    `reward_scale * episode_length`; info: `episode_done`, `episode_return` (scaled, valid where episode_done),
+    `episode_index` (in the trial), `raw_reward`. Pure: jit- and vmap-able."""
 
     def __init__(self, env_id: str, obs_size: int = 16, action_size: int = 2, episodes_per_trial: int = 4,
                  episode_length: int | None = None, brax_backend: str = "spring",
                  fixed_reset: bool = True):  # fmt: skip
-        self.env_id = meta_env_id(env_id)
-        self.fixed_reset = fixed_reset
+        self.env_id, self.fixed_reset = meta_env_id(env_id), fixed_reset
         spec = META_ENVS[self.env_id]
         if brax_backend not in BRAX_BACKENDS:
             raise ValueError(f"unknown brax backend {brax_backend!r}; valid: {', '.join(BRAX_BACKENDS)}")
@@ -1384,8 +1276,7 @@ class MetaEnv:
         for name, value in {**sizes, "episode_length": episode_length or 1}.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.obs_size, self.action_size = obs_size, action_size
-        self.episodes_per_trial = episodes_per_trial
+        self.obs_size, self.action_size, self.episodes_per_trial = obs_size, action_size, episodes_per_trial
         self.episode_length = episode_length or spec.episode_length
         self.reward_scale, self.reward_divisor = spec.reward_scale, spec.reward_scale * self.episode_length
         family, name = self.env_id.split("/", 1)
@@ -1475,14 +1366,10 @@ class MetaEnv:
 
 
 class MetaEnvPool:
-    """`num_envs` parallel slots split evenly over `envs` (slot i holds `envs[i // (num_envs // len(envs))]`): brax
-    and gymnax state pytrees differ per env, so each group is vmapped on its own and the groups are concatenated
-    along the batch axis. Projections still change at every trial.
-
-    `reset(key) -> (obs[N, D], states)`,
-    `step(key, states, actions[N, A]) -> (obs, states, reward[N], done[N], info)`; `states` is a tuple with one
-    batched MetaEnvState per env.
-    """
+    """`num_envs` parallel slots split evenly over `envs` (slot i holds `envs[i // (num_envs // len(envs))]`): state
+    pytrees differ per env, so each group is vmapped on its own and the groups are concatenated along the batch axis.
+    `reset(key) -> (obs[N, D], states)`, `step(key, states, actions[N, A]) -> (obs, states, reward[N], done[N], info)`;
+    `states` is a tuple with one batched MetaEnvState per env."""
 
     def __init__(self, envs: list[MetaEnv], num_envs: int):
         if num_envs % len(envs):
