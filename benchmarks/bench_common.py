@@ -127,7 +127,8 @@ def parse_overrides(args_class, overrides: tuple[str, ...]) -> dict:
 # Resumable cells (bench_popgym_table.py, bench_memory_length.py): one cell is one call of a
 # script's own `main(args)` into its own log folder; a finished cell is read back from the run
 # folder's summary.json (plus the bench_cell.json written beside it), never re-run.
-DERIVED_ARGS = ("log_dir", "batch_size", "minibatch_size", "num_updates")  # filled in by the scripts' main
+# filled in by the scripts' main; `resume` names the folder a run was continued from (--resume): the same run
+DERIVED_ARGS = ("log_dir", "batch_size", "minibatch_size", "num_updates", "resume")
 
 
 def args_match(saved: dict, args) -> bool:

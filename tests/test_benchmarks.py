@@ -216,9 +216,11 @@ def test_cells_resume_only_with_the_same_args():
         scan: str = "auto"
         new_field: int = 0  # added to the script after the run was saved
         log_dir: str = "runs"
+        resume: str = ""
 
     saved = {"lr": 1e-3, "lengths": [1, 2], "scan": "sequential", "log_dir": "elsewhere"}
     assert args_match(saved, A())  # "auto" resolved by the script, log_dir and the new default field ignored
+    assert args_match({**saved, "resume": "runs/x"}, A())  # a cell continued with --resume (to more steps) counts
     assert not args_match(saved, A(lr=3e-4)) and not args_match(saved, A(lengths=(1,)))
     assert not args_match(saved, A(new_field=1)) and not args_match(saved, A(scan="parallel"))
 
