@@ -184,6 +184,8 @@ class VecEnv:
         self.env, self.num_envs, self.batch_shape, self.reset_chunk = env, num_envs, (num_envs,), reset_chunk
 
     def __getattr__(self, name):  # default_params, action_space, observation_space, ...: the env's
+        if name == "env":  # not set yet (copy, pickle): no attribute, rather than endless recursion
+            raise AttributeError(name)
         return getattr(self.env, name)
 
     @partial(jax.jit, static_argnames=("self",))

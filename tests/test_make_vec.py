@@ -15,6 +15,7 @@ What is checked:
   `memory_length` work.
 """
 
+import copy
 import functools
 
 import jax
@@ -260,5 +261,6 @@ def test_make_vec_validates_and_make_is_unchanged():
         ep.make_vec("RepeatFirstEasy", 4, reset_chunk=0)
     vec_env, params = ep.make_vec("RepeatPreviousEasy", 4, k=2)  # overrides reach make
     assert vec_env.env.k == 2 and vec_env.num_envs == 4
+    assert copy.copy(vec_env).env is vec_env.env and vec_env.action_space().n == 4  # forwards to its env, copies
     env, _ = ep.make("RepeatPreviousEasy")
     assert isinstance(env, ep.RepeatPrevious) and not hasattr(env, "num_envs")
