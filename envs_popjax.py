@@ -16,7 +16,8 @@ Map, in file order (sections 3-8: the POPGym families in the registry's order):
   2. wrappers and the batched env: PreviousActionWrapper, EpisodeStatsWrapper, VecEnv, make_vec
   3. card games: RepeatFirst, RepeatPrevious, Autoencode, CountRecall, HigherLower, Concentration
   4. MultiarmedBandit
-  5. cart-poles: PositionOnlyCartPole (its noise_sigma makes the Noisy ones), VelocityOnlyCartPole
+  5. cart-poles: PositionOnlyCartPole (its noise_sigma makes the Noisy ones), VelocityOnlyCartPole, and the paper's
+     MetaCartPole (16 trials of a randomly projected PositionOnlyCartPole per meta-episode; outside popgym's ids)
   6. pendulums: PositionOnlyPendulum (likewise NoisyPositionOnlyPendulum)
   7. grid games: Battleship, MineSweeper
   8. labyrinths: LabyrinthEscape, LabyrinthExplore
@@ -594,6 +595,63 @@ class VelocityOnlyCartPole(PositionOnlyCartPole):
         return obs, state
 
 
+
+@struct.dataclass
+class MetaCartPoleState:
+    cartpole: CartPoleState  # the current trial's cart-pole
+    start: CartPoleState  # the meta-episode's first state: every trial restarts from it
+    kernel: jax.Array  # [2, projection_size]: the observation (x, theta) is shown as (x, theta) @ kernel
+    trial: jax.Array  # trials finished so far (0 .. num_trials - 1 while the meta-episode runs)
+    time: jax.Array  # steps in the meta-episode
+
+
+class MetaCartPole(PopGymEnvironment):
+    """The paper's meta-CartPole (popjaxrl envs/environments/meta_cartpole.py, `NoisyStatelessMetaCartPole`): a
+    meta-episode is `num_trials` trials of PositionOnlyCartPole (noise 0, `trial_length` steps, reward 1/T per step),
+    each restarting from the *same* initial state, seen through a random linear map of (x, theta) drawn once per
+    meta-episode: a 2 -> `projection_size` kernel, orthogonal with gain sqrt(2) (flax's `Dense` init there; zero bias).
+    Observation `[(x, theta) @ kernel, previous action (0/1), this step ended a trial, meta-episode start]`; at reset
+    `[.., 0, 0, 1]`. `terminated` only when the last trial ends, so the memory and GAE run across trials; never
+    truncated. `info["trial"]`: the trial a step's reward belongs to (0-based); `info["trial_ended"]`.
+    Differences from popjaxrl, on purpose: the observation bounds are infinite (popjaxrl declares [-1, 1], which the
+    projected positions exceed), and the inner cart-pole is popgym 1.0.7's PositionOnlyCartPole (the same dynamics,
+    reward and limits; popjaxrl clips [x, theta] to its bounds, which a live cart-pole never reaches)."""
+
+    num_actions = 2
+    truncates = False  # a meta-episode ends with its last trial, at most num_trials * trial_length steps
+    obs_low, obs_high = -np.inf, np.inf
+
+    def __init__(self, num_trials: int = 16, trial_length: int = 200, projection_size: int = 4):
+        for name, value in dict(num_trials=num_trials, trial_length=trial_length, projection_size=projection_size).items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_trials, self.trial_length, self.projection_size = num_trials, trial_length, projection_size
+        self.cartpole = PositionOnlyCartPole(max_episode_length=trial_length)
+        self.cartpole_params = self.cartpole.default_params
+        self.obs_size, self.max_episode_length = projection_size + 3, num_trials * trial_length
+
+    def observe(self, state: MetaCartPoleState, action, trial_ended, start) -> jax.Array:
+        flags = jnp.stack([action, trial_ended, start]).astype(jnp.float32)
+        return jnp.concatenate([self.cartpole.get_obs(state.cartpole) @ state.kernel, flags])
+
+    def reset_env(self, key, params):
+        key_cartpole, key_kernel = jax.random.split(key)
+        cartpole = self.cartpole.reset_env(key_cartpole, self.cartpole_params)[1]
+        kernel = jax.nn.initializers.orthogonal(math.sqrt(2))(key_kernel, (2, self.projection_size), jnp.float32)
+        state = MetaCartPoleState(cartpole, cartpole, kernel, jnp.int32(0), jnp.int32(0))
+        return self.observe(state, 0, 0, 1), state
+
+    def step_env(self, key, state, action, params):
+        _, cartpole, reward, terminated, _ = self.cartpole.step_env(key, state.cartpole, action, self.cartpole_params)
+        trial_ended = terminated | self.cartpole.is_truncated(cartpole, self.cartpole_params)
+        trial = state.trial + trial_ended
+        state = state.replace(
+            cartpole=tree_select(trial_ended, state.start, cartpole), trial=trial, time=state.time + 1
+        )
+        info = {"trial": trial - trial_ended, "trial_ended": trial_ended}
+        return self.observe(state, action, trial_ended, 0), state, reward, trial >= self.num_trials, info
+
+
 # 6. Pendulums: gymnasium's Pendulum observing the angle only -------------------------------------------------------
 @struct.dataclass
 class PendulumState:
@@ -958,6 +1016,8 @@ ALIASES: dict[str, str] = {
     name + level: family + level for family, names in FAMILY_ALIASES.items() for name in names for level in DIFFICULTIES
 }
 ENV_IDS: tuple[str, ...] = CANONICAL_IDS + tuple(ALIASES)
+# Outside popgym's registry (ENV_IDS stays popgym's): the paper's meta-CartPole under its own name and popjaxrl's.
+META_CARTPOLE_IDS: tuple[str, ...] = ("MetaCartPole", "NoisyStatelessMetaCartPole")
 
 
 def canonical_id(env_id: str) -> str:
@@ -968,7 +1028,9 @@ def canonical_id(env_id: str) -> str:
         return ALIASES[env_id]
     if name := memory_chain_id(env_id):  # bsuite's MemoryChain, outside the POPGym registry
         return name
-    close = difflib.get_close_matches(env_id, ENV_IDS + MEMORY_CHAIN_IDS, n=3, cutoff=0.5)
+    if env_id in META_CARTPOLE_IDS:
+        return META_CARTPOLE_IDS[0]
+    close = difflib.get_close_matches(env_id, ENV_IDS + MEMORY_CHAIN_IDS + META_CARTPOLE_IDS, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"valid ids: {', '.join(CANONICAL_IDS)}"
     raise ValueError(f"unknown env id {env_id!r}; {hint}")
 
@@ -979,10 +1041,12 @@ def make(env_id: str, **overrides) -> tuple[environment.Environment, environment
     env_id = canonical_id(env_id)
     if memory_chain_id(env_id):
         return make_memory_chain(env_id, **overrides)
-    level = next(d for d in DIFFICULTIES if env_id.endswith(d))
-    family = env_id[: -len(level)]
-    env_class, levels = FAMILIES[family]
-    kwargs = {name: values[DIFFICULTIES.index(level)] for name, values in levels.items()}
+    if env_id in META_CARTPOLE_IDS:
+        env_class, kwargs = MetaCartPole, {}
+    else:
+        level = next(d for d in DIFFICULTIES if env_id.endswith(d))
+        env_class, levels = FAMILIES[env_id[: -len(level)]]
+        kwargs = {name: values[DIFFICULTIES.index(level)] for name, values in levels.items()}
     constructor_args = set(inspect.signature(env_class.__init__).parameters) - {"self"}
     kwargs.update({k: v for k, v in overrides.items() if k in constructor_args})
     env = env_class(**kwargs)
