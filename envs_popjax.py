@@ -622,7 +622,8 @@ class MetaCartPole(PopGymEnvironment):
     obs_low, obs_high = -np.inf, np.inf
 
     def __init__(self, num_trials: int = 16, trial_length: int = 200, projection_size: int = 4):
-        for name, value in dict(num_trials=num_trials, trial_length=trial_length, projection_size=projection_size).items():
+        sizes = dict(num_trials=num_trials, trial_length=trial_length, projection_size=projection_size)
+        for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.num_trials, self.trial_length, self.projection_size = num_trials, trial_length, projection_size
@@ -1162,18 +1163,21 @@ def make_memory_chain(env_id: str, **overrides) -> tuple[MemoryChain, MemoryChai
 
 # 11. Multi-environment meta-RL (Lu et al. 2023, section 5.3; used by ppo_s5_metarl.py) -----------------------------
 # Continuous-control envs from gymnax, brax and the DM Control suite (MuJoCo Playground) behind random projections of
-# their observations and actions, in trials of several episodes (MetaEnv; README: Meta-RL).
+# their observations and actions, in trials of several episodes (MetaEnv; docs/ppo_s5_metarl.md).
 @struct.dataclass
 class MetaEnvSpec:
     """One env of the meta-RL pool: `reward_scale`, a rough, fixed size of its per-step reward (rewards are divided by
     `reward_scale * episode_length`, so a typical episode return is O(1) whatever the env and episode length);
     `episode_length`, the default inner-episode time limit; `backend`, the brax backend of an env that supports only
-    one; `params`, overrides of gymnax env params."""
+    one; `params`, overrides of gymnax env params; `env`, the gymnax env of a variant id; `goal_angles`, a variant's
+    range of PointRobot goal angles (radians; gymnax draws them in [0, pi]), for held-out goals."""
 
     reward_scale: float = struct.field(pytree_node=False)
     episode_length: int = struct.field(pytree_node=False)
     backend: str | None = struct.field(pytree_node=False, default=None)
     params: dict | None = struct.field(pytree_node=False, default=None)
+    env: str | None = struct.field(pytree_node=False, default=None)
+    goal_angles: tuple[float, float] | None = struct.field(pytree_node=False, default=None)
 
 
 META_ENVS: dict[str, MetaEnvSpec] = {
@@ -1207,6 +1211,12 @@ META_ENVS: dict[str, MetaEnvSpec] = {
         HopperStand HumanoidStand HumanoidWalk HumanoidRun PendulumSwingup PointMass ReacherEasy ReacherHard
         SwimmerSwimmer6 WalkerRun WalkerStand WalkerWalk""".split()
     },
+    # PointRobot with its goals split into two arcs of the semicircle: train on one, hold out the other (unseen goals).
+    # Listed last: an env's evaluation keys fold in its index here, so earlier ids keep theirs.
+    "gymnax/PointRobot-misc-train-goals": MetaEnvSpec(1.0, 100, params={"dense_reward": True}, env="PointRobot-misc",
+                                                      goal_angles=(0.0, 0.75 * math.pi)),
+    "gymnax/PointRobot-misc-heldout-goals": MetaEnvSpec(1.0, 100, params={"dense_reward": True}, env="PointRobot-misc",
+                                                        goal_angles=(0.75 * math.pi, math.pi)),
 }
 META_ENV_IDS: tuple[str, ...] = tuple(META_ENVS)
 BRAX_BACKENDS = ("spring", "positional", "generalized", "mjx")
@@ -1243,9 +1253,10 @@ class GymnaxInnerEnv:
     """A gymnax env without auto-reset or time limit: `reset(key) -> (obs, state)`,
     `step(key, state, action) -> (obs, state, reward, terminated)`."""
 
-    def __init__(self, name: str, episode_length: int, params: dict | None = None):
+    def __init__(self, name: str, episode_length: int, params: dict | None = None, goal_angles=None):
         import gymnax
 
+        self.goal_angles = goal_angles
         self.env, default_params = gymnax.make(name)  # PointRobot shows time / limit: set the limit
         self.params = default_params.replace(max_steps_in_episode=episode_length, **(params or {}))
         space = self.env.action_space(self.params)
@@ -1255,7 +1266,12 @@ class GymnaxInnerEnv:
         self.high = np.broadcast_to(np.asarray(space.high, np.float32), (self.action_size,))
 
     def reset(self, key):
+        if self.goal_angles:  # PointRobot: the goal redrawn on the arc of these angles (its obs does not show it)
+            key, key_goal = jax.random.split(key)
         obs, state = self.env.reset_env(key, self.params)
+        if self.goal_angles:
+            angle = jax.random.uniform(key_goal, (), jnp.float32, *self.goal_angles)
+            state = state.replace(goal=self.params.circle_radius * jnp.stack([jnp.cos(angle), jnp.sin(angle)]))
         return jnp.reshape(obs, (-1,)).astype(jnp.float32), state
 
     def step(self, key, state, action):
@@ -1293,7 +1309,10 @@ class PlaygroundInnerEnv(BraxInnerEnv):
     NaN physics; its own episode_length/action_repeat belong to its training wrappers, which are not used."""
 
     def __init__(self, name: str):
-        from mujoco_playground import dm_control_suite  # imported here: slow (~5 s), and optional for other envs
+        try:  # imported here: slow (~5 s), and an optional install (requirements-dmc.txt)
+            from mujoco_playground import dm_control_suite
+        except ImportError:
+            raise ValueError(f"dmc/{name} needs the DM Control extra: pip install -r requirements-dmc.txt") from None
 
         self.env = dm_control_suite.load(name, config_overrides={"impl": "jax"})
         # jitted, so that tracing MJX (seconds) happens once per env: observation_size's eval_shape and every later
@@ -1319,7 +1338,7 @@ class MetaEnvState:
 
 
 class MetaEnv:
-    """One env of the pool behind random projections, in trials of `episodes_per_trial` episodes (README: Meta-RL).
+    """One env of the pool behind random projections, in trials of `episodes_per_trial` episodes (docs: ppo_s5_metarl).
     Agent observation: `[W_obs @ o, previous action (clipped to [-1, 1]), previous reward / reward_scale, first]`;
     action and reward are 0 at a trial start and carry over between its episodes (RL^2's inputs); `first` = 1 on the
     first step of every episode. Drawn at every trial start: `W_obs[i, j] ~ N(0, 1 / env_obs_size)`, `W_act[k, j] ~
@@ -1347,7 +1366,7 @@ class MetaEnv:
         self.reward_scale, self.reward_divisor = spec.reward_scale, spec.reward_scale * self.episode_length
         family, name = self.env_id.split("/", 1)
         if family == "gymnax":
-            self.env = GymnaxInnerEnv(name, self.episode_length, spec.params)
+            self.env = GymnaxInnerEnv(spec.env or name, self.episode_length, spec.params, spec.goal_angles)
         elif family == "dmc":
             self.env = PlaygroundInnerEnv(name)
         else:

@@ -70,6 +70,11 @@ class Args:
     """episodes per seed played by --eval-model"""
     eval_greedy: bool = False
     """--eval-model acts greedily (argmax / Gaussian mean) instead of sampling"""
+    eval_reset_every_trial: bool = False
+    """--eval-model on a meta-env (MetaCartPole): clear the memory at every trial start too, so nothing carries over
+    from one trial to the next (the control of the in-context curve: it must stay flat)"""
+    eval_untrained: bool = False
+    """--eval-model plays each seed's initial, untrained parameters (the run's Args and seeds; a control)"""
     compile_cache: str = "~/.cache/s5_icrl_jax"
     """JAX's persistent compilation cache, so reruns start fast ('': off; JAX_COMPILATION_CACHE_DIR wins)"""
     track: bool = False
@@ -262,6 +267,34 @@ def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
     return ActorCritic(action_dim, continuous, memory), action_dim, continuous
 
 
+def ppo_loss(params, network: ActorCritic, args: Args, carry, batch: Transition, advantages, returns):
+    """PPO's loss on one minibatch of whole sequences, replayed by `network` from the carry they started from:
+    `(loss, stats)`, the clipped surrogate plus `vf_coef` x the (clipped) value loss minus `ent_coef` x the entropy,
+    as CleanRL's ppo_atari_lstm.py. Differentiated with respect to `params` (the other arguments stay fixed)."""
+    _, policy, value = network.apply(params, carry, batch.obs, batch.done)
+    log_prob = policy_log_prob(policy, batch.action, network.continuous)
+    log_ratio = log_prob - batch.log_prob
+    ratio = jnp.exp(log_ratio)
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
+    if args.clip_vloss:
+        value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((value - returns) ** 2).mean()
+    entropy = policy_entropy(policy, network.continuous).mean()
+    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+    stats = dict(
+        policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
+        old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
+        approx_kl=((ratio - 1) - log_ratio).mean(),
+        clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
+    )  # fmt: skip
+    return loss, stats
+
+
 def make_train(args: Args):
     """Returns `(init, update_chunk)`, pure functions of one seed: `init(key) -> RunnerState` and
     `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`."""
@@ -300,30 +333,6 @@ def make_train(args: Args):
         transition = Transition(runner.obs, runner.done, action, log_prob, value[0], reward, *episode)
         return RunnerState(runner.train_state, env_state, obs, done, carry, key), transition
 
-    def ppo_loss(params, carry, batch: Transition, advantages, returns):
-        _, policy, value = network.apply(params, carry, batch.obs, batch.done)
-        log_prob = policy_log_prob(policy, batch.action, continuous)
-        log_ratio = log_prob - batch.log_prob
-        ratio = jnp.exp(log_ratio)
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
-        if args.clip_vloss:
-            value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
-            v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((value - returns) ** 2).mean()
-        entropy = policy_entropy(policy, continuous).mean()
-        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        stats = dict(
-            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
-            old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
-            approx_kl=((ratio - 1) - log_ratio).mean(),
-            clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
-        )  # fmt: skip
-        return loss, stats
-
     def update_step(runner: RunnerState, _):
         initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
         runner, batch = jax.lax.scan(env_step, runner, None, args.num_steps)
@@ -345,7 +354,8 @@ def make_train(args: Args):
 
             def minibatch_step(train_state, minibatch):
                 carry, (mb, mb_adv, mb_ret) = minibatch
-                grads, stats = jax.grad(ppo_loss, has_aux=True)(train_state.params, carry, mb, mb_adv, mb_ret)
+                grad_and_stats = jax.grad(ppo_loss, has_aux=True)  # d loss / d params, and the loss's stats
+                grads, stats = grad_and_stats(train_state.params, network, args, carry, mb, mb_adv, mb_ret)
                 return train_state.apply_gradients(grads=grads), stats
 
             return jax.lax.scan(minibatch_step, train_state, minibatches)
@@ -378,15 +388,16 @@ def make_train(args: Args):
 
 
 def make_evaluate(args: Args):
-    """`evaluate(params, key) -> returns[eval_episodes]`, pure, one seed: one episode in each of --eval-episodes
-    parallel envs, played to its end (the memory starts cleared, as in training)."""
+    """`evaluate(params, key) -> {"return": [eval_episodes]}`, pure, one seed: one episode in each of --eval-episodes
+    parallel envs, played to its end (the memory starts cleared, as in training). On a meta-env (MetaCartPole) also
+    `"trial_returns": [eval_episodes, num_trials]`, each trial's return: the in-context curve."""
     env, env_params = make_env(args, args.eval_episodes)
     network, _, continuous = build_network(args, env, env_params)
-    n = args.eval_episodes
+    n, num_trials = args.eval_episodes, getattr(env, "num_trials", 0)
 
     def evaluate(params, key):
         def step(state):
-            env_state, obs, done, carry, key, returns, ended = state
+            env_state, obs, done, carry, key, returns, trial_returns, ended = state
             key, key_action, key_env = jax.random.split(key, 3)
             carry, policy, _ = network.apply(params, carry, obs[None], done[None])
             policy = jax.tree.map(lambda p: p[0], policy)
@@ -394,15 +405,22 @@ def make_evaluate(args: Args):
                 action = policy[0] if continuous else jnp.argmax(policy, -1)
             else:
                 action = policy_sample(key_action, policy, continuous)
-            obs, env_state, _, terminated, truncated, info = env.step(key_env, env_state, action, env_params)
+            obs, env_state, reward, terminated, truncated, info = env.step(key_env, env_state, action, env_params)
             returns = jnp.where(ended, returns, info["returned_episode_return"])  # kept from each env's first end
-            return env_state, obs, terminated | truncated, carry, key, returns, ended | info["returned_episode"]
+            done = terminated | truncated
+            if num_trials:  # the in-context curve: the reward of each trial of the first meta-episode
+                counted = ~ended[:, None] & (info["trial"][:, None] == jnp.arange(num_trials))
+                trial_returns += counted * reward[:, None]
+                done = done | (args.eval_reset_every_trial & info["trial_ended"])
+            return env_state, obs, done, carry, key, returns, trial_returns, ended | info["returned_episode"]
 
         key, key_reset = jax.random.split(key)
         obs, env_state = env.reset(key_reset, env_params)
         carry = RNNMemory.initialize_carry(n, args.hidden_size, args.cell)
-        state = (env_state, obs, jnp.ones(n, bool), carry, key, jnp.zeros(n), jnp.zeros(n, bool))
-        return jax.lax.while_loop(lambda s: ~s[-1].all(), step, state)[-2]
+        zeros = jnp.zeros(n), jnp.zeros((n, num_trials)), jnp.zeros(n, bool)  # returns, trial returns, ended
+        state = (env_state, obs, jnp.ones(n, bool), carry, key, *zeros)
+        *_, returns, trial_returns, _ = jax.lax.while_loop(lambda s: ~s[-1].all(), step, state)
+        return {"return": returns, "trial_returns": trial_returns} if num_trials else {"return": returns}
 
     return evaluate
 
@@ -437,6 +455,10 @@ def check_args(args: Args) -> str | None:
         return "--coordinator-address, --num-processes and --process-id are for multi-process runs: add --distributed"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
+    if (args.eval_reset_every_trial or args.eval_untrained) and not args.eval_model:
+        return "--eval-reset-every-trial and --eval-untrained are controls of --eval-model RUN: add it"
+    if args.eval_reset_every_trial and not getattr(make_env(args, 1)[0], "num_trials", 0):
+        return f"--eval-reset-every-trial needs a meta-env such as MetaCartPole; {args.env_id} has no trials"
     if args.distributed and args.num_seeds % jax.process_count():
         return f"--num-seeds {args.num_seeds} must be divisible by the {jax.process_count()} processes"
     return None
@@ -517,7 +539,10 @@ def enable_compile_cache(folder: str):
 # may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
 RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
                      "wandb_project_name", "wandb_entity", "save_model")
-NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "batch_size", "minibatch_size", "num_updates")
+NOT_COMPARED = tuple(
+    "resume eval_model eval_episodes eval_greedy eval_reset_every_trial eval_untrained batch_size minibatch_size "
+    "num_updates".split()
+)
 LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
 
 
@@ -635,23 +660,51 @@ def parse_args() -> tuple[Args, str | None]:
     return args, None
 
 
+def in_context_record(seeds: list[int], trial_returns: np.ndarray) -> dict:
+    """The in-context curve of `trial_returns` [seeds, episodes, trials]: per seed the mean return of each trial and
+    the gain (mean of trials 2..K minus trial 1); across seeds the mean and std of both."""
+    curves = trial_returns.mean(1)
+    gains = curves[:, 1:].mean(1) - curves[:, 0]
+    mean_std = lambda x: {"mean": x.mean(0), "std": x.std(0)}  # noqa: E731  (over seeds)
+    record = {"trial_returns": mean_std(curves), "gain": mean_std(gains)}
+    record["per_seed"] = {str(s): {"trial_returns": c, "gain": g} for s, c, g in zip(seeds, curves, gains)}
+    return strict_json(record)
+
+
+def in_context_line(record: dict) -> str:
+    curve = record["trial_returns"]["mean"]
+    return (f"in-context curve (mean over seeds): trial 1 {curve[0]:+.4f}, trial {len(curve)} {curve[-1]:+.4f}; gain "
+            f"(trials 2-{len(curve)} minus trial 1) {record['gain']['mean']:+.4f} +- {record['gain']['std']:.4f}")
+
+
 def evaluate_model(args: Args) -> dict:
-    """--eval-model: every seed's saved policy plays --eval-episodes episodes; prints and writes eval.json."""
+    """--eval-model: every seed's saved (or with --eval-untrained, initial) policy plays --eval-episodes episodes;
+    prints and writes eval.json (eval_untrained.json, eval_reset_every_trial.json for the controls)."""
     derive_sizes(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    keys = jax.vmap(jax.random.key)(jnp.array(seeds))
-    returns = to_host(jax.jit(jax.vmap(make_evaluate(args)))(load_model(args.eval_model)[1], keys))  # [seeds, N]
-    means = returns.mean(1)
-    result = strict_json({
-        "model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy,
-        "episodes_per_seed": args.eval_episodes, "mean": means.mean(), "std": means.std(),  # of the seeds' means
-        "per_seed": {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)},
-    })
+    keys = jax.vmap(jax.random.key)(jnp.array(seeds))  # the training's seed keys: --eval-untrained inits as it did
+    if args.eval_untrained:
+        params = jax.jit(jax.vmap(make_train(args)[0]))(keys).train_state.params
+    else:
+        params = load_model(args.eval_model)[1]
+    results = to_host(jax.jit(jax.vmap(make_evaluate(args)))(params, keys))
+    returns, means = results["return"], results["return"].mean(1)  # [seeds, N]; the std is that of the seeds' means
+    result = {"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy}
+    result.update(untrained=args.eval_untrained, reset_every_trial=args.eval_reset_every_trial)
+    result.update(episodes_per_seed=args.eval_episodes, mean=means.mean(), std=means.std())
+    result["per_seed"] = {str(s): {"mean": r.mean(), "std": r.std()} for s, r in zip(seeds, returns)}
+    if "trial_returns" in results:
+        result["in_context"] = in_context_record(seeds, results["trial_returns"])
+    result = strict_json(result)
     for s, r in result["per_seed"].items():
         print(f"seed {s}: return {r['mean']:.4f} +- {r['std']:.4f} over {args.eval_episodes} episodes")
-    write_json(path := os.path.join(run_folder(args.eval_model), "eval.json"), result)
-    print(f"{'greedy' if args.eval_greedy else 'sampled'} return over {args.num_seeds} seed(s): "
-          f"{result['mean']:.4f} +- {result['std']:.4f}; written to {path}")
+    controls = [name for name in ("untrained", "reset_every_trial") if result[name]]
+    path = os.path.join(run_folder(args.eval_model), "_".join(["eval"] + controls) + ".json")
+    write_json(path, result)
+    how = " ".join(["greedy" if args.eval_greedy else "sampled"] + [c.replace("_", "-") for c in controls])
+    print(f"{how} return over {args.num_seeds} seed(s): {result['mean']:.4f} +- {result['std']:.4f}; written to {path}")
+    if "in_context" in result:
+        print(in_context_line(result["in_context"]))
     return result
 
 
@@ -688,6 +741,15 @@ def log_iteration(writers: dict, metrics: dict, mmer, global_step: int):
         writer.add_scalar("losses/explained_variance", metrics["explained_variance"][i], global_step)
 
 
+def log_in_context(writers: dict, record: dict, global_step: int):
+    """A final evaluation's in-context curve: each trial's mean return, and the gain."""
+    for i, writer in writers.items():
+        seed = record["per_seed"][list(record["per_seed"])[i]]
+        for k, value in enumerate(seed["trial_returns"]):
+            writer.add_scalar(f"eval/trial_{k + 1}_return", value, global_step)
+        writer.add_scalar("eval/in_context_gain", seed["gain"], global_step)
+
+
 def main(args: Args) -> dict:
     """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json.
     With --distributed, process 0 alone prints and writes summary.json, the model and wandb."""
@@ -701,7 +763,7 @@ def main(args: Args) -> dict:
         stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp)))
     run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
-    history, run_s, compile_s, runner, failure = [], 0.0, 0.0, None, None
+    history, run_s, compile_s, runner, failure, in_context = [], 0.0, 0.0, None, None, None
     if args.resume:  # the logs continue from the checkpoint: metrics so far (null -> NaN), run time
         meta = restore_checkpoint(run_dir, meta_only=True)[1]
         history, run_s = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]], meta["run_seconds"]
@@ -763,6 +825,12 @@ def main(args: Args) -> dict:
             say(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
                 f"(all seeds) | return {mean_return:+.3f} | mmer {mean_mmer:+.3f} | "
                 f"ETA {run_s / iteration * (args.num_updates - iteration):.0f} s", flush=True)
+        if not failure and getattr(make_env(args, 1)[0], "num_trials", 0):  # a meta-env: the in-context curve
+            evaluate = jax.jit(jax.vmap(make_evaluate(args)))
+            results = to_host(evaluate(runner.train_state.params, seed_keys(seeds, sharding)))
+            in_context = in_context_record(seeds, results["trial_returns"])
+            log_in_context(writers, in_context, len(history) * args.batch_size)
+            say(in_context_line(in_context))
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
@@ -777,6 +845,7 @@ def main(args: Args) -> dict:
         if summary["mmer"]:
             say(f"MMER over {args.num_seeds} seed(s): {summary['mmer']['mean']:.4f} +- {summary['mmer']['std']:.4f} | "
                 f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
+        summary.update({"in_context": in_context} if in_context else {})
         if leader:
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
         if args.save_model and runner is not None:

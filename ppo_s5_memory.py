@@ -443,6 +443,30 @@ def build_network(args: Args, env, env_params) -> ActorCritic:
     return ActorCritic(env.action_space(env_params).n, args.hidden_size, S5Memory(S5Config.from_args(args)))
 
 
+def ppo_loss(params, network: ActorCritic, args: Args, carry, batch: Transition, advantages, returns):
+    """PPO's loss on one minibatch of whole sequences, replayed by `network` from the carry they started from:
+    `(loss, stats)`, the clipped surrogate plus `vf_coef` x the (clipped) value loss minus `ent_coef` x the entropy,
+    as CleanRL's ppo_atari_lstm.py. Differentiated with respect to `params` (the other arguments stay fixed)."""
+    _, logits, value = network.apply(params, carry, batch.obs, batch.done)
+    log_ratio = policy_log_prob(logits, batch.action) - batch.log_prob
+    ratio = jnp.exp(log_ratio)
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
+    if args.clip_vloss:
+        value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((value - returns) ** 2).mean()
+    entropy = policy_entropy(logits).mean()
+    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+    old_approx_kl, approx_kl = (-log_ratio).mean(), ((ratio - 1) - log_ratio).mean()  # joschu.net/blog/kl-approx
+    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+    return loss, dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, old_approx_kl=old_approx_kl,
+                      approx_kl=approx_kl, clipfrac=clipfrac)
+
+
 def make_train(args: Args, num_steps: int):
     """`(init, update_chunk, num_updates)` for one (length, seed) with rollouts of `num_steps`, both pure:
     `init(key, memory_length) -> RunnerState`, `update_chunk(runner_state, num_updates) -> (runner_state, metrics)`."""
@@ -481,26 +505,6 @@ def make_train(args: Args, num_steps: int):
         runner = runner._replace(env_state=env_state, obs=obs, done=terminated | truncated, carry=carry, key=key)
         return runner, transition
 
-    def ppo_loss(params, carry, batch: Transition, advantages, returns):
-        _, logits, value = network.apply(params, carry, batch.obs, batch.done)
-        log_ratio = policy_log_prob(logits, batch.action) - batch.log_prob
-        ratio = jnp.exp(log_ratio)
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
-        if args.clip_vloss:
-            value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
-            v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((value - returns) ** 2).mean()
-        entropy = policy_entropy(logits).mean()
-        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        old_approx_kl, approx_kl = (-log_ratio).mean(), ((ratio - 1) - log_ratio).mean()  # joschu.net/blog/kl-approx
-        clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
-        return loss, dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, old_approx_kl=old_approx_kl,
-                          approx_kl=approx_kl, clipfrac=clipfrac)
-
     def update_step(runner: RunnerState, _):
         initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
         runner, batch = jax.lax.scan(env_step, runner, None, num_steps)
@@ -522,7 +526,8 @@ def make_train(args: Args, num_steps: int):
 
             def minibatch_step(train_state, minibatch):
                 carry, (mb, mb_adv, mb_ret) = minibatch
-                grads, stats = jax.grad(ppo_loss, has_aux=True)(train_state.params, carry, mb, mb_adv, mb_ret)
+                grad_and_stats = jax.grad(ppo_loss, has_aux=True)  # d loss / d params, and the loss's stats
+                grads, stats = grad_and_stats(train_state.params, network, args, carry, mb, mb_adv, mb_ret)
                 return train_state.apply_gradients(grads=grads), stats
 
             return jax.lax.scan(minibatch_step, train_state, minibatches)

@@ -71,6 +71,11 @@ class Args:
     """--eval-model: trials (of --episodes-per-trial episodes) per train and held-out env and seed"""
     eval_greedy: bool = False
     """--eval-model acts greedily (the Gaussian mean) instead of sampling"""
+    eval_reset_every_episode: bool = False
+    """--eval-model: clear the memory at every episode start too, so nothing carries over between the episodes of a
+    trial (the control of the in-context curve: it must stay flat)"""
+    eval_untrained: bool = False
+    """--eval-model plays each seed's initial, untrained parameters (the run's Args and seeds; a control)"""
     compile_cache: str = "~/.cache/s5_icrl_jax"
     """JAX's persistent compilation cache folder ('': off; the JAX_COMPILATION_CACHE_DIR variable, if set, wins)"""
     track: bool = False
@@ -497,6 +502,32 @@ def build_network(args: Args):
     return ActorCritic(args.action_size, width, memory), new_carry
 
 
+def ppo_loss(params, network: ActorCritic, args: Args, carry, batch: Transition, advantages, returns):
+    """PPO's loss on one minibatch of whole sequences, replayed by `network` from the carry they started from:
+    `(loss, stats)`, the clipped surrogate plus `vf_coef` x the (clipped) value loss minus `ent_coef` x the entropy,
+    as CleanRL's ppo_atari_lstm.py. Differentiated with respect to `params` (the other arguments stay fixed)."""
+    _, policy, value = network.apply(params, carry, batch.obs, batch.done)
+    log_ratio = policy_log_prob(policy, batch.action) - batch.log_prob
+    ratio = jnp.exp(log_ratio)
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = jnp.maximum(
+        -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    ).mean()
+    if args.clip_vloss:
+        value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((value - returns) ** 2).mean()
+    entropy = policy_entropy(policy).mean()
+    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+    stats = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, clipfrac=clipfrac)
+    # http://joschu.net/blog/kl-approx.html
+    stats.update(old_approx_kl=(-log_ratio).mean(), approx_kl=((ratio - 1) - log_ratio).mean())
+    return loss, stats
+
+
 def make_train(args: Args):
     """Returns `(init, update_chunk)`, pure functions of one seed: `init(key) -> RunnerState` and
     `update_chunk(runner_state, num_updates) -> (runner_state, metrics[num_updates])`."""
@@ -532,28 +563,6 @@ def make_train(args: Args):
         transition = Transition(runner.obs, runner.done, action, log_prob, value, reward, *episode)
         return RunnerState(runner.train_state, env_state, obs, done, carry, key), transition
 
-    def ppo_loss(params, carry, batch: Transition, advantages, returns):
-        _, policy, value = network.apply(params, carry, batch.obs, batch.done)
-        log_ratio = policy_log_prob(policy, batch.action) - batch.log_prob
-        ratio = jnp.exp(log_ratio)
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        pg_loss = jnp.maximum(
-            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        ).mean()
-        if args.clip_vloss:
-            value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
-            v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((value - returns) ** 2).mean()
-        entropy = policy_entropy(policy).mean()
-        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
-        stats = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, clipfrac=clipfrac)
-        # http://joschu.net/blog/kl-approx.html
-        stats.update(old_approx_kl=(-log_ratio).mean(), approx_kl=((ratio - 1) - log_ratio).mean())
-        return loss, stats
-
     def update_step(runner: RunnerState, _):
         initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
         runner, batch = jax.lax.scan(env_step, runner, None, args.num_steps)
@@ -578,7 +587,8 @@ def make_train(args: Args):
 
             def minibatch_step(train_state, minibatch):
                 carry, (mb, mb_adv, mb_ret) = minibatch
-                grads, stats = jax.grad(ppo_loss, has_aux=True)(train_state.params, carry, mb, mb_adv, mb_ret)
+                grad_and_stats = jax.grad(ppo_loss, has_aux=True)  # d loss / d params, and the loss's stats
+                grads, stats = grad_and_stats(train_state.params, network, args, carry, mb, mb_adv, mb_ret)
                 return train_state.apply_gradients(grads=grads), stats
 
             return jax.lax.scan(minibatch_step, train_state, minibatches)
@@ -611,9 +621,10 @@ def make_train(args: Args):
     return init, update_chunk
 
 
-def make_evaluate(args: Args, greedy: bool = False):
+def make_evaluate(args: Args, greedy: bool = False, reset_every_episode: bool = False):
     """`evaluate(params, key) -> {"{train|heldout}/{env id}": mean return per episode index of a trial}`, pure, one
-    seed: one trial on each of --eval-trials fresh projections of every train and held-out env, from a zero memory.
+    seed: one trial on each of --eval-trials fresh projections of every train and held-out env, from a zero memory
+    (with `reset_every_episode`, the control, cleared at every episode start too).
     An env's keys are `key` folded with its registry index, so every evaluation of a run, and every run with the same
     seed, sees the same projections and starts (the curves over training compare like with like)."""
     train_ids, heldout_ids = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
@@ -628,10 +639,11 @@ def make_evaluate(args: Args, greedy: bool = False):
             memory, obs, done, state, active, returns = carry
             key_action, key_env = jax.random.split(key)
             memory, action, _, _ = act(network, params, memory, obs, done, key_action, greedy)
-            obs, state, _, done, info = jax.vmap(env.step)(jax.random.split(key_env, n), state, action)
+            obs, state, _, trial_done, info = jax.vmap(env.step)(jax.random.split(key_env, n), state, action)
+            done = trial_done | (reset_every_episode & info["episode_done"])  # the control: nothing carries over
             counted = (active & info["episode_done"])[:, None] * jax.nn.one_hot(info["episode_index"], num_episodes)
             returns = returns + counted * info["episode_return"][:, None]
-            return (memory, obs, done, state, active & ~done, returns), None
+            return (memory, obs, done, state, active & ~trial_done, returns), None
 
         init = (new_carry(n), obs, jnp.ones(n, bool), state, jnp.ones(n, bool), jnp.zeros((n, num_episodes)))
         # a trial lasts at most episodes_per_trial * episode_length steps; later steps are masked
@@ -684,6 +696,8 @@ def check_args(args: Args) -> str | None:
         return "--resume and --eval-model exclude each other"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
+    if (args.eval_reset_every_episode or args.eval_untrained) and not args.eval_model:
+        return "--eval-reset-every-episode and --eval-untrained are controls of --eval-model RUN: add it"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
         return "--coordinator-address, --num-processes, --process-id: a multi-process run's flags; add --distributed"
     if args.distributed and args.num_seeds % jax.process_count():
@@ -782,7 +796,10 @@ RESUME_MAY_CHANGE = (
     "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
     "save_model"
 ).split()
-NOT_COMPARED = "resume eval_model eval_episodes eval_greedy batch_size minibatch_size num_updates".split()
+NOT_COMPARED = (
+    "resume eval_model eval_episodes eval_greedy eval_reset_every_episode eval_untrained batch_size minibatch_size "
+    "num_updates"
+).split()
 # this launch's: a run may be resumed with another number of processes (every seed computes the same)
 DISTRIBUTED = ("distributed", "coordinator_address", "num_processes", "process_id")
 
@@ -916,17 +933,22 @@ def evaluate_model(args: Args) -> dict:
     saved, params = load_model(args.eval_model)
     saved = derive_sizes(replace(saved, eval_trials=args.eval_episodes))
     seeds = [saved.seed + i for i in range(saved.num_seeds)]
-    keys_eval = eval_keys(seeds, seed_sharding(len(seeds)))[1]
-    evaluate = jax.jit(jax.vmap(make_evaluate(saved, args.eval_greedy)))
+    keys, keys_eval = eval_keys(seeds, seed_sharding(len(seeds)))
+    if args.eval_untrained:  # each seed's initialisation, from the training's seed keys
+        params = jax.jit(jax.vmap(make_train(saved)[0]))(keys).train_state.params
+    evaluate = jax.jit(jax.vmap(make_evaluate(saved, args.eval_greedy, args.eval_reset_every_episode)))
     record = eval_record(seeds, None, None, to_host(evaluate(params, keys_eval)))
     for seed in seeds:
         for split in ("train", "heldout"):
             curves = np.array([v for k, v in record["per_seed"][str(seed)].items() if k.startswith(split + "/")])
             if len(curves):  # averaged over the split's envs
                 print(f"seed {seed}, {split} envs: return per episode of a trial {np.round(curves.mean(0), 3)}")
-    print(f"{'greedy' if args.eval_greedy else 'sampled'}, over {len(seeds)} seed(s): {eval_line(record, saved)}")
+    controls = [name for name in ("untrained", "reset_every_episode") if getattr(args, f"eval_{name}")]
+    how = " ".join(["greedy" if args.eval_greedy else "sampled"] + [c.replace("_", "-") for c in controls])
+    print(f"{how}, over {len(seeds)} seed(s): {eval_line(record, saved)}")
     result = {"model": args.eval_model, "trials_per_env": args.eval_episodes, "greedy": args.eval_greedy, **record}
-    write_json(path := os.path.join(run_folder(args.eval_model), "eval.json"), result)
+    result.update(untrained=args.eval_untrained, reset_every_episode=args.eval_reset_every_episode)
+    write_json(path := os.path.join(run_folder(args.eval_model), "_".join(["eval"] + controls) + ".json"), result)
     print(f"written to {path}")
     return result
 

@@ -13,7 +13,7 @@ curve). This driver reads the first and the final evaluation of each seed and re
 - S5 against the LSTM per split: the mean return over the trial's episodes, the better one where the gap exceeds
   both stds, a tie otherwise.
 
-    python benchmarks/bench_metarl.py --figure        # the README's setting, 3 seeds, S5 and LSTM
+    python benchmarks/bench_metarl.py --figure        # the documented setting, 3 seeds, S5 and LSTM
     python benchmarks/bench_metarl.py --total-timesteps 2000000 --run episodes_per_trial=8 --out-name try_8
     python benchmarks/bench_metarl.py --quick         # smoke test
 

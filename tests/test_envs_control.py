@@ -2,7 +2,7 @@
 
 popgym's hidden state (`env.state`) is copied into the JAX state after `reset(seed)`; both envs are then driven by
 the same random actions, through `make` and through the batched env of `make_vec` (`PATHS`). The pendulum is
-compared in float32 (atol 1e-4 over 100 steps, 2e-2 over a whole episode) and, under `jax.enable_x64(True)`, in
+compared in float32 (atol 5e-5 over 100 steps, 1e-2 over a whole episode) and, under `jax.enable_x64(True)`, in
 float64 (atol 1e-9; `step_env` only).
 """
 
@@ -203,13 +203,15 @@ def test_pendulum_matches_popgym_float32(family, level, path):
     for i, ((obs_ref, r_ref, term_ref, trunc_ref), noise) in enumerate(records):
         assert len(r_ref) == T and trunc_ref[-1] and not term_ref.any()
         expected = np.clip(clean_obs[i, :T] + (noise if noisy else 0), low, high)
-        # float32 round-off grows near the unstable upright position (one seed here reaches 4e-3
-        # at step 186 of 200): tight over the first 100 steps, loose over the rest; the float64
-        # test below is the exactness check.
-        np.testing.assert_allclose(expected[:100], obs_ref[:100], atol=1e-4, rtol=0)
-        np.testing.assert_allclose(expected, obs_ref, atol=2e-2, rtol=0)
-        np.testing.assert_allclose(reward[i, :100], r_ref[:100], atol=1e-6, rtol=0)
-        np.testing.assert_allclose(reward[i, :T], r_ref, atol=1e-4, rtol=0)
+        # float32 round-off grows near the unstable upright position (one seed here reaches 3.7e-3
+        # at step 196 of 200): tight over the first 100 steps, looser over the rest, at about 3x the
+        # largest differences measured on these seeds (observations 1.7e-5 and 3.7e-3, rewards 1e-7
+        # and 1.6e-5). The exactness checks are the float64 test below and the one-step float32 test
+        # at round-off tolerances (test_envs_differential.py).
+        np.testing.assert_allclose(expected[:100], obs_ref[:100], atol=5e-5, rtol=0)
+        np.testing.assert_allclose(expected, obs_ref, atol=1e-2, rtol=0)
+        np.testing.assert_allclose(reward[i, :100], r_ref[:100], atol=3e-7, rtol=0)
+        np.testing.assert_allclose(reward[i, :T], r_ref, atol=5e-5, rtol=0)
         np.testing.assert_array_equal(terminated[i, :T], term_ref)
         np.testing.assert_array_equal(truncated[i, :T], trunc_ref)
         assert not terminated[i].any() and np.flatnonzero(truncated[i]).tolist() == [T - 1]

@@ -179,8 +179,10 @@ def test_cli_run_equals_single_seed_runs_and_its_model_evaluates(tmp_path):
     model_two, model_one = load_model(run_dir), load_model(glob.glob(str(tmp_path / "one" / "*"))[0])
     assert model_two["0"]["cell"] == "gru" and model_two["0"]["hidden_size"] == 16
     assert model_two["1"]["params"]["memory"]["GRUCell_0"]["hn"]["kernel"].shape == (2, 16, 16)  # seed axis
+    # atol 1e-6, no rtol: float32 round-off (measured 3e-8), while the 2 updates move half the parameters by more
+    # than 1e-5 (median 1.5e-5): a seed trained on other rollouts fails
     assert_trees_close(jax.tree.map(lambda x: x[1], model_two["1"]), jax.tree.map(lambda x: x[0], model_one["1"]),
-                       rtol=1e-4, atol=1e-5)
+                       rtol=0, atol=1e-6)
     assert not np.allclose(*jax.tree.leaves(model_two["1"])[0])  # different seeds really differ
     # --eval-model from the command line: the model's Args, its seeds, eval.json beside it (strict JSON)
     result = finish(start_script(f"--eval-model={run_dir}/ppo_lstm_popgym.cleanrl_model", "--eval-episodes=4",
