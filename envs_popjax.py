@@ -27,11 +27,13 @@ Map, in file order (sections 3-8: the POPGym families in the registry's order):
 """
 
 import difflib
+import importlib
 import inspect
 import math
 from functools import partial
 from typing import Any
 
+import gymnax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -1031,15 +1033,31 @@ def canonical_id(env_id: str) -> str:
         return name
     if env_id in META_CARTPOLE_IDS:
         return META_CARTPOLE_IDS[0]
-    close = difflib.get_close_matches(env_id, ENV_IDS + MEMORY_CHAIN_IDS + META_CARTPOLE_IDS, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"valid ids: {', '.join(CANONICAL_IDS)}"
-    raise ValueError(f"unknown env id {env_id!r}; {hint}")
+    raise unknown_id(env_id)
+
+
+def unknown_id(env_id: str, external: bool = False) -> ValueError:
+    """The error for an unknown id, naming the closest ids (gymnax's too with `external`: `make` takes them)."""
+    gymnax_ids = tuple(gymnax.registered_envs) if external else ()
+    close = difflib.get_close_matches(env_id, ENV_IDS + MEMORY_CHAIN_IDS + META_CARTPOLE_IDS + gymnax_ids, cutoff=0.5)
+    more = f", MemoryChain, MetaCartPole, gymnax's {', '.join(gymnax_ids)}." if external else ""
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid ids: {', '.join(CANONICAL_IDS)}{more}"
+    own = " An env of your own: package.module:Name (docs/environments.md)." if external else ""
+    return ValueError(f"unknown env id {env_id!r}; {hint}{own}")
 
 
 def make(env_id: str, **overrides) -> tuple[environment.Environment, environment.EnvParams]:
-    """Build `env_id` and its default params. `overrides` replace difficulty constants (constructor arguments such
-    as `k` or `noise_sigma`) or fields of the env params."""
-    env_id = canonical_id(env_id)
+    """Build `env_id` and its default params. Ids resolve in this order: ours (POPGym's and their aliases,
+    MemoryChain, MetaCartPole; ours win where gymnax has the same id: MemoryChain-bsuite is ours), then
+    `package.module:Name` (a gymnax-API env of yours), then any id `gymnax.make` knows; the last two come as an
+    `ExternalEnv`. `overrides` replace difficulty constants (constructor arguments such as `k` or `noise_sigma`) or
+    fields of the env params."""
+    try:
+        env_id = canonical_id(env_id)
+    except ValueError:
+        if ":" in env_id or env_id in gymnax.registered_envs:
+            return make_external(env_id, **overrides)
+        raise unknown_id(env_id, external=True) from None
     if memory_chain_id(env_id):
         return make_memory_chain(env_id, **overrides)
     if env_id in META_CARTPOLE_IDS:
@@ -1058,6 +1076,122 @@ def make(env_id: str, **overrides) -> tuple[environment.Environment, environment
         valid = sorted(constructor_args | set(params.__dataclass_fields__))
         raise ValueError(f"{env_id} has no setting {', '.join(sorted(unknown))}; valid: {', '.join(valid)}")
     return env, params.replace(**param_overrides)
+
+
+def attempt(what: str, function, *args):
+    """`function(*args)`, any error of it (the user's code, an import) a one-line ValueError saying `what` failed."""
+    try:
+        return function(*args)
+    except Exception as error:
+        raise ValueError(f"{what} failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from error
+
+
+def make_external(env_id: str, **overrides) -> tuple["ExternalEnv", Any]:
+    """A gymnax id, or `package.module:Name` naming a gymnax-API env class (built without arguments) or a function
+    returning `(env, params)`, as an `ExternalEnv` and its params; overrides replace fields of the params."""
+    if ":" not in env_id:
+        env, params = attempt(f"gymnax.make({env_id!r})", gymnax.make, env_id)
+    else:
+        module_name, _, name = env_id.partition(":")
+        maker = getattr(attempt(f"{env_id}: importing {module_name}", importlib.import_module, module_name), name, None)
+        if not callable(maker):
+            raise ValueError(f"{env_id}: module {module_name} has no class or function {name!r}")
+        made = attempt(f"{env_id}: calling {name}()", maker)
+        if inspect.isclass(maker):
+            env, params = made, getattr(made, "default_params", None)
+        elif isinstance(made, tuple) and len(made) == 2:
+            env, params = made
+        else:
+            raise ValueError(f"{env_id}: {name}() must return (env, params), got a {type(made).__name__}")
+    env = ExternalEnv(env, params, env_id, overrides)
+    return env, env.params
+
+
+class ExternalEnv(environment.Environment):
+    """Any gymnax-API env in this module's contract, so that `make_vec` and the scripts' wrappers take it: flat float32
+    observations (a Box of any shape flattened, a `Discrete(n)` one-hot), a float32 reward, boolean flags; actions
+    `Discrete(n)` or a flat `Box(k)`, reshaped to the env's action shape and clipped to its bounds before the env sees
+    them (CleanRL's ClipAction; the policy's log-probability is of the unclipped sample). Truncation is the env's own
+    `is_truncated` (gymnax's default: `state.time >= params.max_steps_in_episode`); an env without one never truncates.
+    `step` is gymnax's, and a `VecEnv` of it equals `vmap` of it bit for bit. Construction checks the API and traces a
+    reset and a step (nothing compiles): a bad env is a one-line ValueError, not a traceback from a compiled step."""
+
+    API = ("reset_env", "step_env", "observation_space", "action_space")  # what gymnax's base class leaves undefined
+
+    def __init__(self, env, params, env_id: str, overrides: dict | None = None):
+        super().__init__()
+        missing = [name for name in self.API if not callable(getattr(env, name, None))
+                   or getattr(type(env), name, None) is getattr(environment.Environment, name)]  # fmt: skip
+        if missing or params is None:
+            missing = ", ".join(missing + ["default_params"] * (params is None))
+            raise ValueError(f"{env_id}: {type(env).__name__} lacks gymnax's {missing} (docs/environments.md)")
+        unknown = set(overrides or ()) - set(getattr(params, "__dataclass_fields__", ()))
+        if unknown:
+            valid = ", ".join(getattr(params, "__dataclass_fields__", ()))
+            raise ValueError(f"{env_id} has no setting {', '.join(sorted(unknown))}; valid: {valid}")
+        self.env, self.params, self.env_id = env, params.replace(**overrides) if overrides else params, env_id
+        for kind in ("observation", "action"):  # kept: shapes and bounds are static under jit and vmap
+            space = attempt(f"{env_id}: {kind}_space(params)", getattr(env, f"{kind}_space"), self.params)
+            if not isinstance(space, (spaces.Box, spaces.Discrete)):
+                raise ValueError(f"{env_id}: a {type(space).__name__} {kind} space; the scripts take Box or Discrete")
+            setattr(self, f"inner_{kind}_space", space)
+        self.check()
+
+    @property
+    def default_params(self):
+        return self.params
+
+    @staticmethod
+    def flat_box(space: spaces.Box) -> spaces.Box:
+        flat = lambda bound: np.broadcast_to(np.asarray(bound, np.float32), space.shape).reshape(-1)  # noqa: E731
+        return spaces.Box(flat(space.low), flat(space.high), (math.prod(space.shape),), jnp.float32)
+
+    def observation_space(self, params=None) -> spaces.Box:
+        space = self.inner_observation_space
+        if isinstance(space, spaces.Discrete):
+            return spaces.Box(0.0, 1.0, (space.n,), jnp.float32)
+        return self.flat_box(space)
+
+    def action_space(self, params=None):
+        space = self.inner_action_space
+        return space if isinstance(space, spaces.Discrete) else self.flat_box(space)
+
+    def flat_obs(self, obs) -> jax.Array:
+        space = self.inner_observation_space
+        if isinstance(space, spaces.Discrete):
+            return one_hot(jnp.reshape(obs, ()), space.n)
+        return jnp.reshape(obs, -1).astype(jnp.float32)
+
+    def reset_env(self, key, params):
+        obs, state = self.env.reset_env(key, params)
+        return self.flat_obs(obs), state
+
+    def step_env(self, key, state, action, params):
+        if isinstance(space := self.inner_action_space, spaces.Box):
+            action = jnp.clip(jnp.reshape(action, space.shape), space.low, space.high)
+        obs, state, reward, terminated, info = self.env.step_env(key, state, action, params)
+        reward, terminated = jnp.reshape(reward, ()).astype(jnp.float32), jnp.reshape(terminated, ()).astype(bool)
+        return self.flat_obs(obs), state, reward, terminated, info
+
+    def is_truncated(self, state, params) -> jax.Array:
+        if getattr(self.env, "is_truncated", None) is None:
+            return jnp.asarray(False)
+        return jnp.reshape(self.env.is_truncated(state, params), ()).astype(bool)
+
+    def check(self):
+        space = self.action_space()
+        action = np.zeros(space.shape, np.float32) if isinstance(space, spaces.Box) else np.int32(0)
+
+        def reset_and_step(params):
+            obs, state = self.reset_env(jax.random.key(0), params)
+            next_obs, state, *_ = self.step_env(jax.random.key(1), state, action, params)
+            return obs, next_obs, self.is_truncated(state, params)
+
+        what = f"{self.env_id}: tracing reset_env, step_env and is_truncated"
+        obs, next_obs, _ = attempt(what, jax.eval_shape, reset_and_step, self.params)
+        size = self.observation_space().shape
+        if obs.shape != size or next_obs.shape != size:
+            raise ValueError(f"{self.env_id}: observations of {obs.shape[0]} values; observation_space says {size[0]}")
 
 
 # 10. bsuite's MemoryChain (bsuite/environments/memory_chain.py) ----------------------------------------------------

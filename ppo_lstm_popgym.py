@@ -15,11 +15,13 @@ Defaults are the paper's POPGym settings (64 envs x 1024 steps, 30 epochs x 8 mi
 a recurrent core of width 256). The README gives smaller settings for a CPU.
 """
 
+import atexit
 import importlib.util
 import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +97,8 @@ class Args:
 
     # Algorithm specific arguments (defaults: the paper's POPGym settings)
     env_id: str = "RepeatPreviousEasy"
-    """POPGym env id, e.g. CartPoleHard, RepeatPreviousEasy (see envs_popjax.ENV_IDS)"""
+    """env id: POPGym's (CartPoleHard, RepeatPreviousEasy; envs_popjax.ENV_IDS), MemoryChain-L, MetaCartPole, any
+    gymnax id (CartPole-v1, MetaMaze-misc), or package.module:Name for your own gymnax-API env (docs/environments.md)"""
     total_timesteps: int = 15_000_000
     """total environment steps per seed"""
     learning_rate: float = 5e-5
@@ -434,7 +437,7 @@ NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef")
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
     try:
-        make_env(args, 1)  # an unknown id, or MemoryChain-L with L < 1
+        make_env(args, 1)  # an unknown id, MemoryChain-L with L < 1, an import path that fails, a non-gymnax env
     except ValueError as error:
         return f"--env-id: {error}"
     domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
@@ -527,12 +530,82 @@ def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
     return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks))
 
 
+def cache_folder(folder: str) -> str:
+    """The persistent compilation cache's folder: `folder` ('': off), or JAX_COMPILATION_CACHE_DIR if set."""
+    return os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
+
+
 def enable_compile_cache(folder: str):
     """JAX's persistent compilation cache in `folder` ('': off); JAX_COMPILATION_CACHE_DIR, if set, wins."""
-    folder = os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
-    if folder:
+    if folder := cache_folder(folder):
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# What XLA logs at each load from the persistent cache that a user cannot act on (jaxlib 0.9.2). On a CPU with AVX-512
+# XLA adds the LLVM tuning attributes +prefer-no-gather and +prefer-no-scatter to the CPU features it stores with an
+# executable; they are not CPU features, so its loader reports them as "not supported on the host machine ... SIGILL"
+# (openxla/xla#44565), and PjRt notes that it does not track executable versions. Both are harmless here: JAX's cache
+# key holds the host's CPU model and features, so an entry is only loaded on a CPU like the one that compiled it. Any
+# other feature the loader names (a real mismatch) and every other line stay on the console.
+CACHE_LOAD_NOISE = (
+    "] Loading XLA:CPU AOT result. Target machine feature +prefer-no-gather is not ",
+    "] Loading XLA:CPU AOT result. Target machine feature +prefer-no-scatter is not ",
+    "] Assume version compatibility. PjRt-IFRT does not track XLA executable versions.",
+)
+# The filter process: copies stdin to stdout, less the lines that contain one of its arguments; passes a partial line
+# on after 0.1 s without input; ignores Ctrl-C and SIGTERM (this process may still be writing its last lines); ends at
+# end of input, i.e. once every process that writes to the stderr it replaced has exited or restored its own.
+LINE_FILTER = r"""
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+drop, pending = [a.encode() for a in sys.argv[1:]], b""
+
+def out(data):
+    try:
+        while data:
+            data = data[os.write(1, data) :]
+    except OSError:  # stderr is gone: keep reading, so that no writer blocks
+        pass
+
+while True:
+    if pending and not select.select([0], [], [], 0.1)[0]:
+        out(pending)
+        pending = b""
+    elif chunk := os.read(0, 1 << 16):
+        *lines, pending = (pending + chunk).split(b"\n")
+        out(b"".join(line + b"\n" for line in lines if not any(d in line for d in drop)))
+    else:
+        break
+out(pending)
+"""
+
+
+def quiet_cache_loads(folder: str):
+    """With the compile cache on, pass this process's stderr (file descriptor 2: XLA's C++ logs and Python's
+    sys.stderr) through a child process that drops the lines of CACHE_LOAD_NOISE and passes on every other byte as it
+    comes. A child rather than a thread, so that a crash's last words still get through. At exit, fd 2 is restored."""
+    if not cache_folder(folder) or os.name != "posix" or not sys.executable:
+        return
+    read, write = os.pipe()
+    child = subprocess.Popen([sys.executable, "-I", "-S", "-c", LINE_FILTER, *CACHE_LOAD_NOISE], stdin=read,
+                             stdout=2, start_new_session=True)  # stdout: the stderr it replaces
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(write, 2)
+    os.close(read)
+    os.close(write)
+
+    def restore():  # the filter sees the end of its input once no other process (that inherited fd 2) holds it
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    atexit.register(restore)
 
 
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
@@ -728,6 +801,17 @@ def summarize(args: Args, history: list[dict], mmer, compile_s: float, run_s: fl
     return summary
 
 
+def console_mean(values, spec: str = "+.3f", spread: bool = False) -> str:
+    """For the console: the mean over seeds of `values` (NaN, -inf or None where no episode ended), with spread=True
+    "mean +- std", of the finite ones only; "(no episode ended)" if none is finite. Progress lines and summaries never
+    print nan; what is logged keeps its gaps (no TensorBoard point for such an update, null in summary.json)."""
+    x = np.array(values, float).ravel()  # None -> NaN
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return "(no episode ended)"
+    return f"{x.mean():{spec}} +- {x.std():{spec.lstrip('+')}}" if spread else f"{x.mean():{spec}}"
+
+
 def log_iteration(writers: dict, metrics: dict, mmer, global_step: int):
     """One PPO iteration's scalars into the TensorBoard run of each of this process's seeds (`writers`: {index:})."""
     for i, writer in writers.items():
@@ -819,11 +903,10 @@ def main(args: Args) -> dict:
                 writer.flush()
             if args.checkpoint_every and len(history) // args.checkpoint_every > last_saved // args.checkpoint_every:
                 last_saved = save_checkpoint(manager, runner, args, history, run_s)
-            iteration, last = len(history), history[-1]["episodic_return"]
-            mean_return = np.nanmean(last) if np.isfinite(last).any() else float("nan")
-            mean_mmer = mmer[np.isfinite(mmer)].mean() if np.isfinite(mmer).any() else float("nan")
+            iteration = len(history)
+            mean_return, mean_mmer = console_mean(history[-1]["episodic_return"]), console_mean(mmer)
             say(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                f"(all seeds) | return {mean_return:+.3f} | mmer {mean_mmer:+.3f} | "
+                f"(all seeds) | return {mean_return} | mmer {mean_mmer} | "
                 f"ETA {run_s / iteration * (args.num_updates - iteration):.0f} s", flush=True)
         if not failure and getattr(make_env(args, 1)[0], "num_trials", 0):  # a meta-env: the in-context curve
             evaluate = jax.jit(jax.vmap(make_evaluate(args)))
@@ -841,10 +924,12 @@ def main(args: Args) -> dict:
             manager.close()
         summary = summarize(args, history, mmer, compile_s, run_s)
         for s, r in summary["per_seed"].items():
-            say(f"seed {s}: mmer {r['mmer']}, final return {r['final_episodic_return']}")
-        if summary["mmer"]:
-            say(f"MMER over {args.num_seeds} seed(s): {summary['mmer']['mean']:.4f} +- {summary['mmer']['std']:.4f} | "
-                f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
+            say(f"seed {s}: mmer {console_mean(r['mmer'], '.4f')}, "
+                f"final return {console_mean(r['final_episodic_return'], '.4f')}")
+        if history:
+            mmers, sps = [r["mmer"] for r in summary["per_seed"].values()], summary["sps"] or 0
+            say(f"MMER over {args.num_seeds} seed(s): {console_mean(mmers, '.4f', spread=True)} | "
+                f"compile {compile_s:.1f} s, run {run_s:.1f} s, {sps:,.0f} steps/s")
         summary.update({"in_context": in_context} if in_context else {})
         if leader:
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
@@ -871,6 +956,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
     args, error = parse_args()
     enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
+    quiet_cache_loads(args.compile_cache)
     error = error or check_args(args)
     if error:
         print(f"error: {error}", file=sys.stderr)

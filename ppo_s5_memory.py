@@ -14,11 +14,13 @@ table, JSON and a plot of success rate against memory length.
     tensorboard --logdir runs
 """
 
+import atexit
 import importlib.util
 import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -680,12 +682,82 @@ def default_chunk(num_updates: int) -> int:
     return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
 
 
+def cache_folder(folder: str) -> str:
+    """The persistent compilation cache's folder: `folder` ('': off), or JAX_COMPILATION_CACHE_DIR if set."""
+    return os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
+
+
 def enable_compile_cache(folder: str):
     """JAX's persistent compilation cache in `folder` ('': off); JAX_COMPILATION_CACHE_DIR, if set, wins."""
-    folder = os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
-    if folder:
+    if folder := cache_folder(folder):
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# What XLA logs at each load from the persistent cache that a user cannot act on (jaxlib 0.9.2). On a CPU with AVX-512
+# XLA adds the LLVM tuning attributes +prefer-no-gather and +prefer-no-scatter to the CPU features it stores with an
+# executable; they are not CPU features, so its loader reports them as "not supported on the host machine ... SIGILL"
+# (openxla/xla#44565), and PjRt notes that it does not track executable versions. Both are harmless here: JAX's cache
+# key holds the host's CPU model and features, so an entry is only loaded on a CPU like the one that compiled it. Any
+# other feature the loader names (a real mismatch) and every other line stay on the console.
+CACHE_LOAD_NOISE = (
+    "] Loading XLA:CPU AOT result. Target machine feature +prefer-no-gather is not ",
+    "] Loading XLA:CPU AOT result. Target machine feature +prefer-no-scatter is not ",
+    "] Assume version compatibility. PjRt-IFRT does not track XLA executable versions.",
+)
+# The filter process: copies stdin to stdout, less the lines that contain one of its arguments; passes a partial line
+# on after 0.1 s without input; ignores Ctrl-C and SIGTERM (this process may still be writing its last lines); ends at
+# end of input, i.e. once every process that writes to the stderr it replaced has exited or restored its own.
+LINE_FILTER = r"""
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+drop, pending = [a.encode() for a in sys.argv[1:]], b""
+
+def out(data):
+    try:
+        while data:
+            data = data[os.write(1, data) :]
+    except OSError:  # stderr is gone: keep reading, so that no writer blocks
+        pass
+
+while True:
+    if pending and not select.select([0], [], [], 0.1)[0]:
+        out(pending)
+        pending = b""
+    elif chunk := os.read(0, 1 << 16):
+        *lines, pending = (pending + chunk).split(b"\n")
+        out(b"".join(line + b"\n" for line in lines if not any(d in line for d in drop)))
+    else:
+        break
+out(pending)
+"""
+
+
+def quiet_cache_loads(folder: str):
+    """With the compile cache on, pass this process's stderr (file descriptor 2: XLA's C++ logs and Python's
+    sys.stderr) through a child process that drops the lines of CACHE_LOAD_NOISE and passes on every other byte as it
+    comes. A child rather than a thread, so that a crash's last words still get through. At exit, fd 2 is restored."""
+    if not cache_folder(folder) or os.name != "posix" or not sys.executable:
+        return
+    read, write = os.pipe()
+    child = subprocess.Popen([sys.executable, "-I", "-S", "-c", LINE_FILTER, *CACHE_LOAD_NOISE], stdin=read,
+                             stdout=2, start_new_session=True)  # stdout: the stderr it replaces
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(write, 2)
+    os.close(read)
+    os.close(write)
+
+    def restore():  # the filter sees the end of its input once no other process (that inherited fd 2) holds it
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    atexit.register(restore)
 
 
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
@@ -938,6 +1010,17 @@ def plot_success(args: Args, summary: dict, path: str):
     plt.close(fig)
 
 
+def console_mean(values, spec: str = "+.3f", spread: bool = False) -> str:
+    """For the console: the mean over seeds of `values` (NaN, -inf or None where no episode ended), with spread=True
+    "mean +- std", of the finite ones only; "(no episode ended)" if none is finite. Progress lines and summaries never
+    print nan; what is logged keeps its gaps (no TensorBoard point for such an update, null in summary.json)."""
+    x = np.array(values, float).ravel()  # None -> NaN
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return "(no episode ended)"
+    return f"{x.mean():{spec}} +- {x.std():{spec.lstrip('+')}}" if spread else f"{x.mean():{spec}}"
+
+
 def log_iteration(writer, metrics: dict, global_step: int) -> tuple:
     """One pair's metrics of one PPO iteration to its TensorBoard run (writer None: another process holds the pair);
     returns its history row (global_step, episodes, successes)."""
@@ -1013,11 +1096,12 @@ def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict
             runner, sweep["current"], logs["updates_done"][str(num_steps)] = new_runner, (pairs, new_runner), done
             save_checkpoint(args, sweep)
             episodes, successes = metrics["episodes"][:, -1].sum(), metrics["successes"][:, -1].sum()
+            success = console_mean(successes / episodes if episodes else None, ".3f")
             eta = run_s / (done - resumed_at) * (num_updates - done)
             if lead:
                 print(f"step {done * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS "
-                      f"{sps * len(pairs):,.0f} (all pairs) | success {successes / max(episodes, 1):.3f} (all pairs) | "
-                      f"ETA {eta:.0f} s", flush=True)
+                      f"{sps * len(pairs):,.0f} (all pairs) | success {success} (all pairs) | ETA {eta:.0f} s",
+                      flush=True)
     finally:
         for writer in writers.values():
             writer.close()
@@ -1117,4 +1201,5 @@ if __name__ == "__main__":
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    quiet_cache_loads(args.compile_cache)  # main and evaluate_model turn the cache on
     evaluate_model(args) if args.eval_model else main(args)

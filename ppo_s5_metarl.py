@@ -16,11 +16,13 @@ summary.json). Defaults: a CPU-sized setting on gymnax envs.
     python ppo_s5_metarl.py --eval-model runs/RUN_FOLDER  # the in-context evaluation of a saved model
 """
 
+import atexit
 import importlib.util
 import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -782,12 +784,82 @@ def derive_sizes(args: Args) -> Args:
     return args
 
 
+def cache_folder(folder: str) -> str:
+    """The persistent compilation cache's folder: `folder` ('': off), or JAX_COMPILATION_CACHE_DIR if set."""
+    return os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
+
+
 def enable_compile_cache(folder: str):
     """JAX's persistent compilation cache in `folder` ('': off); JAX_COMPILATION_CACHE_DIR, if set, wins."""
-    folder = os.path.expanduser(os.environ.get("JAX_COMPILATION_CACHE_DIR", folder))
-    if folder:
+    if folder := cache_folder(folder):
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# What XLA logs at each load from the persistent cache that a user cannot act on (jaxlib 0.9.2). On a CPU with AVX-512
+# XLA adds the LLVM tuning attributes +prefer-no-gather and +prefer-no-scatter to the CPU features it stores with an
+# executable; they are not CPU features, so its loader reports them as "not supported on the host machine ... SIGILL"
+# (openxla/xla#44565), and PjRt notes that it does not track executable versions. Both are harmless here: JAX's cache
+# key holds the host's CPU model and features, so an entry is only loaded on a CPU like the one that compiled it. Any
+# other feature the loader names (a real mismatch) and every other line stay on the console.
+CACHE_LOAD_NOISE = (
+    "] Loading XLA:CPU AOT result. Target machine feature +prefer-no-gather is not ",
+    "] Loading XLA:CPU AOT result. Target machine feature +prefer-no-scatter is not ",
+    "] Assume version compatibility. PjRt-IFRT does not track XLA executable versions.",
+)
+# The filter process: copies stdin to stdout, less the lines that contain one of its arguments; passes a partial line
+# on after 0.1 s without input; ignores Ctrl-C and SIGTERM (this process may still be writing its last lines); ends at
+# end of input, i.e. once every process that writes to the stderr it replaced has exited or restored its own.
+LINE_FILTER = r"""
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+drop, pending = [a.encode() for a in sys.argv[1:]], b""
+
+def out(data):
+    try:
+        while data:
+            data = data[os.write(1, data) :]
+    except OSError:  # stderr is gone: keep reading, so that no writer blocks
+        pass
+
+while True:
+    if pending and not select.select([0], [], [], 0.1)[0]:
+        out(pending)
+        pending = b""
+    elif chunk := os.read(0, 1 << 16):
+        *lines, pending = (pending + chunk).split(b"\n")
+        out(b"".join(line + b"\n" for line in lines if not any(d in line for d in drop)))
+    else:
+        break
+out(pending)
+"""
+
+
+def quiet_cache_loads(folder: str):
+    """With the compile cache on, pass this process's stderr (file descriptor 2: XLA's C++ logs and Python's
+    sys.stderr) through a child process that drops the lines of CACHE_LOAD_NOISE and passes on every other byte as it
+    comes. A child rather than a thread, so that a crash's last words still get through. At exit, fd 2 is restored."""
+    if not cache_folder(folder) or os.name != "posix" or not sys.executable:
+        return
+    read, write = os.pipe()
+    child = subprocess.Popen([sys.executable, "-I", "-S", "-c", LINE_FILTER, *CACHE_LOAD_NOISE], stdin=read,
+                             stdout=2, start_new_session=True)  # stdout: the stderr it replaces
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(write, 2)
+    os.close(read)
+    os.close(write)
+
+    def restore():  # the filter sees the end of its input once no other process (that inherited fd 2) holds it
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    atexit.register(restore)
 
 
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
@@ -997,6 +1069,17 @@ def eval_line(record: dict, args: Args) -> str:
     )
 
 
+def console_mean(values, spec: str = "+.3f", spread: bool = False) -> str:
+    """For the console: the mean over seeds of `values` (NaN, -inf or None where no episode ended), with spread=True
+    "mean +- std", of the finite ones only; "(no episode ended)" if none is finite. Progress lines and summaries never
+    print nan; what is logged keeps its gaps (no TensorBoard point for such an update, null in summary.json)."""
+    x = np.array(values, float).ravel()  # None -> NaN
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return "(no episode ended)"
+    return f"{x.mean():{spec}} +- {x.std():{spec.lstrip('+')}}" if spread else f"{x.mean():{spec}}"
+
+
 def log_iteration(writers: dict, metrics: dict, global_step: int):
     """One PPO update's scalars ([seeds] arrays) for the seeds whose writers this process holds ({index: writer})."""
     for i, writer in writers.items():
@@ -1105,9 +1188,8 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/SPS", sps, logs["global_step"])
                 writer.flush()
             eta = logs["run_seconds"] / len(returns) * (args.num_updates - len(returns))
-            last = np.array(returns[-1], float)
-            mean_return = np.nanmean(last) if np.isfinite(last).any() else float("nan")
-            progress = f"SPS {sps * args.num_seeds:,.0f} (all seeds) | return {mean_return:+.3f} | ETA {eta:.0f} s"
+            mean_return = console_mean(returns[-1])
+            progress = f"SPS {sps * args.num_seeds:,.0f} (all seeds) | return {mean_return} | ETA {eta:.0f} s"
             say(f"step {logs['global_step']:>10,}/{args.num_updates * args.batch_size:,} | {progress}", flush=True)
             if (args.eval_every and len(returns) % args.eval_every == 0) or len(returns) == args.num_updates:
                 run_eval()
@@ -1158,4 +1240,5 @@ if __name__ == "__main__":
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
+    quiet_cache_loads(args.compile_cache)
     evaluate_model(args) if args.eval_model else main(args)

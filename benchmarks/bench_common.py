@@ -218,10 +218,13 @@ def mean_std_curve(curves: dict) -> tuple[list, list, list]:
     return steps, mean.tolist(), std.tolist()
 
 
-def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
+def plot_return_curves(
+    by_env: dict, s: dict, path: Path, colors: dict | None = None, memories: str | None = None
+) -> None:
     """One panel per env of `by_env` ({env: {memory: cell}}): each cell's `curve_mean` (episodic return, mean ±
     std over seeds, against env steps per seed), labelled with its MMER, and its seeds' `curves` as thin lines where
-    the cell has them; `s` is the report's settings."""
+    the cell has them; `s` is the report's settings, `colors` ({memory: colour}) keeps a memory's colour the same in
+    every panel, `memories` names the memories' sizes in the title (default: S5 and the LSTM from `s`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,8 +243,9 @@ def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
             steps, mean, std = np.array(c["steps"]), np.array(c["mean"]), np.array(c["std"])
             marker = "." if len(steps) < 20 else None
             mmer = f"{r['mmer']['mean']:.3f} ± {r['mmer']['std']:.3f}" if r.get("mmer") else "n/a"
-            line = ax.plot(steps, mean, marker=marker, label=f"{model} (MMER {mmer})")[0]
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+            color = (colors or {}).get(model)
+            line = ax.plot(steps, mean, marker=marker, color=color, label=f"{model} (MMER {mmer})")[0]
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.25)
             for xs, ys in r.get("curves", {}).values():  # each seed, thin: seeds that part ways show
                 ax.plot(xs, ys, color=line.get_color(), lw=0.5, alpha=0.5)
         ax.set_title(env_id, fontsize=10)
@@ -251,9 +255,10 @@ def plot_return_curves(by_env: dict, s: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    memories = memories or f"S5 {s['s5']['n_layers']}x{s['s5']['d_model']}, LSTM {s['lstm']['hidden_size']}"
     fig.suptitle(f"episodic return, mean ± std over {len(s['seeds'])} seeds; {s['num_envs']} envs x {s['num_steps']} "
                  f"steps, {s['update_epochs']} epochs x {s['num_minibatches']} minibatches, lr {s['learning_rate']};\n"
-                 f"S5 {s['s5']['n_layers']}x{s['s5']['d_model']}, LSTM {s['lstm']['hidden_size']}; "
+                 f"{memories}; "
                  f"{s['total_timesteps']:,} steps per seed", fontsize=8)  # fmt: skip
     fig.savefig(path, dpi=100)
     plt.close(fig)

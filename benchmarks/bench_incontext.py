@@ -131,10 +131,11 @@ def complete_for(a):
 
 
 def evaluation(module, run_dir: Path, a, condition: str, reset_flag: str) -> dict:
-    """The eval*.json that --eval-model writes for `condition`: read back if it has as many episodes, else played."""
+    """The eval*.json that --eval-model writes for `condition`: read back if it has as many episodes and is newer than
+    the run's summary.json (a run continued with --resume is evaluated again), else played."""
     flag = {"trained": None, "memory_reset": reset_flag, "untrained": "eval_untrained"}[condition]
     path = run_dir / ("eval_" + flag[len("eval_"):] + ".json" if flag else "eval.json")
-    if path.exists():
+    if path.exists() and path.stat().st_mtime > (run_dir / "summary.json").stat().st_mtime:
         record = json.loads(path.read_text())
         if a.eval_episodes in (record.get("episodes_per_seed"), record.get("trials_per_env")):
             return record

@@ -127,12 +127,17 @@ def test_attention_resets_are_episode_masks():
 @pytest.mark.timeout(600)  # two runs of the driver (the second reads the cells back)
 def test_popgym_table_quick_and_resume(tmp_path):
     out = tmp_path / "results"
-    proc = run_bench("bench_popgym_table", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    models = ("--models", "S5", "LSTM", "GRU")
+    proc = run_bench("bench_popgym_table", "--quick", *models, "--out-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench_popgym_table_quick.json").read_text())
     check_machine(report["machine"])
     assert report["settings"]["seeds"] == [1, 2] and report["settings"]["env_ids"] == ["RepeatPreviousEasy"]
-    assert set(report["results"]) == {"RepeatPreviousEasy/S5", "RepeatPreviousEasy/LSTM"}
+    assert set(report["results"]) == {"RepeatPreviousEasy/S5", "RepeatPreviousEasy/LSTM", "RepeatPreviousEasy/GRU"}
+    # the GRU column is ppo_lstm_popgym with cell=gru at the LSTM's width, everything else the same
+    lstm, gru = (report["results"][f"RepeatPreviousEasy/{m}"]["script_args"] for m in ("LSTM", "GRU"))
+    assert (lstm["cell"], gru["cell"]) == ("lstm", "gru") and report["settings"]["gru"] == {"hidden_size": 16, "cell": "gru"}
+    assert {k: v for k, v in gru.items() if k not in ("cell", "log_dir")} == {k: v for k, v in lstm.items() if k not in ("cell", "log_dir")}
     for key, r in report["results"].items():
         assert r["source"] == "run here" and r["wall_seconds"] > 0 and r["global_step"] == 4 * 64
         assert r["mmer"]["mean"] == pytest.approx(sum(v["mmer"] for v in r["per_seed"].values()) / 2)
@@ -142,15 +147,24 @@ def test_popgym_table_quick_and_resume(tmp_path):
         assert curve["mean"][-1] == pytest.approx(r["final_episodic_return"]["mean"], abs=1e-4)
         assert sorted(r["curves"]) == ["1", "2"] and all(xs == [4 * 64] for xs, _ in r["curves"].values())
         assert np.mean([ys[-1] for _, ys in r["curves"].values()]) == pytest.approx(curve["mean"][-1], abs=1e-4)
-    assert sum(report["tally"][k] for k in ("S5", "tie", "LSTM")) == report["tally"]["cells"] == 1
+    assert list(report["tally"]) == ["S5 vs LSTM", "S5 vs GRU"]  # one tally per baseline
+    for pair, t in report["tally"].items():
+        assert t["wins"] + t["ties"] + t["losses"] == t["cells"] == 1, pair
+        assert report["verdicts"]["RepeatPreviousEasy"][pair] in ("S5", "tie", pair.split(" vs ")[1])
     table = (out / "bench_popgym_table_quick.md").read_text()
-    assert "| RepeatPreviousEasy |" in table and "S5 MMER" in table and "LSTM MMER" in table and "wins" in table
+    header = "| env | S5 MMER | LSTM MMER | GRU MMER | S5 vs LSTM | S5 vs GRU | S5 final | LSTM final | GRU final |"
+    assert header in table and "| RepeatPreviousEasy |" in table and "GRU hidden 16" in table
+    row = next(line for line in table.splitlines() if line.startswith("| RepeatPreviousEasy |"))
+    assert len(row.split("|")) == len(header.split("|")) + 3  # + the three wall-time columns
+    for pair, t in report["tally"].items():
+        assert f"{pair}: {t['wins']} wins, {t['ties']} ties, {t['losses']} losses over 1 envs" in table
     assert (out / "bench_popgym_table_quick.png").stat().st_size > 1000
     assert (out / "bench_popgym_table_quick_curves.png").stat().st_size > 1000
     # a second run reads the finished cells back instead of training again
-    proc = run_bench("bench_popgym_table", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    proc = run_bench("bench_popgym_table", "--quick", *models, "--out-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((out / "bench_popgym_table_quick.json").read_text())
+    assert set(again["results"]) == set(report["results"])
     for key, r in again["results"].items():
         assert r["source"] == "read back" and r["per_seed"] == report["results"][key]["per_seed"]
         assert r["wall_seconds"] == pytest.approx(report["results"][key]["wall_seconds"])
@@ -160,7 +174,7 @@ def test_popgym_table_quick_and_resume(tmp_path):
 def test_popgym_table_verdict():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        from bench_popgym_table import early_mmer, verdict
+        from bench_popgym_table import best, early_mmer, tallies, verdict
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
     cell = lambda s5, lstm: {"S5": {"mmer": s5}, "LSTM": {"mmer": lstm}}  # noqa: E731
@@ -168,12 +182,64 @@ def test_popgym_table_verdict():
     assert verdict(cell({"mean": 0.5, "std": 0.1}, {"mean": 0.9, "std": 0.3})) == "LSTM"
     assert verdict(cell({"mean": 0.9, "std": 0.1}, {"mean": 0.7, "std": 0.25})) == "tie"  # gap under one std
     assert verdict({"S5": {"mmer": {"mean": 1.0, "std": 0.0}}}) is None
+    # three memories: S5 against each baseline, tallied per baseline; bold (best) only ahead of every other one
+    m = lambda mean, std: {"mmer": {"mean": mean, "std": std}}  # noqa: E731
+    env_a = {"S5": m(0.9, 0.1), "LSTM": m(0.5, 0.1), "GRU": m(0.85, 0.1)}  # S5 beats the LSTM, ties the GRU
+    env_b = {"S5": m(0.2, 0.05), "LSTM": m(0.3, 0.05), "GRU": m(0.6, 0.1)}  # S5 loses to both, the GRU ahead
+    env_c = {"S5": m(0.5, 0.0), "LSTM": m(0.4, 0.01)}  # the GRU not run yet
+    assert verdict(env_a, "S5", "GRU") == "tie" and verdict(env_b, "S5", "GRU") == "GRU" and verdict(env_c, "S5", "GRU") is None
+    models = ("S5", "LSTM", "GRU")
+    assert best(env_a, models) is None and best(env_b, models) == "GRU" and best(env_c, models) == "S5"
+    assert best(env_a, ("S5", "LSTM")) == "S5" and best({"S5": m(1.0, 0.0)}, models) is None
+    assert tallies({"a": env_a, "b": env_b, "c": env_c}, models) == {
+        "S5 vs LSTM": {"wins": 2, "ties": 0, "losses": 1, "cells": 3},
+        "S5 vs GRU": {"wins": 0, "ties": 1, "losses": 1, "cells": 2},
+    }
+    assert list(tallies({"a": env_a}, ("LSTM", "S5"))) == ["S5 vs LSTM"]  # S5 is the reference wherever it runs
     # MMER flagged when the seeds' mean return peaks in the first 5% of training (LabyrinthEscape: early exits only)
     curve = lambda mean: {"curve_mean": {"steps": [100, 200, 2000, 4000], "mean": mean}}  # noqa: E731
     assert early_mmer(curve([0.9, 0.5, -1.0, -1.0]), total_timesteps=4000)
     assert early_mmer(curve([0.2, 0.9, -1.0, -1.0]), total_timesteps=4000)  # step 200 is 5% of 4000
     assert not early_mmer(curve([0.9, 0.5, -1.0, 0.95]), total_timesteps=4000)
     assert not early_mmer({}, total_timesteps=4000) and not early_mmer(curve([float("nan"), 0.0, 0.0, 0.5]), 4000)
+
+
+def test_popgym_table_reads_committed_report_back(tmp_path, monkeypatch):
+    """`--models S5 LSTM GRU --previous benchmarks/figures/bench_popgym_table_cpu.json` takes all 32 S5 and LSTM
+    cells of the committed report (their saved Args are the ones the driver builds now), and the 16 GRU cells where
+    the report has them (the S5/LSTM report of 2^20 steps has not); the tallies are recomputed from the cells. No
+    training: the cells are only looked up."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_popgym_table as table
+        from bench_common import from_previous
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    committed = json.loads((table.Path(ROOT) / "benchmarks/figures/bench_popgym_table_cpu.json").read_text())
+    args = table.Args(models=("S5", "LSTM", "GRU"))
+    cells = table.cell_args(args)
+    assert len(cells) == 48 and cells["RepeatFirstEasy", "GRU"].cell == "gru"
+    assert cells["RepeatFirstEasy", "GRU"].hidden_size == cells["RepeatFirstEasy", "LSTM"].hidden_size == 64
+    found = {k: from_previous([committed], f"{k[0]}/{k[1]}", a, table.complete_for(a)) for k, a in cells.items()}
+    has_gru = "GRU" in committed["args"]["models"]
+    assert sorted(k for k, r in found.items() if r) == sorted(k for k in cells if has_gru or k[1] != "GRU")  # 32 (48)
+    assert all(r["source"] == "previous report" and r["script_args"]["env_id"] == k[0] for k, r in found.items() if r)
+    # the cells read back make the committed table again (the GRU column empty where the report has no GRU)
+    monkeypatch.chdir(tmp_path)  # the committed run_dir paths are relative: nothing under them here
+    report = {"machine": committed["machine"], "args": table.dataclasses.asdict(args),
+              "settings": table.report_settings(args, cells), "results": {f"{e}/{m}": r for (e, m), r in found.items() if r}}  # fmt: skip
+    assert report["settings"]["gru"] == {"hidden_size": 64, "cell": "gru"}
+    assert {k: report["settings"][k] for k in committed["settings"]} == committed["settings"]
+    table.finish(report, str(tmp_path), "t")
+    old = committed["tally"]  # the S5/LSTM report's: {"S5": wins, "tie": ties, "LSTM": losses, "cells": n}
+    old = old if has_gru else {"S5 vs LSTM": {"wins": old["S5"], "ties": old["tie"], "losses": old["LSTM"], "cells": 16},
+                               "S5 vs GRU": {"wins": 0, "ties": 0, "losses": 0, "cells": 0}}  # fmt: skip
+    assert report["tally"] == old and report["tally"]["S5 vs LSTM"]["cells"] == 16
+    md = (tmp_path / "t.md").read_text()
+    assert "| RepeatPreviousEasy | " + ("" if has_gru else "**1.000 ± 0.001** | 0.997 ± 0.002 | - | S5 | - |") in md
+    t = old["S5 vs LSTM"]
+    assert f"S5 vs LSTM: {t['wins']} wins, {t['ties']} ties, {t['losses']} losses over 16 envs" in md
+    assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "t_curves.png").stat().st_size > 1000
 
 
 @pytest.mark.timeout(600)

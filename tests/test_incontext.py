@@ -105,6 +105,9 @@ def test_meta_cartpole_ids_flags_and_fresh_projection_per_meta_episode():
 
 MODULES = {"S5": (ppo_s5_popgym, dict(d_model=16, ssm_size=16, n_layers=1)),
            "LSTM": (ppo_lstm_popgym, dict(hidden_size=16))}  # fmt: skip
+# how much the actor's last layer (128 -> 2, initialised at scale 0.01) is scaled, so that sampled actions follow
+# the memory's output: at initialisation the LSTM's carry moves the logits by ~2e-4, S5's by more
+ACTOR_SCALE = {"S5": 100.0, "LSTM": 1000.0}
 
 
 def play_reference(module, args, params, key, reset_every_trial):
@@ -143,15 +146,16 @@ def test_trial_returns_and_reset_every_trial_control_equal_a_plain_loop(memory, 
     make_vec = envs_popjax.make_vec
     monkeypatch.setattr(module, "make_env", lambda a, n: make_vec(a.env_id, n, wrappers=True, trial_length=40))
     params = module.make_train(module.derive_sizes(args))[0](jax.random.key(0)).train_state.params
-    # the actor's last layer (128 -> 2, initialised at scale 0.01) x 100: logits O(1) that follow the memory's output
-    params = jax.tree.map(lambda x: x * 100.0 if x.shape == (128, 2) else x, params)
+    params = jax.tree.map(lambda x: x * ACTOR_SCALE[memory] if x.shape == (128, 2) else x, params)
     curves = {}
     for control in (False, True):
         a = dataclasses.replace(args, eval_reset_every_trial=control)
         got = jax.jit(module.make_evaluate(a))(params, jax.random.key(5))
         want = play_reference(module, a, params, jax.random.key(5), control)
         np.testing.assert_allclose(got["trial_returns"], want, atol=1e-5)
-        np.testing.assert_allclose(got["trial_returns"].sum(1), got["return"], atol=1e-5)
+        # the wrapper sums a meta-episode's ~300 float32 rewards in one accumulator, the curve per trial: they differ
+        # by float32 rounding (~2e-5); a step counted in the wrong place would be off by a whole reward, 1/40
+        np.testing.assert_allclose(got["trial_returns"].sum(1), got["return"], atol=1e-3)
         curves[control] = np.asarray(got["trial_returns"])
     assert np.abs(curves[True] - curves[False]).max() > 1e-3
 
@@ -202,7 +206,8 @@ def test_metarl_reset_every_episode_control_keeps_counting_every_episode():
                               num_steps=15, num_minibatches=2, total_timesteps=60)  # fmt: skip
     args = ppo_s5_metarl.derive_sizes(args)
     params = ppo_s5_metarl.make_train(args)[0](jax.random.key(0)).train_state.params
-    params = jax.tree.map(lambda x: x * 3.0, params)
+    # every Dense kernel x 10 (the S5 layer's own parameters kept): actions that follow the memory's output
+    params = jax.tree_util.tree_map_with_path(lambda p, x: x * 10.0 if "kernel" in jax.tree_util.keystr(p) else x, params)
     results = {}
     for control in (False, True):
         evaluate = jax.jit(ppo_s5_metarl.make_evaluate(args, greedy=True, reset_every_episode=control))
@@ -210,4 +215,4 @@ def test_metarl_reset_every_episode_control_keeps_counting_every_episode():
     for control, curve in results.items():
         assert curve.shape == (3,) and (curve != 0).all()  # every episode counted (PointRobot pays < 0 each step)
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)  # episode 1: the same memory
-    assert np.abs(results[True][1:] - results[False][1:]).max() > 1e-4
+    assert np.abs(results[True][1:] - results[False][1:]).max() > 1e-3
