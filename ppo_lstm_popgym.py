@@ -431,7 +431,7 @@ def make_evaluate(args: Args):
 # Running: input checks, processes, seeds and devices, compiling -------------------------------------------------------
 POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size",
             "learning_rate", "clip_coef", "max_grad_norm", "keep_checkpoints", "eval_episodes")
-NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef")
+NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef", "num_processes")
 
 
 def check_args(args: Args) -> str | None:

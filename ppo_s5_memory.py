@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
@@ -587,7 +587,7 @@ POSITIVE = (
     "num_seeds num_bits total_timesteps num_envs num_minibatches update_epochs hidden_size d_model ssm_size n_layers "
     "s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm keep_checkpoints eval_episodes"
 ).split()
-NON_NEGATIVE = "num_steps updates_per_chunk checkpoint_every vf_coef ent_coef".split()
+NON_NEGATIVE = "num_steps updates_per_chunk checkpoint_every vf_coef ent_coef num_processes".split()
 
 
 def check_args(args: Args) -> str | None:
@@ -784,6 +784,9 @@ def write_json(path: str, obj):
         json.dump(strict_json(obj), f, indent=2, allow_nan=False)
 
 
+LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
+
+
 def args_from(saved: dict) -> Args:
     """Args from their JSON or msgpack form (msgpack stores a tuple as {"0": ..., "1": ...}, JSON as a list)."""
     def fix(v):
@@ -791,7 +794,7 @@ def args_from(saved: dict) -> Args:
             return tuple(v[k] for k in sorted(v, key=int))
         return tuple(v) if isinstance(v, list) else v
 
-    return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved})
+    return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved and f.name not in LAUNCH})
 
 
 def run_folder(path: str) -> str:
@@ -878,20 +881,24 @@ def parse_args() -> tuple[Args, str | None]:
     the defaults are the checkpoint's Args, and a flag that would change the sweep is refused."""
     args = tyro.cli(Args)
     start_distributed(args)
-    path = args.resume or args.eval_model  # --resume: checked below, with the checkpoint's Args as the defaults
+    path = args.resume or args.eval_model  # checked below, with the saved run's Args as the defaults
     if (error := None if args.resume else check_args(args)) or not path:
         return args, error
     flag = "--resume" if args.resume else "--eval-model"
     try:
-        meta = None if args.eval_model and os.path.isfile(path) else restore_checkpoint(path, meta_only=True)[1]
+        if args.eval_model:
+            saved = load_model(path)[0]
+        else:
+            saved = args_from(restore_checkpoint(path, meta_only=True)[1]["args"])
     except FileNotFoundError as error:
         return args, f"{flag}: {error}"
-    if args.eval_model:
-        return args, None
-    saved = args_from(meta["args"])
-    args = tyro.cli(Args, default=saved)
+    args = tyro.cli(Args, default=replace(saved, resume="", eval_model=""))  # a resumed run saved its --resume
     for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED):
-        if (new := getattr(args, name)) != (old := getattr(saved, name)):
+        if (new := getattr(args, name)) != (old := getattr(saved, name)) and args.eval_model:
+            if name != "total_timesteps":
+                return args, (f"--eval-model: --{name.replace('_', '-')} {new} differs from the model's {old}; the "
+                              f"evaluation plays the saved run's")
+        elif new != old:
             allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
             return args, (f"--resume: --{name.replace('_', '-')} {new} differs from the checkpoint's {old}; it would "
                           f"change the run (allowed to change: {allowed})")

@@ -680,7 +680,7 @@ def check_args(args: Args) -> str | None:
     ]
     for names, domain, ok in domains:
         for name in names:
-            if not ok(value := getattr(args, name)):  # NaN fails every domain
+            if not (math.isfinite(value := getattr(args, name)) and ok(value)):
                 return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % len(train):
         return f"--num-envs {args.num_envs} must be divisible by the {len(train)} --train-envs (each gets equal slots)"
@@ -873,7 +873,7 @@ NOT_COMPARED = (
     "num_updates"
 ).split()
 # this launch's: a run may be resumed with another number of processes (every seed computes the same)
-DISTRIBUTED = ("distributed", "coordinator_address", "num_processes", "process_id")
+LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")
 
 
 def strict_json(x):
@@ -900,7 +900,7 @@ def args_from(saved: dict) -> Args:
             return tuple(v[k] for k in sorted(v, key=int))
         return tuple(v) if isinstance(v, list) else v
 
-    return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved and f.name not in DISTRIBUTED})
+    return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved and f.name not in LAUNCH})
 
 
 def run_folder(path: str) -> str:
@@ -960,12 +960,17 @@ def load_model(path: str) -> tuple[Args, dict]:
     return args_from(meta["args"]), jax.tree.map(np.asarray, state["train_state"]["params"])
 
 
-def resume_error(args: Args, saved: Args, global_step: int) -> str | None:
+def resume_error(args: Args, saved: Args, global_step: int | None) -> str | None:
     """A flag given with --resume that would change the run. A larger --total-timesteps continues the same run
-    further, unless --anneal-lr is on (the learning-rate schedule depends on the total)."""
-    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + list(DISTRIBUTED)):
+    further, unless --anneal-lr is on (the learning-rate schedule depends on the total). With --eval-model
+    (`global_step` None): a flag that differs from the saved model's, which the evaluation would not use."""
+    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + list(LAUNCH)):
         new, old, flag = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
-        if new == old or (name == "total_timesteps" and new >= global_step and not args.anneal_lr):
+        if global_step is None and new != old and name != "total_timesteps":
+            return f"--eval-model: {flag} {new} differs from the model's {old}; the evaluation plays the saved run's"
+        if new == old or global_step is None:
+            continue
+        if name == "total_timesteps" and new >= global_step and not args.anneal_lr:
             continue
         if name == "total_timesteps" and new < global_step:
             return f"--resume: {flag} {new} is below the {global_step} steps the checkpoint has done"
@@ -985,18 +990,19 @@ def parse_args() -> tuple[Args, str | None]:
     args = tyro.cli(Args)
     if not args.eval_model:
         start_distributed(args)
-    path = args.resume or args.eval_model  # --resume: checked below, with the checkpoint's flags as the defaults
-    if (error := None if args.resume else check_args(args)) or not path or (args.eval_model and os.path.isfile(path)):
+    path = args.resume or args.eval_model  # checked below, with the saved run's flags as the defaults
+    if (error := None if args.resume else check_args(args)) or not path:
         return args, error
     try:
-        _, meta, _ = restore_checkpoint(path, meta_only=True)
+        if args.eval_model:
+            saved, global_step = load_model(path)[0], None
+        else:
+            _, meta, _ = restore_checkpoint(path, meta_only=True)
+            saved, global_step = args_from(meta["args"]), meta["logs"]["global_step"]  # without the launch flags
     except FileNotFoundError as error:
         return args, f"{'--resume' if args.resume else '--eval-model'}: {error}"
-    if not args.resume:
-        return args, None
-    saved = args_from(meta["args"])  # without the launch flags: this launch's count
-    args = tyro.cli(Args, default=saved)
-    return args, check_args(args) or resume_error(args, saved, meta["logs"]["global_step"])
+    args = tyro.cli(Args, default=replace(saved, resume="", eval_model=""))  # a resumed run saved its --resume
+    return args, check_args(args) or resume_error(args, saved, global_step)
 
 
 def evaluate_model(args: Args) -> dict:

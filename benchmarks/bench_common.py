@@ -144,7 +144,9 @@ def args_match(saved: dict, args) -> bool:
 def finished_run(log_dir: Path, args, complete) -> tuple[Path, dict] | None:
     """The newest run folder under `log_dir` whose summary.json has the Args `args` and
     passes `complete(summary)` (an interrupted run writes a summary too), with its summary and
-    the driver's bench_cell.json merged in; None if there is none."""
+    the driver's bench_cell.json merged in; None if there is none. A run continued with --resume after
+    the driver's cell (its summary newer than bench_cell.json) gets as wall time its compile and run
+    seconds over all its sessions, and no load averages (those of the first session would mislead)."""
     for path in sorted(log_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             summary = json.loads(path.read_text())
@@ -153,6 +155,9 @@ def finished_run(log_dir: Path, args, complete) -> tuple[Path, dict] | None:
         if args_match(summary.get("args", {}), args) and complete(summary):
             cell = path.parent / "bench_cell.json"
             extra = json.loads(cell.read_text()) if cell.exists() else {}
+            if extra and cell.stat().st_mtime < path.stat().st_mtime and summary.get("run_seconds") is not None:
+                seconds = summary["run_seconds"] + (summary.get("compile_seconds") or 0)
+                extra = {"wall_seconds": seconds, "continued_with_resume": True}
             return path.parent, {**summary, **extra}
     return None
 

@@ -66,7 +66,7 @@ SETTINGS = {  # setting: ({memory: script}, the memory-reset control's flag, the
 }  # fmt: skip
 CONDITIONS = ("trained", "memory_reset", "untrained")
 KEPT = ("updates", "global_step", "compile_seconds", "run_seconds", "sps", "per_seed", "mmer", "final_episodic_return",
-        "wall_seconds", "load_average_before", "load_average_after")  # fmt: skip
+        "wall_seconds", "load_average_before", "load_average_after", "continued_with_resume")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -184,13 +184,14 @@ def verdict(conditions: dict) -> str:
 
 def markdown(report: dict) -> str:
     s, unit = report["settings"], report["settings"]["unit"]
+    whole = "meta-episodes" if unit == "trial" else "trials"  # A: trials of a meta-episode; B: episodes of a trial
     sizes = {m: {k: v for k, v in s["script_args"][m].items() if k in MEMORY_FIELDS} for m in s["script_args"]}
     lines = [
         f"# In-context curves, setting {s['setting']}: S5 against the LSTM", "",
         f"Training: {s['total_timesteps']:,} env steps per seed, seeds {s['seeds']}, {s['num_envs']} envs x "
         f"{s['num_steps']} steps, {s['update_epochs']} epochs x {s['num_minibatches']} minibatches, learning rate "
         f"{s['learning_rate']}; {'; '.join(f'{m} {v}' for m, v in sizes.items())}. Evaluation: {s['eval_episodes']} "
-        f"fresh trials per seed (and env) and condition, actions sampled. Gain: mean return of {unit}s 2-K minus "
+        f"fresh {whole} per seed (and env) and condition, actions sampled. Gain: mean return of {unit}s 2-K minus "
         f"{unit} 1, per seed; [95% bootstrap interval over seeds]. In-context learning: the trained gain's interval "
         f"above 0 and the memory-reset control's not.", "",
         f"| memory | split | condition | {unit} 1 | {unit} 2 | {unit} K | mean | gain [95% CI] | in-context learning |",
@@ -206,7 +207,9 @@ def markdown(report: dict) -> str:
                              f"{hi:+.4f}] | {call} |")  # fmt: skip
     for model, r in report["results"].items():
         mmer = f"MMER {r['mmer']['mean']:.3f} +- {r['mmer']['std']:.3f}; " if r.get("mmer") else ""
-        lines.append(f"\n{model} training: {mmer}wall time {r.get('wall_seconds', 0):.0f} s ({r['source']}).")
+        how = "run time over its sessions plus compile: continued with --resume" if r.get("continued_with_resume") \
+            else r["source"]  # fmt: skip
+        lines.append(f"\n{model} training: {mmer}wall time {r.get('wall_seconds', 0):.0f} s ({how}).")
     lines += ["", machine_line(report["machine"]), ""]
     return "\n".join(lines)
 
@@ -229,7 +232,8 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(k, mean, styles[condition], marker=".", label=label)
             ax.fill_between(k, mean - std, mean + std, alpha=0.15)
         title = f"{model}, {report['settings']['setting']}" + ("" if split == "all" else f", {split} goals")
-        ax.set(title=title, xlabel=f"{unit} k of a trial", ylabel=f"return of {unit} k (mean +- std over seeds)")
+        whole = "meta-episode" if unit == "trial" else "trial"  # A: trials of a meta-episode; B: episodes of a trial
+        ax.set(title=title, xlabel=f"{unit} k of a {whole}", ylabel=f"return of {unit} k (mean +- std over seeds)")
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)

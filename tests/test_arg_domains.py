@@ -11,14 +11,15 @@ import ppo_s5_memory
 import ppo_s5_metarl
 import ppo_s5_popgym
 
-NAN = float("nan")
+NAN, INF = float("nan"), float("inf")
 COMMON = [  # every script: PPO, sizes, checkpoints, evaluation
     ("gamma", 1.5), ("gamma", -0.1), ("gamma", NAN), ("gae_lambda", 1.01), ("gae_lambda", -0.5),
     ("clip_coef", 0.0), ("clip_coef", -1.0), ("max_grad_norm", -0.5), ("max_grad_norm", 0.0),
     ("vf_coef", -1.0), ("ent_coef", -0.01), ("learning_rate", 0.0), ("learning_rate", -1e-3),
     ("learning_rate", NAN), ("num_seeds", 0), ("total_timesteps", 0), ("total_timesteps", -5), ("num_envs", 0),
     ("num_minibatches", 0), ("update_epochs", 0), ("updates_per_chunk", -1), ("checkpoint_every", -1),
-    ("keep_checkpoints", 0), ("eval_episodes", 0),
+    ("keep_checkpoints", 0), ("eval_episodes", 0), ("learning_rate", INF), ("max_grad_norm", INF),
+    ("clip_coef", INF), ("num_processes", -1),
 ]  # fmt: skip
 S5 = [("d_model", 0), ("ssm_size", 0), ("n_layers", 0), ("s5_blocks", 0), ("dt_min", 0.0), ("dt_max", -0.1)]
 SCRIPTS = {

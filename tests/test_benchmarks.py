@@ -291,6 +291,35 @@ def test_cells_resume_only_with_the_same_args():
     assert not args_match(saved, A(new_field=1)) and not args_match(saved, A(scan="parallel"))
 
 
+def test_a_cell_continued_with_resume_reports_its_time_over_all_sessions(tmp_path):
+    """The driver's bench_cell.json holds the wall time of the session it ran; once the run is continued with
+    --resume (summary.json newer), the cell's time is the summary's run time over all sessions plus compile."""
+    import dataclasses
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_common import finished_run
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+    @dataclasses.dataclass
+    class A:
+        lr: float = 1e-3
+
+    run = tmp_path / "run_1"
+    run.mkdir()
+    summary = {"args": {"lr": 1e-3}, "compile_seconds": 50.0, "run_seconds": 2800.0}
+    cell = {"wall_seconds": 1500.0, "load_average_before": [1, 1, 1], "load_average_after": [2, 2, 2]}
+    (run / "bench_cell.json").write_text(json.dumps(cell))
+    (run / "summary.json").write_text(json.dumps(summary))
+    os.utime(run / "bench_cell.json", (1000, 1000))  # the driver's session, then the summary of a later one
+    found = finished_run(tmp_path, A(), lambda s: True)[1]
+    assert found["wall_seconds"] == 2850.0 and found["continued_with_resume"] and "load_average_after" not in found
+    os.utime(run / "summary.json", (900, 900))  # the summary the driver's session wrote: its own wall time
+    found = finished_run(tmp_path, A(), lambda s: True)[1]
+    assert found["wall_seconds"] == 1500.0 and "continued_with_resume" not in found
+
+
 def test_metarl_in_context_stats_and_table(tmp_path):
     """bench_metarl's reading of a summary (no training: the run path is bench_common's, tested above): curves
     averaged over a split's envs per seed, the gain episode K - 1, the in-context criterion and the S5/LSTM verdict."""

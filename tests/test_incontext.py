@@ -207,7 +207,8 @@ def test_metarl_reset_every_episode_control_keeps_counting_every_episode():
     args = ppo_s5_metarl.derive_sizes(args)
     params = ppo_s5_metarl.make_train(args)[0](jax.random.key(0)).train_state.params
     # every Dense kernel x 10 (the S5 layer's own parameters kept): actions that follow the memory's output
-    params = jax.tree_util.tree_map_with_path(lambda p, x: x * 10.0 if "kernel" in jax.tree_util.keystr(p) else x, params)
+    scale = lambda path, x: x * 10.0 if "kernel" in jax.tree_util.keystr(path) else x  # noqa: E731
+    params = jax.tree_util.tree_map_with_path(scale, params)
     results = {}
     for control in (False, True):
         evaluate = jax.jit(ppo_s5_metarl.make_evaluate(args, greedy=True, reset_every_episode=control))
