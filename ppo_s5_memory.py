@@ -845,6 +845,12 @@ def trained_models(sweep: dict) -> tuple[list, dict]:
     return names, jax.tree.map(lambda *x: np.concatenate(x), *params) if params else {}
 
 
+def updates_done(runner: RunnerState, args: Args) -> int:
+    """The PPO updates `runner` has done, from its optimizer's step count (the same in every seed)."""
+    optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]
+    return int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
+
+
 def save_checkpoint(args: Args, sweep: dict, force: bool = False):
     """Checkpoint the sweep once --checkpoint-every more updates (over all groups) are done, or when `force`d and
     anything is new; every process calls it at the same points (each writes its own shards)."""
@@ -852,8 +858,12 @@ def save_checkpoint(args: Args, sweep: dict, force: bool = False):
     due = manager and (force or step // args.checkpoint_every > sweep["saved_step"] // args.checkpoint_every)
     if not due or step == sweep["saved_step"]:
         return
-    names, models = trained_models(sweep)
-    history = {pair_name(pair): rows for pair, rows in sweep["logs"]["history"].items() if rows}
+    names, models, history = *trained_models(sweep), dict(sweep["logs"]["history"])
+    if sweep["current"] is not None:  # the group under way: the rows of the updates its state has done, no more
+        pairs, runner = sweep["current"]  # (a Ctrl-C can land after a chunk's rows are logged, before the state moves)
+        done = updates_done(runner, args)
+        history.update({pair: history[pair][:done] for pair in pairs})
+    history = {pair_name(pair): rows for pair, rows in history.items() if rows}
     meta = strict_json({"args": asdict(args), **sweep["logs"], "history": history, "model_pairs": names})
     items = dict(meta=ocp.args.JsonSave(meta), models=ocp.args.StandardSave(models))
     if sweep["current"] is not None:

@@ -941,11 +941,21 @@ def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: 
     return step, restored["meta"], state._replace(key=jax.random.wrap_key_data(state.key)) if target else state
 
 
+def updates_done(runner: RunnerState, args: Args) -> int:
+    """The PPO updates `runner` has done, from its optimizer's step count (the same in every seed)."""
+    optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]
+    return int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
+
+
 def save_checkpoint(manager, runner: RunnerState, args: Args, logs: dict) -> int:
-    """Checkpoint `runner` after the updates in `logs`: every process writes its own shards, process 0 the JSON."""
-    step, state = len(logs["returns"]), runner._replace(key=jax.random.key_data(runner.key))
-    meta = strict_json({"args": asdict(args), "logs": logs})
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    """Checkpoint `runner` (the last completed chunk) with the logs of the updates it has done, no more (a Ctrl-C can
+    land after a chunk's returns are logged, before the state moves): every process writes its own shards, process 0
+    the JSON."""
+    step, state = updates_done(runner, args), runner._replace(key=jax.random.key_data(runner.key))
+    if step not in manager.all_steps():
+        logs = {**logs, "returns": logs["returns"][:step], "global_step": step * args.batch_size}
+        meta = strict_json({"args": asdict(args), "logs": logs})
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     return step
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import envs_popjax as ep
@@ -354,6 +355,34 @@ def test_kill_and_resume_is_bit_identical(sweep_run, tmp_path):
         jax.tree.map(np.testing.assert_array_equal, a[name], b[name])
     assert scalars(one) == scalars(two)
     summary = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
+    assert summary[0]["per_run"] == summary[1]["per_run"]
+
+
+def test_interrupt_between_logs_and_state_resumes_without_duplicates(sweep_run, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) landing after a chunk's history rows are logged but before the runner state moves on (here:
+    while the chunk's SPS is written, in the second group's 6th update): the checkpoint keeps the rows of the updates
+    its state has done, no more, so the resumed run logs each update once and ends as the uninterrupted sweep."""
+    calls, add_scalar = [], mem.SummaryWriter.add_scalar
+
+    def interrupting_add_scalar(self, tag, *args, **kwargs):
+        if tag == "charts/SPS" and len(calls) == 2 * (32 + 5):  # 2 pairs per update; group 1 has 32 updates
+            raise KeyboardInterrupt
+        calls.extend([tag] if tag == "charts/SPS" else [])
+        return add_scalar(self, tag, *args, **kwargs)
+
+    monkeypatch.setattr(mem.SummaryWriter, "add_scalar", interrupting_add_scalar)
+    mem.main(tyro.cli(mem.Args, args=[*SWEEP, "--log-dir", str(tmp_path)]))
+    monkeypatch.undo()
+    (two,) = tmp_path.iterdir()
+    step, meta, _ = mem.restore_checkpoint(str(two), meta_only=True)
+    assert step == 32 + 5 and all(len(meta["history"][f"len_40_seed_{s}"]) == 5 for s in (1, 2))
+    result = run_script("--resume", str(two), timeout=570)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (_, a), (_, b) = (mem.load_model(str(run / "ppo_s5_memory.cleanrl_model")) for run in (sweep_run[0], two))
+    for name in a:
+        jax.tree.map(np.testing.assert_array_equal, a[name], b[name])
+    assert scalars(sweep_run[0]) == scalars(two)
+    summary = [json.loads((run / "summary.json").read_text()) for run in (sweep_run[0], two)]
     assert summary[0]["per_run"] == summary[1]["per_run"]
 
 
