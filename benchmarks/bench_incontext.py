@@ -174,6 +174,15 @@ def condition_stats(curves: np.ndarray, seeds: list[int], resamples: int) -> dic
     }  # fmt: skip
 
 
+def memory_benefit(records: dict, split: str, resamples: int) -> dict:
+    """What the memory of earlier episodes is worth, paired per seed: the trained weights' mean return over episodes
+    2..K minus the memory-reset control's over the same episodes (same weights, same evaluation keys; the two differ
+    only in what is carried over). It does not use episode 1, whose inputs differ from the later episodes' (the
+    meta-episode-start flag, no previous action), so that a control that rises after episode 1 does not blur it."""
+    gap = records["trained"][split][:, 1:].mean(1) - records["memory_reset"][split][:, 1:].mean(1)
+    return {"per_seed": np.round(gap, 5).tolist(), "mean": float(gap.mean()), "ci95": bootstrap_interval(gap, resamples)}
+
+
 def verdict(conditions: dict) -> str:
     """"yes" where the trained gain's interval lies above 0 and the memory-reset control's does not, else "no"."""
     trained, control = conditions.get("trained"), conditions.get("memory_reset")
@@ -205,6 +214,13 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {model} | {split} | {condition.replace('_', ' ')} | {curve[0]:.3f} | {curve[1]:.3f} | "
                              f"{curve[-1]:.3f} | {c['trial_mean_return']:.3f} | {c['gain_mean']:+.4f} [{lo:+.4f}, "
                              f"{hi:+.4f}] | {call} |")  # fmt: skip
+    lines += ["", f"Memory benefit: trained minus memory reset, mean return of {unit}s 2-K, per seed (same weights and "
+              f"evaluation keys; {unit} 1 left out, whose inputs differ) [95% bootstrap interval over seeds]:", ""]
+    for model, r in report["results"].items():
+        for split, b in r.get("memory_benefit", {}).items():
+            lo, hi = b["ci95"]
+            seeds = ", ".join(f"{x:+.4f}" for x in b["per_seed"])
+            lines.append(f"- {model}, {split}: {b['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] (seeds: {seeds})")
     for model, r in report["results"].items():
         mmer = f"MMER {r['mmer']['mean']:.3f} +- {r['mmer']['std']:.3f}; " if r.get("mmer") else ""
         how = "run time over its sessions plus compile: continued with --resume" if r.get("continued_with_resume") \
@@ -270,6 +286,7 @@ def main(args: Args) -> dict:
                   for split in records["trained"]}  # fmt: skip
         result = {**{k: r[k] for k in KEPT if k in r}, "source": r["source"], "run_dir": str(run_dir), "splits": splits}
         result["verdict"] = {split: verdict(conditions) for split, conditions in splits.items()}
+        result["memory_benefit"] = {split: memory_benefit(records, split, args.bootstrap) for split in splits}
         report["results"][model] = result
         for split, conditions in splits.items():
             print(f"== {model} ({split}): in-context learning {result['verdict'][split]} (trained gain "

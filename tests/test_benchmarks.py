@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,3 +370,59 @@ def test_metarl_in_context_stats_and_table(tmp_path):
     assert again and again["source"] == "previous report"
     assert bench_metarl.cell_record(again, None)["splits"] == record["splits"]
     assert not bench_metarl.complete_for(a)({**finished, "final_eval": {"update": 4}})  # stopped early
+
+
+def test_incontext_statistics_and_verdict():
+    """bench_incontext's numbers from per-seed curves: the gain (episodes 2..K minus episode 1), the verdict (trained
+    interval above 0 and the memory-reset control's not), the memory benefit (trained minus control on episodes 2..K,
+    paired per seed)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_incontext as bi
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    rising = np.array([[0.1, 0.2, 0.3], [0.1, 0.25, 0.35], [0.2, 0.3, 0.3]])  # 3 seeds x 3 episodes
+    flat = np.array([[0.1, 0.1, 0.1], [0.1, 0.12, 0.08], [0.2, 0.2, 0.2]])
+    trained, control = (bi.condition_stats(c, [1, 2, 3], 2000) for c in (rising, flat))
+    assert trained["gain_per_seed"] == pytest.approx([0.15, 0.2, 0.1]) and trained["gain_mean"] == pytest.approx(0.15)
+    assert 0.1 - 1e-9 <= trained["gain_ci95"][0] < 0.15 < trained["gain_ci95"][1] <= 0.2 + 1e-9  # within the seeds
+    assert bi.verdict({"trained": trained, "memory_reset": control}) == "yes"
+    assert bi.verdict({"trained": trained, "memory_reset": trained}) == "no"  # the control rises too
+    assert bi.verdict({"trained": control, "memory_reset": control}) == "no"
+    benefit = bi.memory_benefit({"trained": {"all": rising}, "memory_reset": {"all": flat}}, "all", 2000)
+    assert benefit["per_seed"] == pytest.approx([0.15, 0.2, 0.1]) and benefit["mean"] == pytest.approx(0.15)
+
+
+@pytest.mark.timeout(600)  # two runs of the driver (the second reads everything back)
+def test_incontext_quick_and_read_back(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("bench_incontext", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_incontext_metacartpole_quick.json").read_text())
+    check_machine(report["machine"])
+    assert set(report["results"]) == {"S5", "LSTM"}
+    for model, r in report["results"].items():
+        assert r["source"] == "run here" and r["verdict"]["all"] in ("yes", "no")
+        conditions = r["splits"]["all"]
+        assert set(conditions) == {"trained", "memory_reset", "untrained"}
+        for c in conditions.values():  # 16 trials per curve, 2 seeds; the gain is the curve's
+            curves = np.array(list(c["curve_per_seed"].values()))
+            assert curves.shape == (2, 16) and ((0 <= curves) & (curves <= 1)).all()
+            np.testing.assert_allclose(c["gain_per_seed"], curves[:, 1:].mean(1) - curves[:, 0], atol=2e-5)
+        per_seed = {k: np.array(list(conditions[k]["curve_per_seed"].values())) for k in ("trained", "memory_reset")}
+        np.testing.assert_allclose(r["memory_benefit"]["all"]["per_seed"],
+                                   per_seed["trained"][:, 1:].mean(1) - per_seed["memory_reset"][:, 1:].mean(1),
+                                   atol=2e-5)  # fmt: skip
+        # each seed's curve of the trained weights is the one the run's own --eval-model wrote
+        written = json.loads((Path(r["run_dir"]) / "eval.json").read_text())["in_context"]["per_seed"]
+        for seed, curve in conditions["trained"]["curve_per_seed"].items():
+            np.testing.assert_allclose(curve, written[seed]["trial_returns"], atol=1e-5)
+    table = (out / "bench_incontext_metacartpole_quick.md").read_text()
+    assert "| S5 | all | memory reset |" in table and "Memory benefit" in table
+    assert (out / "bench_incontext_metacartpole_quick.png").stat().st_size > 1000
+    again = run_bench("bench_incontext", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report2 = json.loads((out / "bench_incontext_metacartpole_quick.json").read_text())
+    assert all(r["source"] == "read back" for r in report2["results"].values())
+    for model in ("S5", "LSTM"):
+        assert report2["results"][model]["splits"] == report["results"][model]["splits"]
