@@ -2,6 +2,7 @@
 each script's --quick mode in a subprocess into a temporary results folder; JSON fields, tables and
 PNGs checked. Numbers are not asserted beyond being positive (speed is reported, never tested)."""
 
+import importlib
 import json
 import math
 import os
@@ -20,6 +21,15 @@ pytestmark = pytest.mark.timeout(300)
 def run_bench(name, *flags, cwd):
     script = os.path.join(ROOT, "benchmarks", f"{name}.py")
     return subprocess.run([sys.executable, script, *flags], cwd=cwd, capture_output=True, text=True, timeout=280)
+
+
+def benchmark_module(name: str):
+    """A module of benchmarks/, imported with that folder on sys.path (the drivers import bench_common beside them)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
 
 
 def check_machine(machine):
@@ -106,11 +116,7 @@ def test_attention_resets_are_episode_masks():
     import jax
     import numpy as np
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from bench_memory_layers import AttentionMemory
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    AttentionMemory = benchmark_module("bench_memory_layers").AttentionMemory
     module = AttentionMemory(n_layers=2, n_heads=2)
     x = jax.random.normal(jax.random.key(0), (12, 2, 8))  # [T, B, H]
     resets = np.zeros((12, 2), bool)
@@ -173,11 +179,8 @@ def test_popgym_table_quick_and_resume(tmp_path):
 
 
 def test_popgym_table_verdict():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from bench_popgym_table import best, early_mmer, tallies, verdict
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    module = benchmark_module("bench_popgym_table")
+    best, early_mmer, tallies, verdict = (module.best, module.early_mmer, module.tallies, module.verdict)
     cell = lambda s5, lstm: {"S5": {"mmer": s5}, "LSTM": {"mmer": lstm}}  # noqa: E731
     assert verdict(cell({"mean": 0.9, "std": 0.1}, {"mean": 0.5, "std": 0.2})) == "S5"
     assert verdict(cell({"mean": 0.5, "std": 0.1}, {"mean": 0.9, "std": 0.3})) == "LSTM"
@@ -210,12 +213,8 @@ def test_popgym_table_reads_committed_report_back(tmp_path, monkeypatch):
     cells of the committed report (their saved Args are the ones the driver builds now), and the 16 GRU cells where
     the report has them (the S5/LSTM report of 2^20 steps has not); the tallies are recomputed from the cells. No
     training: the cells are only looked up."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_popgym_table as table
-        from bench_common import from_previous
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    table = benchmark_module("bench_popgym_table")
+    from_previous = benchmark_module("bench_common").from_previous
     committed = json.loads((table.Path(ROOT) / "benchmarks/figures/bench_popgym_table_cpu.json").read_text())
     args = table.Args(models=("S5", "LSTM", "GRU"))
     cells = table.cell_args(args)
@@ -270,11 +269,7 @@ def test_memory_length_quick(tmp_path):
 def test_cells_resume_only_with_the_same_args():
     import dataclasses
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from bench_common import args_match
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    args_match = benchmark_module("bench_common").args_match
 
     @dataclasses.dataclass
     class A:
@@ -297,11 +292,7 @@ def test_a_cell_continued_with_resume_reports_its_time_over_all_sessions(tmp_pat
     --resume (summary.json newer), the cell's time is the summary's run time over all sessions plus compile."""
     import dataclasses
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from bench_common import finished_run
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    finished_run = benchmark_module("bench_common").finished_run
 
     @dataclasses.dataclass
     class A:
@@ -324,12 +315,8 @@ def test_a_cell_continued_with_resume_reports_its_time_over_all_sessions(tmp_pat
 def test_metarl_in_context_stats_and_table(tmp_path):
     """bench_metarl's reading of a summary (no training: the run path is bench_common's, tested above): curves
     averaged over a split's envs per seed, the gain episode K - 1, the in-context criterion and the S5/LSTM verdict."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_metarl
-        from bench_common import from_previous
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    bench_metarl = benchmark_module("bench_metarl")
+    from_previous = benchmark_module("bench_common").from_previous
 
     def summary(gain_seed_1, gain_seed_2, level=0.0):
         def record(update, gains):  # seed s: train env a rises by its gain, env b is flat; held-out flat
@@ -376,11 +363,7 @@ def test_incontext_statistics_and_verdict():
     """bench_incontext's numbers from per-seed curves: the gain (episodes 2..K minus episode 1), the verdict (trained
     interval above 0 and the memory-reset control's not), the memory benefit (trained minus control on episodes 2..K,
     paired per seed)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_incontext as bi
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    bi = benchmark_module("bench_incontext")
     rising = np.array([[0.1, 0.2, 0.3], [0.1, 0.25, 0.35], [0.2, 0.3, 0.3]])  # 3 seeds x 3 episodes
     flat = np.array([[0.1, 0.1, 0.1], [0.1, 0.12, 0.08], [0.2, 0.2, 0.2]])
     trained, control = (bi.condition_stats(c, [1, 2, 3], 2000) for c in (rising, flat))
