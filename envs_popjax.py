@@ -1304,7 +1304,8 @@ class MetaEnvSpec:
     `reward_scale * episode_length`, so a typical episode return is O(1) whatever the env and episode length);
     `episode_length`, the default inner-episode time limit; `backend`, the brax backend of an env that supports only
     one; `params`, overrides of gymnax env params; `env`, the gymnax env of a variant id; `goal_angles`, a variant's
-    range of PointRobot goal angles (radians; gymnax draws them in [0, pi]), for held-out goals."""
+    range of PointRobot goal angles (radians; gymnax draws them in [0, pi]), for held-out goals; `fixed_projection`,
+    a variant seen without random projections (the identity embedded in the agent's sizes: only its task is hidden)."""
 
     reward_scale: float = struct.field(pytree_node=False)
     episode_length: int = struct.field(pytree_node=False)
@@ -1312,6 +1313,7 @@ class MetaEnvSpec:
     params: dict | None = struct.field(pytree_node=False, default=None)
     env: str | None = struct.field(pytree_node=False, default=None)
     goal_angles: tuple[float, float] | None = struct.field(pytree_node=False, default=None)
+    fixed_projection: bool = struct.field(pytree_node=False, default=False)
 
 
 META_ENVS: dict[str, MetaEnvSpec] = {
@@ -1351,6 +1353,16 @@ META_ENVS: dict[str, MetaEnvSpec] = {
                                                       goal_angles=(0.0, 0.75 * math.pi)),
     "gymnax/PointRobot-misc-heldout-goals": MetaEnvSpec(1.0, 100, params={"dense_reward": True}, env="PointRobot-misc",
                                                         goal_angles=(0.75 * math.pi, math.pi)),
+    # The semicircle task of Dorfman et al. 2021 / Ni et al. 2022 as meta-RL papers run it: start at the centre, no
+    # projections, and no teleport on reaching the goal (gymnax moves the agent to a random start within
+    # goal_radius of the goal; -1 turns that off), so the only unknown is the goal, which only the reward reveals:
+    # an agent that found it in episode 1 can walk straight to it (10 steps of max_force 0.1) in the next episodes.
+    **{
+        f"gymnax/PointRobot-semicircle-{split}-goals": MetaEnvSpec(
+            1.0, 100, params={"dense_reward": True, "center_init": True, "goal_radius": -1.0}, env="PointRobot-misc",
+            goal_angles=angles, fixed_projection=True)
+        for split, angles in (("train", (0.0, 0.75 * math.pi)), ("heldout", (0.75 * math.pi, math.pi)))
+    },
 }
 META_ENV_IDS: tuple[str, ...] = tuple(META_ENVS)
 BRAX_BACKENDS = ("spring", "positional", "generalized", "mjx")
@@ -1489,6 +1501,7 @@ class MetaEnv:
                  fixed_reset: bool = True):  # fmt: skip
         self.env_id, self.fixed_reset = meta_env_id(env_id), fixed_reset
         spec = META_ENVS[self.env_id]
+        self.fixed_projection = spec.fixed_projection
         if brax_backend not in BRAX_BACKENDS:
             raise ValueError(f"unknown brax backend {brax_backend!r}; valid: {', '.join(BRAX_BACKENDS)}")
         sizes = dict(obs_size=obs_size, action_size=action_size, episodes_per_trial=episodes_per_trial)
@@ -1507,12 +1520,18 @@ class MetaEnv:
             self.env = BraxInnerEnv(name, spec.backend or brax_backend)
         self.mid = jnp.asarray((self.env.low + self.env.high) / 2)
         self.half = jnp.asarray((self.env.high - self.env.low) / 2)
+        if self.fixed_projection and (obs_size < self.env.obs_size or action_size != self.env.action_size):
+            raise ValueError(f"{self.env_id} is seen without projections: it needs obs_size >= {self.env.obs_size} "
+                             f"and action_size = {self.env.action_size}, got {obs_size} and {action_size}")
 
     @property
     def agent_obs_size(self) -> int:
         return self.obs_size + self.action_size + 2
 
     def sample_projections(self, key):
+        if self.fixed_projection:  # the env's own observation and action, zero-padded to the agent's sizes
+            w_obs, w_act = jnp.eye(self.obs_size, self.env.obs_size), jnp.eye(self.env.action_size, self.action_size)
+            return w_obs, w_act * self.half[:, None]
         key_obs, key_act = jax.random.split(key)
         w_obs = jax.random.normal(key_obs, (self.obs_size, self.env.obs_size)) / math.sqrt(self.env.obs_size)
         w_act = jax.random.normal(key_act, (self.env.action_size, self.action_size)) / math.sqrt(self.action_size)

@@ -1,12 +1,15 @@
 """In-context RL: S5 against the LSTM, per-episode curves with controls and bootstrap intervals, resumable.
 
-Two settings (`--setting`), each S5 and the LSTM at the same settings, seeds and budget:
+Three settings (`--setting`), each S5 and the LSTM at the same settings, seeds and budget:
 - `metacartpole` (A): `ppo_s5_popgym.py` / `ppo_lstm_popgym.py` on the paper's `MetaCartPole` (16 trials of a randomly
   projected PositionOnlyCartPole per meta-episode, every trial from the same start), the quick CPU settings;
 - `pointrobot` (B): `ppo_s5_metarl.py --memory s5|lstm` on PointRobot behind random projections, whose goal is hidden
   (only the reward reveals it) and fixed within a trial: 4 episodes of 100 steps per trial, so an episode that knows
   the goal pays more than one that searches. Trained on goals in one arc of the semicircle (angles 0-135 degrees),
   held out: the other arc (135-180 degrees), with projections never seen in training.
+- `semicircle` (B'): as `pointrobot`, but the semicircle task as meta-RL papers run it: no projections, every
+  episode from the centre, no teleport at the goal (`gymnax/PointRobot-semicircle-{train,heldout}-goals`): the goal
+  is the only unknown.
 After training, each seed plays `--eval-episodes` fresh trials (meta-episodes) with the saved weights, three ways:
 - trained: the memory is cleared only at trial starts, as in training;
 - memory reset (control): also cleared at every inner episode start (`--eval-reset-every-trial` of the POPGym scripts,
@@ -18,6 +21,7 @@ above 0 and that of the memory-reset control does not (for B, per split: trainin
 
     python benchmarks/bench_incontext.py --figure                       # A: S5 and LSTM, 5 seeds
     python benchmarks/bench_incontext.py --setting pointrobot --figure  # B
+    python benchmarks/bench_incontext.py --setting semicircle --figure  # B'
     python benchmarks/bench_incontext.py --models S5                    # one memory (run two side by side)
     python benchmarks/bench_incontext.py --quick                        # smoke test: tiny budget and networks
 
@@ -63,6 +67,10 @@ SETTINGS = {  # setting: ({memory: script}, the memory-reset control's flag, the
                    dict(train_envs=("gymnax/PointRobot-misc-train-goals",),
                         heldout_envs=("gymnax/PointRobot-misc-heldout-goals",), episodes_per_trial=4,
                         episode_length=100, num_envs=16, num_steps=400, num_minibatches=4, eval_every=0)),
+    "semicircle": ({"S5": ppo_s5_metarl, "LSTM": ppo_s5_metarl}, "eval_reset_every_episode",
+                   dict(train_envs=("gymnax/PointRobot-semicircle-train-goals",),
+                        heldout_envs=("gymnax/PointRobot-semicircle-heldout-goals",), episodes_per_trial=4,
+                        episode_length=100, num_envs=16, num_steps=400, num_minibatches=4, eval_every=0)),
 }  # fmt: skip
 CONDITIONS = ("trained", "memory_reset", "untrained")
 KEPT = ("updates", "global_step", "compile_seconds", "run_seconds", "sps", "per_seed", "mmer", "final_episodic_return",
@@ -72,7 +80,8 @@ KEPT = ("updates", "global_step", "compile_seconds", "run_seconds", "sps", "per_
 @dataclasses.dataclass
 class Args:
     setting: str = "metacartpole"
-    """metacartpole (A: the POPGym scripts on MetaCartPole) or pointrobot (B: ppo_s5_metarl, held-out goals)"""
+    """metacartpole (A: the POPGym scripts on MetaCartPole), pointrobot (B: ppo_s5_metarl, held-out goals) or
+    semicircle (B': as B without projections, from the centre, no teleport at the goal)"""
     models: tuple[str, ...] = ("S5", "LSTM")
     """which memories to run: S5, LSTM"""
     total_timesteps: int = 1 << 21

@@ -139,6 +139,48 @@ def test_registry_ids_and_train_heldout_sets():
         assert family in ("gymnax", "brax", "dmc") and (family != "gymnax" or gymnax_name in gymnax_box)
 
 
+@pytest.mark.parametrize("family", ["misc", "semicircle"])
+def test_pointrobot_goal_splits_and_the_semicircle_task(family):
+    """The PointRobot variants draw goals on their arc only (train: 0-135 degrees, held out: 135-180). The semicircle
+    ones: no projections (the env's obs zero-padded, env action = 0.1 a), every episode from the centre with the
+    trial's goal, and no teleport at the goal: an agent that walks to it stays there, returning minus its mean
+    distance (hand-computed)."""
+    for split, (low, high) in (("train", (0.0, 135.0)), ("heldout", (135.0, 180.0))):
+        env = MetaEnv(f"gymnax/PointRobot-{family}-{split}-goals", episodes_per_trial=2, episode_length=30)
+        goals = jax.vmap(lambda k: env.reset(k)[1].env_state.goal)(jax.random.split(jax.random.key(0), 2000))
+        angles = np.degrees(np.arctan2(goals[:, 1], goals[:, 0]))
+        np.testing.assert_allclose(np.linalg.norm(goals, axis=1), 1.0, rtol=1e-5)
+        assert low <= angles.min() < low + 2 and high - 2 < angles.max() <= high
+    if family == "misc":
+        return
+    env = MetaEnv("gymnax/PointRobot-semicircle-train-goals", obs_size=8, episodes_per_trial=2, episode_length=30)
+    obs, state = env.reset(jax.random.key(5))
+    goal = np.asarray(state.env_state.goal)
+    np.testing.assert_array_equal(state.w_obs, np.eye(8, 6))
+    np.testing.assert_array_equal(state.w_act, np.float32(0.1) * np.eye(2, dtype=np.float32))
+    np.testing.assert_array_equal(obs, np.concatenate([[0, 0, 0, 0, 0, -1, 0, 0], [0, 0, 0, 1]]))  # time -1: start
+    pos, returns, ret = np.zeros(2), [], 0.0
+    for t in range(60):  # two episodes: walk straight to the goal (clipped at 0.1 per axis), then stay
+        if t == 30:
+            pos = np.zeros(2)  # the second episode restarts at the centre, same goal
+        action = np.clip((goal - pos) / 0.1, -1, 1)
+        ret += -np.linalg.norm(goal - pos) / 30  # dense reward: minus the distance before the step, / 30 steps
+        obs, state, reward, done, info = env.step(jax.random.key(t), state, jnp.asarray(action, jnp.float32))
+        pos = np.clip(pos + 0.1 * action, pos - 0.1, pos + 0.1)
+        if t % 30 < 29:  # inside an episode: the agent is where it walked, its obs shows it
+            np.testing.assert_allclose(state.env_state.pos, pos, atol=1e-5)
+            np.testing.assert_allclose(obs[:2], pos, atol=1e-5)
+            np.testing.assert_array_equal(state.env_state.goal, goal)
+        if bool(info["episode_done"]):
+            returns.append(float(info["episode_return"]))
+            ret = 0.0
+    assert state.env_state.goals_reached == 0 and bool(done)  # never teleported; the trial ended after 2 episodes
+    np.testing.assert_allclose(returns, [returns[0], returns[0]], rtol=1e-5)  # both episodes walk the same path
+    assert -0.6 < returns[0] < -0.05  # ~10 steps to reach the goal, then 0
+    with pytest.raises(ValueError, match="obs_size >= 6"):
+        MetaEnv("gymnax/PointRobot-semicircle-train-goals", obs_size=4)
+
+
 # MuJoCo Playground 0.2.0's DM Control suite: (observation size, action size) per domain (the issue's table)
 DMC_SIZES = {"Acrobot": (6, 1), "BallInCup": (8, 2), "Cartpole": (5, 1), "Cheetah": (17, 6), "FingerSpin": (9, 2),
              "FingerTurn": (12, 2), "Fish": (24, 5), "Hopper": (15, 4), "Humanoid": (67, 21), "Pendulum": (3, 1),
