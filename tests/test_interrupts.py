@@ -1,0 +1,165 @@
+"""Every script stopped at several points of its training loop, by SIGTERM (which stops like Ctrl-C: checkpoint,
+summary, exit) and by SIGKILL (nothing runs after it), then continued with --resume: the finished run equals an
+uninterrupted one bit for bit (saved parameters, every TensorBoard scalar but SPS, the summary without timings),
+with nothing logged twice or missing.
+
+The signals are real and land at exact points: the script runs in a child process whose copy of one of its functions
+(`log_iteration`, which logs an update's metrics, or `save_checkpoint`) sends the signal to its own process on its
+k-th call, before the function's body. `log_iteration` runs after an update's metrics reach the host and before the
+runner state moves on, the window where history and state can disagree; SIGKILL there also leaves TensorBoard
+rows past the last checkpoint, which the resumed run must drop and log again."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ppo_lstm_popgym
+import ppo_s5_memory
+import ppo_s5_metarl
+import ppo_s5_popgym
+
+pytestmark = pytest.mark.timeout(900)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POPGYM = ["--env-id=CartPoleEasy", "--num-envs=4", "--num-steps=8", "--num-minibatches=2", "--update-epochs=2",
+          "--num-seeds=2", "--total-timesteps=256"]  # 8 updates of 32 steps  # fmt: skip
+COMMON = ["--updates-per-chunk=1", "--checkpoint-every=3", "--keep-checkpoints=20", "--save-model"]
+# script: its module, flags of a tiny run of 8 updates, TensorBoard folders, log_iteration calls per update (one per
+# (length, seed) pair in ppo_s5_memory) and whether save_checkpoint is called after every update (it decides) or
+# only when a checkpoint is due (every 3 updates here)
+SCRIPTS = {
+    "s5": dict(module=ppo_s5_popgym, flags=[*POPGYM, "--d-model=16", "--ssm-size=8", "--n-layers=1"],
+               folders="seed_*", log_calls=1, save_calls_every_update=False),
+    "lstm": dict(module=ppo_lstm_popgym, flags=[*POPGYM, "--hidden-size=16"], folders="seed_*", log_calls=1,
+                 save_calls_every_update=False),
+    "memory": dict(module=ppo_s5_memory, flags=["--memory-lengths=3", "--num-seeds=2", "--total-timesteps=1024",
+                                                "--num-envs=4", "--num-minibatches=2", "--update-epochs=1",
+                                                "--d-model=8", "--ssm-size=8", "--n-layers=1"],
+                   folders="len_*", log_calls=2, save_calls_every_update=True),  # L = 3: 4 envs x 32 steps
+    "metarl": dict(module=ppo_s5_metarl, flags=["--train-envs=Pendulum-v1", "--heldout-envs", "--num-envs=4",
+                                                "--num-steps=12", "--num-minibatches=2", "--update-epochs=1",
+                                                "--d-model=16", "--ssm-size=8", "--n-layers=1", "--episode-length=3",
+                                                "--episodes-per-trial=2", "--eval-trials=3", "--eval-every=4",
+                                                "--num-seeds=2", "--total-timesteps=384"],
+                   folders="seed_*", log_calls=1, save_calls_every_update=False),
+}  # fmt: skip
+UPDATES = 8
+# (signal, function, the update during which the k-th call comes, the checkpoint the resumed run starts from)
+POINTS = [
+    ("SIGTERM", "log_iteration", 5, 4),  # update 5's metrics in hand, state at 4: the checkpoint on the way out
+    ("SIGKILL", "log_iteration", 5, 3),  # update 4 logged past the periodic checkpoint at 3
+    ("SIGKILL", "save_checkpoint", 6, 3),  # killed as the checkpoint at 6 is about to be written
+]
+# The child: runs the script as __main__, its `function` wrapped to signal the process on call `k`. For SIGKILL it
+# first waits until the checkpoint the test expects is committed (orbax writes in the background), so that what the
+# resumed run starts from does not depend on timing.
+CHILD = r"""
+import glob, os, signal, sys, time, types
+path, function, k, name, committed, *argv = sys.argv[1:]
+source = open(path).read()
+top, main = source.split('\nif __name__ == "__main__":\n')
+module = types.ModuleType("__main__")
+module.__file__ = path
+sys.modules["__main__"], sys.argv = module, [path, *argv]
+exec(compile(top, path, "exec"), module.__dict__)
+original, calls = module.__dict__[function], []
+
+def signalling(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(k):
+        log_dir = [a.split("=", 1)[1] for a in argv if a.startswith("--log-dir=")][0]
+        while name == "SIGKILL" and not glob.glob(os.path.join(log_dir, "*", "checkpoints", committed)):
+            time.sleep(0.01)
+        os.kill(os.getpid(), getattr(signal, name))
+    return original(*args, **kwargs)
+
+module.__dict__[function] = signalling
+exec(compile("if True:\n" + main, path, "exec"), module.__dict__)
+"""
+
+
+def run(args, timeout=600):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def fingerprint(module, run_dir: str, folders: str) -> tuple:
+    """(saved parameters, every scalar but SPS per TensorBoard folder, the summary without timings)."""
+    _, params = module.load_model(os.path.join(run_dir, f"{module.Args.exp_name}.cleanrl_model"))
+    scalars = {}
+    for folder in sorted(glob.glob(os.path.join(run_dir, folders))):
+        events = EventAccumulator(folder)
+        events.Reload()  # honours purge_step: what a killed run logged past its checkpoint is dropped
+        for tag in events.Tags()["scalars"]:
+            if tag != "charts/SPS":
+                scalars[os.path.basename(folder), tag] = [(e.step, e.value) for e in events.Scalars(tag)]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    return params, scalars, timeless(summary)
+
+
+TIMINGS = ("seconds", "sps", "load_average", "continued_with_resume", "args")
+
+
+def timeless(tree):
+    """The summary less its timings, load averages and Args (log_dir and resume differ between the runs)."""
+    if isinstance(tree, dict):
+        return {k: timeless(v) for k, v in tree.items() if not any(t in k for t in TIMINGS)}
+    return [timeless(v) for v in tree] if isinstance(tree, list) else tree
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("compile_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """{script: fingerprint of its tiny run in one go}, run on first use."""
+    results = {}
+
+    def get(name):
+        if name not in results:
+            script, log_dir = SCRIPTS[name], tmp_path_factory.mktemp(f"{name}_whole")
+            module = script["module"]
+            result = run([module.__file__, *script["flags"], *COMMON, f"--log-dir={log_dir}", f"--compile-cache={cache}"])
+            assert result.returncode == 0, result.stderr[-3000:]
+            (run_dir,) = glob.glob(str(log_dir / "*"))
+            results[name] = fingerprint(module, run_dir, script["folders"])
+        return results[name]
+
+    return get
+
+
+@pytest.mark.parametrize("point", POINTS, ids=[f"{s}-{f}-update{u}" for s, f, u, _ in POINTS])
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_stopped_and_resumed_equals_uninterrupted(name, point, uninterrupted, cache, tmp_path):
+    script = SCRIPTS[name]
+    module, signal_name, function, update, resumed_from = script["module"], *point
+    if function == "log_iteration":  # the first call of the update
+        k = (update - 1) * script["log_calls"] + 1
+    else:
+        k = update if script["save_calls_every_update"] else update // 3
+    stopped = run(["-c", CHILD, module.__file__, function, str(k), signal_name, str(resumed_from), *script["flags"],
+                   *COMMON, f"--log-dir={tmp_path}", f"--compile-cache={cache}"])  # fmt: skip
+    assert stopped.returncode == (-signal.SIGKILL if signal_name == "SIGKILL" else 0), stopped.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "*"))
+    assert signal_name == "SIGTERM" or not os.path.exists(os.path.join(run_dir, "summary.json"))
+    assert module.restore_checkpoint(run_dir, meta_only=True)[0] == resumed_from
+    resumed = run([module.__file__, f"--resume={run_dir}", f"--compile-cache={cache}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params, scalars, summary = fingerprint(module, run_dir, script["folders"])
+    whole_params, whole_scalars, whole_summary = uninterrupted(name)
+    jax.tree.map(np.testing.assert_array_equal, params, whole_params)
+    assert scalars.keys() == whole_scalars.keys()
+    for key, points in whole_scalars.items():  # same steps (nothing twice, nothing missing) and values
+        assert scalars[key] == points, key
+    assert summary == whole_summary
