@@ -8,11 +8,10 @@ vmapped (and device-sharded) leading axis; each seed gets its own TensorBoard ru
     python ppo_lstm_popgym.py --env-id CartPoleHard --num-seeds 8
     tensorboard --logdir runs
     python ppo_lstm_popgym.py --resume runs/RUN_FOLDER      # continue after a crash or kill, bit for bit
-    python ppo_lstm_popgym.py --eval-model runs/RUN_FOLDER  # 100 episodes per seed, latest checkpoint
-    python ppo_lstm_popgym.py --num-seeds 8 --distributed   # in every process of a SLURM/MPI job: seeds over all
+    python ppo_lstm_popgym.py --eval-model runs/RUN_FOLDER  # play the saved policy (latest checkpoint)
+    python ppo_lstm_popgym.py --distributed --num-seeds 16  # one of several processes (README: many GPUs and hosts)
 
-Defaults are the paper's POPGym settings (64 envs x 1024 steps, 30 epochs x 8 minibatches, lr 5e-5, GAE lambda 1.0,
-a recurrent core of width 256). The README gives smaller settings for a CPU.
+Defaults are the paper's POPGym settings; the README gives smaller settings for a CPU.
 """
 
 import atexit
@@ -39,7 +38,6 @@ import optax
 import orbax.checkpoint as ocp
 import tyro
 from flax.training.train_state import TrainState
-from gymnax.environments import spaces
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
@@ -61,11 +59,11 @@ class Args:
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of the updates)"""
     checkpoint_every: int = 20
-    """checkpoint the whole training state every N updates (at chunk ends, the end, Ctrl-C/SIGTERM); 0: never"""
+    """checkpoint the training state every N updates (at chunk ends), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
     """how many of the latest checkpoints to keep"""
     resume: str = ""
-    """continue this run folder from its latest checkpoint (only --total-timesteps and running flags may change)"""
+    """continue this run folder from its latest checkpoint (flags that would change its math are refused)"""
     eval_model: str = ""
     """evaluate a saved model (a `.cleanrl_model` file or a run folder's checkpoint) instead of training"""
     eval_episodes: int = 100
@@ -78,7 +76,7 @@ class Args:
     eval_untrained: bool = False
     """--eval-model plays each seed's initial, untrained parameters (the run's Args and seeds; a control)"""
     compile_cache: str = "~/.cache/s5_icrl_jax"
-    """JAX's persistent compilation cache, so reruns start fast ('': off; JAX_COMPILATION_CACHE_DIR wins)"""
+    """JAX's persistent compilation cache folder ('': off; JAX_COMPILATION_CACHE_DIR wins), for fast restarts"""
     track: bool = False
     """log to Weights & Biases (mirrors TensorBoard; needs `pip install wandb`)"""
     wandb_project_name: str = "s5-icrl"
@@ -241,8 +239,8 @@ class RunnerState(NamedTuple):
 
 
 def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda):
-    """GAE over [T, ...] arrays. dones[t] = obs t starts an episode, so step t is bootstrapped unless the *next* flag
-    (dones[t + 1], or last_done) is set. Returns (advantages, returns)."""
+    """GAE over [T, ...] arrays. dones[t] = obs t starts an episode, so step t is bootstrapped
+    unless the *next* flag (dones[t + 1], or last_done) is set. Returns (advantages, returns)."""
 
     def backward(carry, step):
         gae, next_value, next_done = carry
@@ -257,17 +255,18 @@ def compute_gae(rewards, values, dones, last_value, last_done, gamma, gae_lambda
     return advantages, advantages + values
 
 
-def make_env(args: Args, num_envs: int):
-    """`num_envs` batched envs (envs_popjax.make_vec): obs + previous action + first-step flag, episode stats in info"""
-    return envs_popjax.make_vec(args.env_id, num_envs, wrappers=True)
-
-
 def build_network(args: Args, env, env_params) -> tuple[ActorCritic, int, bool]:
     action_space = env.action_space(env_params)
-    continuous = not isinstance(action_space, spaces.Discrete)
+    continuous = not isinstance(action_space, envs_popjax.spaces.Discrete)
     action_dim = envs_popjax.action_size(action_space)
     memory = RNNMemory(hidden_size=args.hidden_size, cell=args.cell)
     return ActorCritic(action_dim, continuous, memory), action_dim, continuous
+
+
+def make_env(args: Args, num_envs: int):
+    """`num_envs` batched envs that reset only those whose episode ended; the observation carries the previous
+    action and the first-step flag, `info` the episode statistics (envs_popjax.make_vec)."""
+    return envs_popjax.make_vec(args.env_id, num_envs, wrappers=True)
 
 
 def ppo_loss(params, network: ActorCritic, args: Args, carry, batch: Transition, advantages, returns):
@@ -289,13 +288,10 @@ def ppo_loss(params, network: ActorCritic, args: Args, carry, batch: Transition,
         v_loss = 0.5 * ((value - returns) ** 2).mean()
     entropy = policy_entropy(policy, network.continuous).mean()
     loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-    stats = dict(
-        policy_loss=pg_loss, value_loss=v_loss, entropy=entropy,
-        old_approx_kl=(-log_ratio).mean(),  # http://joschu.net/blog/kl-approx.html
-        approx_kl=((ratio - 1) - log_ratio).mean(),
-        clipfrac=(jnp.abs(ratio - 1) > args.clip_coef).mean(),
-    )  # fmt: skip
-    return loss, stats
+    # http://joschu.net/blog/kl-approx.html
+    kl = dict(old_approx_kl=(-log_ratio).mean(), approx_kl=((ratio - 1) - log_ratio).mean())
+    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+    return loss, dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, **kl, clipfrac=clipfrac)
 
 
 def make_train(args: Args):
@@ -325,14 +321,14 @@ def make_train(args: Args):
 
     def env_step(runner: RunnerState, _):
         key, key_action, key_env = jax.random.split(runner.key, 3)
-        step_inputs = (runner.carry, runner.obs[None], runner.done[None])  # a sequence of one step
-        carry, policy, value = network.apply(runner.train_state.params, *step_inputs)
+        inputs = runner.carry, runner.obs[None], runner.done[None]  # a time axis of one step
+        carry, policy, value = network.apply(runner.train_state.params, *inputs)
         policy = jax.tree.map(lambda p: p[0], policy)
         action = policy_sample(key_action, policy, continuous)
         log_prob = policy_log_prob(policy, action, continuous)
         obs, env_state, reward, terminated, truncated, info = env.step(key_env, runner.env_state, action, env_params)
         done = terminated | truncated  # POPGym returns are finite-horizon: truncation ends it too
-        episode = (info["returned_episode"], info["returned_episode_return"], info["returned_episode_length"])
+        episode = info["returned_episode"], info["returned_episode_return"], info["returned_episode_length"]
         transition = Transition(runner.obs, runner.done, action, log_prob, value[0], reward, *episode)
         return RunnerState(runner.train_state, env_state, obs, done, carry, key), transition
 
@@ -340,8 +336,9 @@ def make_train(args: Args):
         initial_carry = runner.carry  # replayed at update time: the carry the rollout started from
         runner, batch = jax.lax.scan(env_step, runner, None, args.num_steps)
         _, _, last_value = network.apply(runner.train_state.params, runner.carry, runner.obs[None], runner.done[None])
-        advantages, returns = compute_gae(batch.reward, batch.value, batch.done, last_value[0], runner.done,
-                                          args.gamma, args.gae_lambda)
+        advantages, returns = compute_gae(
+            batch.reward, batch.value, batch.done, last_value[0], runner.done, args.gamma, args.gae_lambda
+        )
 
         def epoch(train_state, key):
             # Minibatches split the envs: each keeps whole sequences and its own starting carry.
@@ -352,8 +349,10 @@ def make_train(args: Args):
                 x = x.reshape(x.shape[:env_axis] + (args.num_minibatches, -1) + x.shape[env_axis + 1 :])
                 return jnp.moveaxis(x, env_axis, 0)
 
-            carries = jax.tree.map(lambda x: split_envs(x, 0), initial_carry)
-            minibatches = (carries, jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)))
+            minibatches = (
+                jax.tree.map(lambda x: split_envs(x, 0), initial_carry),
+                jax.tree.map(lambda x: split_envs(x, 1), (batch, advantages, returns)),
+            )
 
             def minibatch_step(train_state, minibatch):
                 carry, (mb, mb_adv, mb_ret) = minibatch
@@ -369,10 +368,10 @@ def make_train(args: Args):
 
         var_returns = jnp.var(returns)
         n_episodes = batch.episode_done.sum()
-        def per_episode(x):  # the mean over the episodes ended in this rollout (NaN: none)
+
+        def per_episode(x):  # the mean over the episodes that ended in this rollout (NaN if none did)
             return (x * batch.episode_done).sum() / jnp.where(n_episodes, n_episodes, jnp.nan)
 
-        losses_finite = jnp.isfinite(jnp.stack([stats[k] for k in ("policy_loss", "value_loss", "entropy")])).all()
         metrics = {k: v.mean() for k, v in stats.items()}
         metrics.update(
             explained_variance=jnp.where(var_returns == 0, jnp.nan, 1 - jnp.var(returns - batch.value) / var_returns),
@@ -380,7 +379,8 @@ def make_train(args: Args):
             episodic_return=per_episode(batch.episode_return),
             episodic_length=per_episode(batch.episode_length),
             learning_rate=learning_rate(train_state.step - 1) * jnp.ones(()),
-            finite=losses_finite & jnp.isfinite(optax.tree.norm(train_state.params)),  # checked after each chunk
+            finite=jnp.isfinite(jnp.stack([stats[k] for k in ("policy_loss", "value_loss", "entropy")])).all()
+            & jnp.isfinite(optax.tree.norm(train_state.params)),  # checked by the host after each chunk
         )
         return runner, metrics
 
@@ -428,9 +428,11 @@ def make_evaluate(args: Args):
     return evaluate
 
 
-# Running: input checks, processes, seeds and devices, compiling -------------------------------------------------------
-POSITIVE = ("num_seeds", "total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size",
-            "learning_rate", "clip_coef", "max_grad_norm", "keep_checkpoints", "eval_episodes")
+# Running: input checks, processes and devices, compiling --------------------------------------------------------------
+POSITIVE = tuple(
+    "num_seeds total_timesteps num_envs num_steps num_minibatches update_epochs hidden_size "
+    "learning_rate clip_coef max_grad_norm keep_checkpoints eval_episodes".split()
+)
 NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef", "num_processes")
 
 
@@ -440,15 +442,13 @@ def check_args(args: Args) -> str | None:
         make_env(args, 1)  # an unknown id, MemoryChain-L with L < 1, an import path that fails, a non-gymnax env
     except ValueError as error:
         return f"--env-id: {error}"
-    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
-               (("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]
-    for names, domain, ok in domains:
+    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0)]
+    for names, domain, ok in domains + [(("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]:
         for name in names:
             if not (math.isfinite(value := getattr(args, name)) and ok(value)):
                 return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % args.num_minibatches:
-        return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
-                "(minibatches split the envs into whole sequences)")
+        return f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches}"
     if args.total_timesteps < args.num_envs * args.num_steps:
         return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes "
                 f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")
@@ -463,15 +463,8 @@ def check_args(args: Args) -> str | None:
     if args.eval_reset_every_trial and not getattr(make_env(args, 1)[0], "num_trials", 0):
         return f"--eval-reset-every-trial needs a meta-env such as MetaCartPole; {args.env_id} has no trials"
     if args.distributed and args.num_seeds % jax.process_count():
-        return f"--num-seeds {args.num_seeds} must be divisible by the {jax.process_count()} processes"
+        return f"--num-seeds {args.num_seeds} must be divisible by the number of processes, {jax.process_count()}"
     return None
-
-
-def derive_sizes(args: Args) -> Args:
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_updates = args.total_timesteps // args.batch_size
-    return args
 
 
 def start_distributed(args: Args):
@@ -513,7 +506,7 @@ def local_seeds(sharding, num_seeds: int) -> list[int]:
 
 
 def default_chunk(num_updates: int) -> int:
-    """The largest divisor of num_updates up to 1/25 of it, so that one program is compiled."""
+    """The largest divisor of num_updates up to num_updates // 25 (at least 1): one program compiled, ~25 chunks."""
     return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
 
 
@@ -522,12 +515,20 @@ def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
     `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
     Returns `(runner_state with a leading seed axis on every leaf, {length: compiled chunk})`."""
     init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
-    chunk = lambda n: jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding,  # noqa: E731
-                              out_shardings=sharding).lower(init_lowered.out_info)
-    lowered = [init_lowered] + [chunk(n) for n in sorted(chunk_lengths)]
+    lowered = [init_lowered]
+    for n in sorted(chunk_lengths):
+        chunk = jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
+        lowered.append(chunk.lower(init_lowered.out_info))
     with ThreadPoolExecutor(len(lowered)) as pool:
         init_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
     return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks))
+
+
+def derive_sizes(args: Args) -> Args:
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_updates = args.total_timesteps // args.batch_size
+    return args
 
 
 def cache_folder(folder: str) -> str:
@@ -609,9 +610,11 @@ def quiet_cache_loads(folder: str):
 
 
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
-# may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
-RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
-                     "wandb_project_name", "wandb_entity", "save_model")
+# --resume may change these (and --total-timesteps without --anneal-lr): they do not change the run's math
+RESUME_MAY_CHANGE = tuple(
+    "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
+    "save_model".split()
+)
 NOT_COMPARED = tuple(
     "resume eval_model eval_episodes eval_greedy eval_reset_every_trial eval_untrained batch_size minibatch_size "
     "num_updates".split()
@@ -659,17 +662,16 @@ def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
 
 def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: bool = False):
     """(step, meta, state) of the latest checkpoint. The state takes `target`'s structure and sharding (a fresh
-    init: the resumed arrays are bit-identical), or without one comes as nested dicts on this process's first device
-    (whichever processes and devices wrote it)."""
+    init: the resumed arrays are bit-identical), or without one comes as nested dicts on this process's first
+    device (whichever processes and devices wrote it)."""
     manager = checkpoints(path)
     if (step := manager.latest_step()) is None:
         raise FileNotFoundError(f"{path} holds no checkpoint")
     items = {"meta": ocp.args.JsonRestore()}
-    if not meta_only and target is None:
+    if target is None and not meta_only:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shapes = manager.item_metadata(step)["state"]
-        items["state"] = ocp.args.StandardRestore(
-            jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), shapes))
+        as_saved = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
+        items["state"] = ocp.args.StandardRestore(jax.tree.map(as_saved, manager.item_metadata(step)["state"]))
     elif not meta_only:
         items["state"] = ocp.args.StandardRestore(target._replace(key=jax.random.key_data(target.key)))
     restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -680,11 +682,12 @@ def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: 
 
 def save_checkpoint(manager, runner: RunnerState, args: Args, history: list, run_s: float) -> int:
     """Checkpoint `runner` (the last completed chunk); written in the background while training goes on."""
-    step = int(runner.train_state.step.addressable_data(0)[0]) // (args.num_minibatches * args.update_epochs)
+    optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]  # the same in every seed
+    step = int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
     if step not in manager.all_steps():
         meta = strict_json({"args": asdict(args), "history": history[:step], "run_seconds": run_s})
-        state = runner._replace(key=jax.random.key_data(runner.key))
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state = ocp.args.StandardSave(runner._replace(key=jax.random.key_data(runner.key)))
+        manager.save(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonSave(meta)))
     return step
 
 
@@ -703,8 +706,8 @@ def parse_args() -> tuple[Args, str | None]:
     """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
     flag that would change that run's math is refused. --distributed joins the other processes here."""
     args = tyro.cli(Args)
-    if not args.eval_model:  # before any other JAX call (reading a checkpoint is one); check_args refuses both
-        start_distributed(args)
+    if not args.eval_model:  # check_args refuses --distributed with --eval-model: nothing to join then
+        start_distributed(args)  # before anything starts JAX's backend (reading a checkpoint does)
     if not (path := args.resume or args.eval_model):
         return args, None
     flag, whose = ("--resume", "checkpoint") if args.resume else ("--eval-model", "model")
@@ -722,14 +725,14 @@ def parse_args() -> tuple[Args, str | None]:
     args = tyro.cli(Args, default=saved)
     if args.resume and (new := args.total_timesteps) < done:
         return args, f"--resume: --total-timesteps {new} is below the {done} steps the checkpoint has done"
-    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
-        new, old, option = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
-        if new == old or (name == "total_timesteps" and (args.eval_model or not args.anneal_lr)):
-            continue
-        allowed = ", ".join("--" + n.replace("_", "-") for n in ("total_timesteps",) + RESUME_MAY_CHANGE)
-        why = f"it would change the run (allowed to change: {allowed})"
-        why = "with --anneal-lr it would change the learning-rate schedule" if name == "total_timesteps" else why
-        return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; {why}"
+    free = ("total_timesteps",) if args.eval_model or not args.anneal_lr else ()
+    allowed = ", ".join("--" + name.replace("_", "-") for name in ("total_timesteps",) + RESUME_MAY_CHANGE)
+    allowed = f"the run (allowed to change: {allowed})"
+    for name in (f.name for f in fields(Args) if f.name not in free + RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
+        if (new := getattr(args, name)) != (old := getattr(saved, name)):
+            why = "the learning-rate schedule (--anneal-lr)" if name == "total_timesteps" else allowed
+            option = "--" + name.replace("_", "-")
+            return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; it would change {why}"
     return args, None
 
 
@@ -782,19 +785,16 @@ def evaluate_model(args: Args) -> dict:
 
 
 # Training loop, logging -----------------------------------------------------------------------------------------------
-def summarize(args: Args, history: list[dict], mmer, compile_s: float, run_s: float) -> dict:
-    """Per-seed and across-seed results: the MMER is the loop's running maximum (`mmer`: [seeds], -inf before a
-    first finished episode), the final return the last logged one (history: per-iteration metrics of [seeds])."""
-    seeds = [args.seed + i for i in range(args.num_seeds)]
-    returns = np.array([h["episodic_return"] for h in history], float).reshape(len(history), args.num_seeds)
-    finished = [r[~np.isnan(r)] for r in returns.T]  # per seed, the iterations that completed episodes
-    per_seed = {str(s): {"mmer": float(m) if np.isfinite(m) else None,
-                         "final_episodic_return": float(f[-1]) if f.size else None}
-                for s, m, f in zip(seeds, mmer, finished)}
-    global_step = len(history) * args.batch_size
-    summary = {"env_id": args.env_id, "updates": len(history), "global_step": global_step,
-               "compile_seconds": compile_s, "run_seconds": run_s,
-               "sps": global_step * args.num_seeds / run_s if run_s > 0 else None, "per_seed": per_seed}
+def summarize(args: Args, history: list[dict], mmer: np.ndarray, compile_s: float, run_s: float) -> dict:
+    """Per-seed and across-seed results: the MMER the loop kept, and the return of each seed's last rollout that
+    completed episodes."""
+    returns = np.array([h["episodic_return"] for h in history], float).reshape(len(history), args.num_seeds).T
+    final = [r[~np.isnan(r)][-1] if (~np.isnan(r)).any() else None for r in returns]
+    seeds = [str(args.seed + i) for i in range(args.num_seeds)]
+    per_seed = {s: strict_json({"mmer": m, "final_episodic_return": f}) for s, m, f in zip(seeds, mmer, final)}
+    steps = len(history) * args.batch_size
+    summary = dict(env_id=args.env_id, updates=len(history), global_step=steps, compile_seconds=compile_s)
+    summary.update(run_seconds=run_s, sps=steps * args.num_seeds / run_s if run_s > 0 else None, per_seed=per_seed)
     for key in ("mmer", "final_episodic_return"):
         values = [v[key] for v in per_seed.values() if v[key] is not None]
         summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
@@ -812,12 +812,12 @@ def console_mean(values, spec: str = "+.3f", spread: bool = False) -> str:
     return f"{x.mean():{spec}} +- {x.std():{spec.lstrip('+')}}" if spread else f"{x.mean():{spec}}"
 
 
-def log_iteration(writers: dict, metrics: dict, mmer, global_step: int):
-    """One PPO iteration's scalars into the TensorBoard run of each of this process's seeds (`writers`: {index:})."""
+def log_iteration(writers: dict, metrics: dict, mmer: np.ndarray, global_step: int):
+    """One iteration's TensorBoard scalars; `writers`: {seed index: writer} of this process's seeds."""
     for i, writer in writers.items():
         if not np.isnan(metrics["episodic_return"][i]):
-            for name in ("episodic_return", "episodic_length"):
-                writer.add_scalar(f"charts/{name}", metrics[name][i], global_step)
+            writer.add_scalar("charts/episodic_return", metrics["episodic_return"][i], global_step)
+            writer.add_scalar("charts/episodic_length", metrics["episodic_length"][i], global_step)
             writer.add_scalar("charts/mmer", mmer[i], global_step)
         writer.add_scalar("charts/learning_rate", metrics["learning_rate"][i], global_step)
         for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
@@ -835,85 +835,81 @@ def log_in_context(writers: dict, record: dict, global_step: int):
 
 
 def main(args: Args) -> dict:
-    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json.
-    With --distributed, process 0 alone prints and writes summary.json, the model and wandb."""
+    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json."""
     start_distributed(args)
     derive_sizes(args)
-    leader = jax.process_index() == 0
-    say = print if leader else lambda *_, **__: None
     chunk = args.updates_per_chunk or default_chunk(args.num_updates)
-    stamp = int(time.time())
-    if jax.process_count() > 1:  # one run folder for all processes: process 0's clock
-        stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp)))
+    stamp = int(time.time())  # the run folder's: the processes of a --distributed run take process 0's
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp))) if jax.process_count() > 1 else stamp
     run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
+    lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, runs wandb
+    print0 = print if lead else lambda *_, **__: None
     history, run_s, compile_s, runner, failure, in_context = [], 0.0, 0.0, None, None, None
     if args.resume:  # the logs continue from the checkpoint: metrics so far (null -> NaN), run time
         meta = restore_checkpoint(run_dir, meta_only=True)[1]
         history, run_s = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]], meta["run_seconds"]
-    mmer = np.fmax.reduce([np.full(args.num_seeds, -np.inf)] + [h["episodic_return"] for h in history])
-    if args.track and leader:
+    if args.track and lead:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
+        settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(sync_tensorboard=True, save_code=True, **settings)
     sharding = seed_sharding(args.num_seeds)
-    # on --resume TensorBoard drops what the interrupted run logged after the checkpoint (purge_step)
-    purge_step = len(history) * args.batch_size + 1 if args.resume else None
-    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step)
-               for i in local_seeds(sharding, args.num_seeds)}
+    purge_step = len(history) * args.batch_size + 1 if args.resume else None  # TensorBoard drops what followed
+    mine = local_seeds(sharding, args.num_seeds)  # each process writes its seeds' runs
+    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step) for i in mine}
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     for writer in [] if args.resume else writers.values():
         writer.add_text("hyperparameters", table)
     manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
     last_saved = len(history)
+    # MMER: the running max over iterations of each seed's mean completed-episode return
+    mmer = np.fmax.reduce([np.full(args.num_seeds, -np.inf)] + [h["episodic_return"] for h in history])
 
     init, update_chunk = make_train(args)
+    keys = seed_keys(seeds, sharding)
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     resumed = f", from update {last_saved}" if args.resume else ""
-    say(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-        f"{args.num_updates} updates of {args.batch_size} steps{resumed}")
+    print0(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s){processes}"
+           f", {args.num_updates} updates of {args.batch_size} steps{resumed}")
     start = time.time()
     try:
         left = args.num_updates - len(history)
-        lengths = {min(chunk, left), left % chunk} - {0}
-        runner, compiled_chunk = compile_training(init, update_chunk, seed_keys(seeds, sharding), sharding, lengths)
+        runner, compiled = compile_training(init, update_chunk, keys, sharding, {min(chunk, left), left % chunk} - {0})
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start
-        say(f"compiled in {compile_s:.1f} s")
+        print0(f"compiled in {compile_s:.1f} s")
         while len(history) < args.num_updates:
             n = min(chunk, args.num_updates - len(history))
             t = time.time()
-            new_runner, metrics = compiled_chunk[n](runner)
-            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n]
-            elapsed = time.time() - t
-            run_s += elapsed
+            new_runner, metrics = compiled[n](runner)
+            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n], on every process
+            run_s += (elapsed := time.time() - t)
             if not (finite := metrics.pop("finite")).all():  # log the iterations before the first bad one, then stop
                 n, i = min((u, i) for i, u in zip(*np.nonzero(~finite)))
                 failure = f"non-finite loss/parameters at update {len(history) + n + 1} (seed {seeds[i]})"
             for u in range(n):
                 history.append({k: v[:, u] for k, v in metrics.items()})
-                mmer = np.fmax(mmer, history[-1]["episodic_return"])
-                log_iteration(writers, history[-1], mmer, global_step := len(history) * args.batch_size)
+                iteration, mmer = len(history), np.fmax(mmer, history[-1]["episodic_return"])
+                log_iteration(writers, history[-1], mmer, global_step := iteration * args.batch_size)
             if failure:
                 break
             runner, sps = new_runner, n * args.batch_size / elapsed
             for writer in writers.values():
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.flush()
-            if args.checkpoint_every and len(history) // args.checkpoint_every > last_saved // args.checkpoint_every:
+            if args.checkpoint_every and iteration // args.checkpoint_every > last_saved // args.checkpoint_every:
                 last_saved = save_checkpoint(manager, runner, args, history, run_s)
-            iteration = len(history)
+            eta = run_s / iteration * (args.num_updates - iteration)
             mean_return, mean_mmer = console_mean(history[-1]["episodic_return"]), console_mean(mmer)
-            say(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
-                f"(all seeds) | return {mean_return} | mmer {mean_mmer} | "
-                f"ETA {run_s / iteration * (args.num_updates - iteration):.0f} s", flush=True)
+            print0(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+                   f"(all seeds) | return {mean_return} | mmer {mean_mmer} | ETA {eta:.0f} s", flush=True)
         if not failure and getattr(make_env(args, 1)[0], "num_trials", 0):  # a meta-env: the in-context curve
-            evaluate = jax.jit(jax.vmap(make_evaluate(args)))
-            results = to_host(evaluate(runner.train_state.params, seed_keys(seeds, sharding)))
+            results = to_host(jax.jit(jax.vmap(make_evaluate(args)))(runner.train_state.params, keys))
             in_context = in_context_record(seeds, results["trial_returns"])
             log_in_context(writers, in_context, len(history) * args.batch_size)
-            say(in_context_line(in_context))
+            print0(in_context_line(in_context))
     except KeyboardInterrupt:
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
@@ -924,26 +920,26 @@ def main(args: Args) -> dict:
             manager.close()
         summary = summarize(args, history, mmer, compile_s, run_s)
         for s, r in summary["per_seed"].items():
-            say(f"seed {s}: mmer {console_mean(r['mmer'], '.4f')}, "
-                f"final return {console_mean(r['final_episodic_return'], '.4f')}")
+            print0(f"seed {s}: mmer {console_mean(r['mmer'], '.4f')}, "
+                   f"final return {console_mean(r['final_episodic_return'], '.4f')}")
         if history:
             mmers, sps = [r["mmer"] for r in summary["per_seed"].values()], summary["sps"] or 0
-            say(f"MMER over {args.num_seeds} seed(s): {console_mean(mmers, '.4f', spread=True)} | "
-                f"compile {compile_s:.1f} s, run {run_s:.1f} s, {sps:,.0f} steps/s")
+            print0(f"MMER over {args.num_seeds} seed(s): {console_mean(mmers, '.4f', spread=True)} | "
+                   f"compile {compile_s:.1f} s, run {run_s:.1f} s, {sps:,.0f} steps/s")
         summary.update({"in_context": in_context} if in_context else {})
-        if leader:
+        if lead:
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
-        if args.save_model and runner is not None:
-            params = to_host(runner.train_state.params)  # a leading [num_seeds] axis; every process gathers
-            if leader:
-                with open(path := os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
-                    f.write(flax.serialization.to_bytes([asdict(args), params]))
+        if args.save_model and runner is not None:  # every seed's parameters: a leading [num_seeds] axis
+            model, path = to_host(runner.train_state.params), os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+            if lead:
+                with open(path, "wb") as f:
+                    f.write(flax.serialization.to_bytes([asdict(args), model]))
                 print(f"model saved to {path}")
         for writer in writers.values():
             writer.close()
-        if args.track and leader:
+        if args.track and lead:
             wandb.finish()
-        say(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
+        print0(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
     if failure:
         where = f"update {last_saved} in {os.path.join(run_dir, 'checkpoints')}" if manager and last_saved else "none"
         raise SystemExit(f"error: {failure}; last good checkpoint: {where}")
@@ -954,7 +950,7 @@ if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
-    args, error = parse_args()
+    args, error = parse_args()  # with --distributed, joins the multi-process run first
     enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
     quiet_cache_loads(args.compile_cache)
     error = error or check_args(args)

@@ -353,8 +353,7 @@ class S5Memory(nn.Module):
         return tuple(jnp.zeros((batch_size, n_states), jnp.complex64) for _ in range(config.n_layers))
 
 
-# Actor-critic: shared encoder and S5 trunk, separate actor and critic heads (paper, app -------------------------------
-# B).
+# Actor-critic: shared encoder and S5 trunk, separate actor and critic heads (paper, app. B) ---------------------------
 class ActorCritic(nn.Module):
     action_dim: int
     continuous: bool
@@ -489,7 +488,7 @@ def make_train(args: Args):
         frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / args.num_updates
         return args.learning_rate * frac if args.anneal_lr else args.learning_rate
 
-    # flatten: one vector for the optimizer instead of ~60 leaves, a smaller program to compile
+    # flatten: one vector for the optimizer instead of one per leaf, a smaller program to compile
     clip = optax.clip_by_global_norm(args.max_grad_norm)
     optimizer = optax.flatten(optax.chain(clip, optax.adam(learning_rate, eps=1e-5)))
 
@@ -632,8 +631,9 @@ def check_args(args: Args) -> str | None:
                 return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % args.num_minibatches:
         return f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches}"
-    if args.total_timesteps < (batch := args.num_envs * args.num_steps):
-        return f"--total-timesteps {args.total_timesteps} gives zero updates: one is --num-envs x --num-steps = {batch}"
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes "
+                f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")
     if error := S5Config.from_args(args).error():
         return error
     if args.dt_min > args.dt_max:
@@ -641,7 +641,7 @@ def check_args(args: Args) -> str | None:
     if args.track and importlib.util.find_spec("wandb") is None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
-        return "--coordinator-address, --num-processes and --process-id set up a multi-process run: add --distributed"
+        return "--coordinator-address, --num-processes and --process-id are for multi-process runs: add --distributed"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
     if (args.eval_reset_every_trial or args.eval_untrained) and not args.eval_model:
@@ -683,6 +683,12 @@ def to_host(tree):
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def local_seeds(sharding, num_seeds: int) -> list[int]:
+    """Indices of the seeds whose shards this process holds (it writes their TensorBoard runs)."""
+    indices = sharding.addressable_devices_indices_map((num_seeds,)).values()
+    return sorted({i for (index,) in indices for i in range(num_seeds)[index]})
 
 
 def default_chunk(num_updates: int) -> int:
@@ -886,9 +892,10 @@ def load_model(path: str) -> tuple[Args, dict]:
 
 def parse_args() -> tuple[Args, str | None]:
     """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
-    flag that would change that run's math is refused."""
+    flag that would change that run's math is refused. --distributed joins the other processes here."""
     args = tyro.cli(Args)
-    start_distributed(args)  # before anything starts JAX's backend (reading a checkpoint does)
+    if not args.eval_model:  # check_args refuses --distributed with --eval-model: nothing to join then
+        start_distributed(args)  # before anything starts JAX's backend (reading a checkpoint does)
     if not (path := args.resume or args.eval_model):
         return args, None
     flag, whose = ("--resume", "checkpoint") if args.resume else ("--eval-model", "model")
@@ -904,8 +911,8 @@ def parse_args() -> tuple[Args, str | None]:
     except (FileNotFoundError, ValueError) as error:
         return args, f"{flag}: {error}"
     args = tyro.cli(Args, default=saved)
-    if args.total_timesteps < done:
-        return args, f"--resume: --total-timesteps {args.total_timesteps} is below the {done} steps done"
+    if args.resume and (new := args.total_timesteps) < done:
+        return args, f"--resume: --total-timesteps {new} is below the {done} steps the checkpoint has done"
     free = ("total_timesteps",) if args.eval_model or not args.anneal_lr else ()
     allowed = ", ".join("--" + name.replace("_", "-") for name in ("total_timesteps",) + RESUME_MAY_CHANGE)
     allowed = f"the run (allowed to change: {allowed})"
@@ -1036,9 +1043,8 @@ def main(args: Args) -> dict:
         settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
         wandb.init(sync_tensorboard=True, save_code=True, **settings)
     sharding = seed_sharding(args.num_seeds)
-    index_map = sharding.addressable_devices_indices_map((args.num_seeds,))  # each process writes its seeds' runs
-    mine = sorted({i for index in index_map.values() for i in range(args.num_seeds)[index[0]]})
     purge_step = len(history) * args.batch_size + 1 if args.resume else None  # TensorBoard drops what followed
+    mine = local_seeds(sharding, args.num_seeds)  # each process writes its seeds' runs
     writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step) for i in mine}
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     for writer in [] if args.resume else writers.values():
