@@ -4,10 +4,11 @@ uninterrupted one bit for bit (saved parameters, every TensorBoard scalar but SP
 with nothing logged twice or missing.
 
 The signals are real and land at exact points: the script runs in a child process whose copy of one of its functions
-(`log_iteration`, which logs an update's metrics, or `save_checkpoint`) sends the signal to its own process on its
-k-th call, before the function's body. `log_iteration` runs after an update's metrics reach the host and before the
-runner state moves on, the window where history and state can disagree; SIGKILL there also leaves TensorBoard
-rows past the last checkpoint, which the resumed run must drop and log again."""
+(`log_iteration`, which logs an update's metrics; `save_checkpoint`; TensorBoard's `add_scalar` of the SPS, written
+once per chunk after its metrics) sends the signal to its own process on its k-th call, before the function's body.
+These lie between an update's metrics reaching the host and the runner state moving on, the window where the logged
+history and the state can disagree; SIGKILL there also leaves TensorBoard rows past the last checkpoint, which the
+resumed run must drop and log again."""
 
 import glob
 import json
@@ -52,11 +53,12 @@ SCRIPTS = {
                    folders="seed_*", log_calls=1, save_calls_every_update=False),
 }  # fmt: skip
 UPDATES = 8
-# (signal, function, the update during which the k-th call comes, the checkpoint the resumed run starts from)
+# (signal, function, the update during which the k-th call comes, the checkpoints the resumed run may start from)
 POINTS = [
-    ("SIGTERM", "log_iteration", 5, 4),  # update 5's metrics in hand, state at 4: the checkpoint on the way out
-    ("SIGKILL", "log_iteration", 5, 3),  # update 4 logged past the periodic checkpoint at 3
-    ("SIGKILL", "save_checkpoint", 6, 3),  # killed as the checkpoint at 6 is about to be written
+    ("SIGTERM", "log_iteration", 5, (4,)),  # update 5's metrics in hand, state at 4: the checkpoint on the way out
+    ("SIGTERM", "SummaryWriter.add_scalar", 5, (4, 5)),  # update 5 logged; the state has moved on or not (scripts differ)
+    ("SIGKILL", "log_iteration", 5, (3,)),  # update 4 logged past the periodic checkpoint at 3
+    ("SIGKILL", "save_checkpoint", 6, (3,)),  # killed as the checkpoint at 6 is about to be written
 ]
 # The child: runs the script as __main__, its `function` wrapped to signal the process on call `k`. For SIGKILL it
 # first waits until the checkpoint the test expects is committed (orbax writes in the background), so that what the
@@ -70,18 +72,20 @@ module = types.ModuleType("__main__")
 module.__file__ = path
 sys.modules["__main__"], sys.argv = module, [path, *argv]
 exec(compile(top, path, "exec"), module.__dict__)
-original, calls = module.__dict__[function], []
+owner, attribute = function.split(".") if "." in function else ("", function)
+owner = module.__dict__[owner] if owner else module
+original, calls = getattr(owner, attribute), []
 
 def signalling(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == int(k):
+    calls.extend([1] if owner is module or args[1] == "charts/SPS" else [])  # add_scalar(self, tag, ...): SPS only
+    if len(calls) == int(k) and (owner is module or args[1] == "charts/SPS"):
         log_dir = [a.split("=", 1)[1] for a in argv if a.startswith("--log-dir=")][0]
         while name == "SIGKILL" and not glob.glob(os.path.join(log_dir, "*", "checkpoints", committed)):
             time.sleep(0.01)
         os.kill(os.getpid(), getattr(signal, name))
     return original(*args, **kwargs)
 
-module.__dict__[function] = signalling
+setattr(owner, attribute, signalling)
 exec(compile("if True:\n" + main, path, "exec"), module.__dict__)
 """
 
@@ -139,21 +143,24 @@ def uninterrupted(tmp_path_factory, cache):
     return get
 
 
-@pytest.mark.parametrize("point", POINTS, ids=[f"{s}-{f}-update{u}" for s, f, u, _ in POINTS])
+@pytest.mark.parametrize("point", POINTS, ids=[f"{s}-{f.split('.')[-1]}-update{u}" for s, f, u, _ in POINTS])
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_stopped_and_resumed_equals_uninterrupted(name, point, uninterrupted, cache, tmp_path):
     script = SCRIPTS[name]
     module, signal_name, function, update, resumed_from = script["module"], *point
+    committed = str(resumed_from[0])  # SIGKILL: the checkpoint that must be committed before the kill
     if function == "log_iteration":  # the first call of the update
         k = (update - 1) * script["log_calls"] + 1
+    elif function == "SummaryWriter.add_scalar":  # the first TensorBoard run's SPS (one per seed, per chunk)
+        k = (update - 1) * 2 + 1
     else:
         k = update if script["save_calls_every_update"] else update // 3
-    stopped = run(["-c", CHILD, module.__file__, function, str(k), signal_name, str(resumed_from), *script["flags"],
+    stopped = run(["-c", CHILD, module.__file__, function, str(k), signal_name, committed, *script["flags"],
                    *COMMON, f"--log-dir={tmp_path}", f"--compile-cache={cache}"])  # fmt: skip
     assert stopped.returncode == (-signal.SIGKILL if signal_name == "SIGKILL" else 0), stopped.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "*"))
     assert signal_name == "SIGTERM" or not os.path.exists(os.path.join(run_dir, "summary.json"))
-    assert module.restore_checkpoint(run_dir, meta_only=True)[0] == resumed_from
+    assert module.restore_checkpoint(run_dir, meta_only=True)[0] in resumed_from
     resumed = run([module.__file__, f"--resume={run_dir}", f"--compile-cache={cache}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     params, scalars, summary = fingerprint(module, run_dir, script["folders"])
