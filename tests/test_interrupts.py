@@ -56,7 +56,7 @@ UPDATES = 8
 # (signal, function, the update during which the k-th call comes, the checkpoints the resumed run may start from)
 POINTS = [
     ("SIGTERM", "log_iteration", 5, (4,)),  # update 5's metrics in hand, state at 4: the checkpoint on the way out
-    ("SIGTERM", "SummaryWriter.add_scalar", 5, (4, 5)),  # update 5 logged; the state has moved on or not (scripts differ)
+    ("SIGTERM", "SummaryWriter.add_scalar", 5, (4, 5)),  # update 5 logged; the state moved on or not (by script)
     ("SIGKILL", "log_iteration", 5, (3,)),  # update 4 logged past the periodic checkpoint at 3
     ("SIGKILL", "save_checkpoint", 6, (3,)),  # killed as the checkpoint at 6 is about to be written
 ]
@@ -134,7 +134,8 @@ def uninterrupted(tmp_path_factory, cache):
         if name not in results:
             script, log_dir = SCRIPTS[name], tmp_path_factory.mktemp(f"{name}_whole")
             module = script["module"]
-            result = run([module.__file__, *script["flags"], *COMMON, f"--log-dir={log_dir}", f"--compile-cache={cache}"])
+            flags = [*script["flags"], *COMMON, f"--log-dir={log_dir}", f"--compile-cache={cache}"]
+            result = run([module.__file__, *flags])
             assert result.returncode == 0, result.stderr[-3000:]
             (run_dir,) = glob.glob(str(log_dir / "*"))
             results[name] = fingerprint(module, run_dir, script["folders"])
