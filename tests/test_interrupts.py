@@ -91,8 +91,7 @@ exec(compile("if True:\n" + main, path, "exec"), module.__dict__)
 
 
 def run(args, timeout=600):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return result
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def fingerprint(module, run_dir: str, folders: str) -> tuple:
