@@ -83,6 +83,7 @@ def signalling(*args, **kwargs):
         while name == "SIGKILL" and not glob.glob(os.path.join(log_dir, "*", "checkpoints", committed)):
             time.sleep(0.01)
         os.kill(os.getpid(), getattr(signal, name))
+        time.sleep(60)  # SIGTERM's KeyboardInterrupt is raised in here (the handler runs in the main thread)
     return original(*args, **kwargs)
 
 setattr(owner, attribute, signalling)
