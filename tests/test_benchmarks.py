@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -409,3 +410,32 @@ def test_incontext_quick_and_read_back(tmp_path):
     assert all(r["source"] == "read back" for r in report2["results"].values())
     for model in ("S5", "LSTM"):
         assert report2["results"][model]["splits"] == report["results"][model]["splits"]
+
+
+def test_repeat_previous_hard_paper_reads_runs_back(tmp_path):
+    """The paper-settings reader on two tiny runs (S5 and the GRU on CartPoleEasy, whose episodes end; 3 updates
+    each, the GRU's killed after its checkpoint at update 2 with its TensorBoard row 3 left behind): steps done from
+    the checkpoint, the curve up to it, the MMER the maximum of that curve, the memory named from the saved Args."""
+    import ppo_lstm_popgym
+    import ppo_s5_popgym
+
+    module = benchmark_module("bench_repeat_previous_hard_paper")
+    runs = tmp_path / "runs"
+    tiny = dict(env_id="CartPoleEasy", num_envs=4, num_steps=16, update_epochs=1, num_minibatches=2,
+                total_timesteps=3 * 64, log_dir=str(runs), updates_per_chunk=1)  # fmt: skip
+    ppo_s5_popgym.main(ppo_s5_popgym.Args(exp_name="S5", d_model=8, ssm_size=8, n_layers=1, checkpoint_every=1, **tiny))
+    ppo_lstm_popgym.main(ppo_lstm_popgym.Args(exp_name="GRU", cell="gru", hidden_size=8, checkpoint_every=2, **tiny))
+    (gru_dir,) = runs.glob("*__GRU__*")
+    (gru_dir / "summary.json").unlink()  # as if killed after update 3's logs: its last checkpoint is update 2
+    shutil.rmtree(gru_dir / "checkpoints" / "3")
+    report = module.main(module.Args(runs_dir=str(runs), out_dir=str(tmp_path / "out")))
+    by_memory = {r["memory"]: r for r in report["runs"].values()}
+    s5, gru = by_memory["S5 1x8"], by_memory["GRU 8"]
+    assert (s5["updates_done"], s5["steps_done"], s5["finished"]) == (3, 192, True)
+    assert (gru["updates_done"], gru["steps_done"], gru["finished"]) == (2, 128, False)
+    assert s5["curve"][0] == [64, 128, 192] and gru["curve"][0] == [64, 128]
+    for r in (s5, gru):
+        finite = [x for x in r["curve"][1] if np.isfinite(x)]
+        assert r["mmer"] == (max(finite) if finite else None)
+    assert (s5["script"], gru["script"]) == ("ppo_s5_popgym.py", "ppo_lstm_popgym.py")
+    assert (tmp_path / "out" / "bench_repeat_previous_hard_paper.png").stat().st_size > 0
