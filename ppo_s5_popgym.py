@@ -51,13 +51,16 @@ class Args:
     seed: int = 1
     """seed of the first run; run i of `--num-seeds` uses seed + i"""
     num_seeds: int = 1
-    """number of independent seeds, vmapped and sharded over all visible devices"""
+    """number of independent seeds, sharded over all visible devices (each runs its seeds as --seed-batching says)"""
     log_dir: str = "runs"
     """folder under which the run folder is created"""
     save_model: bool = False
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of the updates)"""
+    seed_batching: Literal["vmap", "loop"] = "vmap"
+    """how a device runs its seeds: vmap (one batched program) or loop (one device holds all seeds and runs the
+    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run)"""
     checkpoint_every: int = 20
     """checkpoint the training state every N updates (at chunk ends), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
@@ -642,6 +645,8 @@ def check_args(args: Args) -> str | None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
         return "--coordinator-address, --num-processes and --process-id are for multi-process runs: add --distributed"
+    if args.seed_batching == "loop" and jax.device_count() > 1:
+        return f"--seed-batching loop runs every seed on one device, and this run has {jax.device_count()}: use vmap"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
     if (args.eval_reset_every_trial or args.eval_untrained) and not args.eval_model:
@@ -696,17 +701,47 @@ def default_chunk(num_updates: int) -> int:
     return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
 
 
-def compile_training(init, update_chunk, keys, sharding, chunk_lengths):
+def each_seed(program):
+    """A one-seed `program` as a function of a leading [seeds] axis on every argument: run for each seed in turn,
+    outputs stacked (--seed-batching loop: seed i is computed by the very program of a one-seed run)."""
+
+    def run(*inputs):
+        return stack_seeds([program(*seed_inputs) for seed_inputs in split_seeds(inputs)])
+
+    return run
+
+
+@jax.jit  # one program for the whole tree (eager indexing would compile one per leaf shape)
+def split_seeds(tree) -> list:
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(len(jax.tree.leaves(tree)[0]))]
+
+
+@jax.jit
+def stack_seeds(trees: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def over_seeds(fn, seed_batching: str):
+    """`fn` of one seed, jitted, as a function of a leading [seeds] axis: vmapped, or looped over the seeds."""
+    return jax.jit(jax.vmap(fn)) if seed_batching == "vmap" else each_seed(jax.jit(fn))
+
+
+def compile_training(init, update_chunk, keys, sharding, chunk_lengths, seed_batching: str):
     """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and compile
-    `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
-    Returns `(runner_state with a leading seed axis on every leaf, {length: compiled chunk})`."""
-    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
-    lowered = [init_lowered]
-    for n in sorted(chunk_lengths):
-        chunk = jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
-        lowered.append(chunk.lower(init_lowered.out_info))
+    `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread. vmap: programs of all the
+    seeds; loop: of one seed, run for each in turn. Returns `(runner_state with a leading seed axis on every leaf,
+    {length: compiled chunk})`."""
+    if seed_batching == "vmap":
+        init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+        chunk = lambda n: jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding,  # noqa: E731
+                                  out_shardings=sharding).lower(init_lowered.out_info)
+    else:
+        init_lowered = jax.jit(init).lower(keys[0])
+        chunk = lambda n: jax.jit(partial(update_chunk, num_updates=n)).lower(init_lowered.out_info)  # noqa: E731
+    lowered = [init_lowered] + [chunk(n) for n in sorted(chunk_lengths)]
     with ThreadPoolExecutor(len(lowered)) as pool:
-        init_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
+        programs = pool.map(lambda program: program.compile(), lowered)
+    init_compiled, *chunks = programs if seed_batching == "vmap" else map(each_seed, programs)
     return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks))
 
 
@@ -948,10 +983,10 @@ def evaluate_model(args: Args) -> dict:
     seeds = [args.seed + i for i in range(args.num_seeds)]
     keys = jax.vmap(jax.random.key)(jnp.array(seeds))  # the training's seed keys: --eval-untrained inits as it did
     if args.eval_untrained:
-        params = jax.jit(jax.vmap(make_train(args)[0]))(keys).train_state.params
+        params = over_seeds(make_train(args)[0], args.seed_batching)(keys).train_state.params
     else:
         params = load_model(args.eval_model)[1]
-    results = to_host(jax.jit(jax.vmap(make_evaluate(args)))(params, keys))
+    results = to_host(over_seeds(make_evaluate(args), args.seed_batching)(params, keys))
     returns, means = results["return"], results["return"].mean(1)  # [seeds, N]; the std is that of the seeds' means
     result = {"model": os.path.abspath(args.eval_model), "env_id": args.env_id, "greedy": args.eval_greedy}
     result.update(untrained=args.eval_untrained, reset_every_trial=args.eval_reset_every_trial)
@@ -1063,7 +1098,8 @@ def main(args: Args) -> dict:
     start = time.time()
     try:
         left = args.num_updates - len(history)
-        runner, compiled = compile_training(init, update_chunk, keys, sharding, {min(chunk, left), left % chunk} - {0})
+        lengths = {min(chunk, left), left % chunk} - {0}
+        runner, compiled = compile_training(init, update_chunk, keys, sharding, lengths, args.seed_batching)
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start
@@ -1094,7 +1130,7 @@ def main(args: Args) -> dict:
             print0(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
                    f"(all seeds) | return {mean_return} | mmer {mean_mmer} | ETA {eta:.0f} s", flush=True)
         if not failure and getattr(make_env(args, 1)[0], "num_trials", 0):  # a meta-env: the in-context curve
-            results = to_host(jax.jit(jax.vmap(make_evaluate(args)))(runner.train_state.params, keys))
+            results = to_host(over_seeds(make_evaluate(args), args.seed_batching)(runner.train_state.params, keys))
             in_context = in_context_record(seeds, results["trial_returns"])
             log_in_context(writers, in_context, len(history) * args.batch_size)
             print0(in_context_line(in_context))
