@@ -380,8 +380,6 @@ class S5Memory(nn.Module):
 
 
 # The LSTM baseline's memory (--memory lstm) ---------------------------------------------------------------------------
-# Actor-critic: shared encoder and memory trunk (S5 or LSTM), separate actor and critic heads (paper, app. B), a
-# diagonal Gaussian policy over the agent's fixed-size action.
 class RNNMemory(nn.Module):
     """ppo_lstm_popgym's resettable LSTM (without its GRU option): `(carry, x[T, B, H], resets[T, B]) -> (carry,
     y[T, B, H])`. `resets[t, b]`: x[t, b] starts a trial, so the carry is zeroed before it. Carry: `(c, h)`, [B, H]."""
@@ -404,7 +402,10 @@ class RNNMemory(nn.Module):
         return nn.OptimizedLSTMCell(features=hidden_size).initialize_carry(jax.random.key(0), (batch_size, hidden_size))
 
 
+# Actor-critic: shared encoder and S5 (or LSTM) trunk, separate actor and critic heads (paper, app. B) -----------------
 class ActorCritic(nn.Module):
+    """A diagonal Gaussian policy over the agent's fixed-size action, and the value."""
+
     action_dim: int
     width: int  # of the memory's inputs and outputs
     memory: nn.Module
@@ -509,13 +510,13 @@ def ppo_loss(params, network: ActorCritic, args: Args, carry, batch: Transition,
     `(loss, stats)`, the clipped surrogate plus `vf_coef` x the (clipped) value loss minus `ent_coef` x the entropy,
     as CleanRL's ppo_atari_lstm.py. Differentiated with respect to `params` (the other arguments stay fixed)."""
     _, policy, value = network.apply(params, carry, batch.obs, batch.done)
-    log_ratio = policy_log_prob(policy, batch.action) - batch.log_prob
+    log_prob = policy_log_prob(policy, batch.action)
+    log_ratio = log_prob - batch.log_prob
     ratio = jnp.exp(log_ratio)
     if args.norm_adv:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    pg_loss = jnp.maximum(
-        -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-    ).mean()
+    clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
     if args.clip_vloss:
         value_clipped = batch.value + jnp.clip(value - batch.value, -args.clip_coef, args.clip_coef)
         v_loss = 0.5 * jnp.maximum((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
@@ -523,11 +524,10 @@ def ppo_loss(params, network: ActorCritic, args: Args, carry, batch: Transition,
         v_loss = 0.5 * ((value - returns) ** 2).mean()
     entropy = policy_entropy(policy).mean()
     loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
-    stats = dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, clipfrac=clipfrac)
     # http://joschu.net/blog/kl-approx.html
-    stats.update(old_approx_kl=(-log_ratio).mean(), approx_kl=((ratio - 1) - log_ratio).mean())
-    return loss, stats
+    kl = dict(old_approx_kl=(-log_ratio).mean(), approx_kl=((ratio - 1) - log_ratio).mean())
+    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+    return loss, dict(policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, **kl, clipfrac=clipfrac)
 
 
 def make_train(args: Args):
@@ -542,9 +542,8 @@ def make_train(args: Args):
         return args.learning_rate * frac if args.anneal_lr else args.learning_rate
 
     # flatten: one vector for the optimizer instead of one per leaf, a smaller program to compile
-    optimizer = optax.flatten(
-        optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate, eps=1e-5))
-    )
+    clip = optax.clip_by_global_norm(args.max_grad_norm)
+    optimizer = optax.flatten(optax.chain(clip, optax.adam(learning_rate, eps=1e-5)))
 
     def init(key) -> RunnerState:
         key, key_params, key_env = jax.random.split(key, 3)
@@ -658,54 +657,50 @@ def make_evaluate(args: Args, greedy: bool = False, reset_every_episode: bool = 
     return evaluate
 
 
-# Running: input checks, processes, seeds and devices, compiling -------------------------------------------------------
-POSITIVE = (
+# Running: input checks, processes and devices, compiling --------------------------------------------------------------
+POSITIVE = tuple(
     "num_seeds total_timesteps num_envs num_steps num_minibatches update_epochs episodes_per_trial obs_size "
-    "action_size eval_trials d_model ssm_size n_layers s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm "
-    "keep_checkpoints eval_episodes hidden_size"
-).split()
-NON_NEGATIVE = "updates_per_chunk eval_every episode_length checkpoint_every vf_coef ent_coef num_processes".split()
+    "action_size eval_trials d_model ssm_size n_layers s5_blocks hidden_size learning_rate clip_coef max_grad_norm "
+    "dt_min dt_max keep_checkpoints eval_episodes".split()
+)
+NON_NEGATIVE = ("updates_per_chunk", "checkpoint_every", "eval_every", "episode_length", "vf_coef", "ent_coef",
+                "num_processes")  # fmt: skip
 
 
 def check_args(args: Args) -> str | None:
     """Return a one-line message saying what to change, or None if the settings can run."""
     try:
-        train, _ = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)
+        train_ids, _ = envs_popjax.check_meta_env_sets(args.train_envs, args.heldout_envs)  # unknown or overlapping
     except ValueError as error:
         return f"--train-envs/--heldout-envs: {error}"
-    domains = [
-        (POSITIVE, "positive", lambda v: v > 0),
-        (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
-        (("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1),
-    ]
-    for names, domain, ok in domains:
+    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0)]
+    for names, domain, ok in domains + [(("gamma", "gae_lambda"), "in [0, 1]", lambda v: 0 <= v <= 1)]:
         for name in names:
             if not (math.isfinite(value := getattr(args, name)) and ok(value)):
                 return f"--{name.replace('_', '-')} must be {domain}, got {value}"
-    if args.num_envs % len(train):
-        return f"--num-envs {args.num_envs} must be divisible by the {len(train)} --train-envs (each gets equal slots)"
+    if args.num_envs % len(train_ids):
+        return f"--num-envs {args.num_envs} must be divisible by the {len(train_ids)} --train-envs (equal slots each)"
     if args.num_envs % args.num_minibatches:
-        return f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} (whole envs)"
-    if args.total_timesteps < (batch := args.num_envs * args.num_steps):
-        return f"--total-timesteps {args.total_timesteps} < one update (--num-envs x --num-steps = {batch})"
+        return f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches}"
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        return (f"--total-timesteps {args.total_timesteps} gives zero updates: one update takes "
+                f"--num-envs x --num-steps = {args.num_envs * args.num_steps} steps")
     if args.updates_per_chunk and args.eval_every and args.eval_every % args.updates_per_chunk:
         return f"--eval-every {args.eval_every} must be a multiple of --updates-per-chunk {args.updates_per_chunk}"
     if error := S5Config.from_args(args).error():
         return error
     if args.dt_min > args.dt_max:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
-    if args.resume and args.eval_model:
-        return "--resume and --eval-model exclude each other"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track logs to Weights & Biases, which is not installed: pip install wandb"
+    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
+        return "--coordinator-address, --num-processes and --process-id are for multi-process runs: add --distributed"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
     if (args.eval_reset_every_episode or args.eval_untrained) and not args.eval_model:
         return "--eval-reset-every-episode and --eval-untrained are controls of --eval-model RUN: add it"
-    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
-        return "--coordinator-address, --num-processes, --process-id: a multi-process run's flags; add --distributed"
     if args.distributed and args.num_seeds % jax.process_count():
-        return f"--num-seeds {args.num_seeds} must be divisible by the {jax.process_count()} processes of the run"
-    if args.track and importlib.util.find_spec("wandb") is None:
-        return "--track logs to Weights & Biases, which is not installed: pip install wandb"
+        return f"--num-seeds {args.num_seeds} must be divisible by the number of processes, {jax.process_count()}"
     return None
 
 
@@ -735,8 +730,8 @@ def seed_keys(seeds: list[int], sharding):
 
 
 def eval_keys(seeds: list[int], sharding):
-    """`(training keys, evaluation keys)` of the seeds: fixed, so every evaluation (and --eval-model) sees the same
-    trials."""
+    """`(training keys, evaluation keys)` of the seeds, laid out by `sharding`: the evaluation keys are fixed, so every
+    evaluation of a run (and --eval-model) sees the same trials."""
     keys = seed_keys(seeds, sharding)
     return keys, jax.jit(jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED)), out_shardings=sharding)(keys)
 
@@ -749,30 +744,32 @@ def to_host(tree):
 
 
 def local_seeds(sharding, num_seeds: int) -> list[int]:
-    """The indices of the seeds whose shards this process holds (all of them in one process)."""
-    held = sharding.addressable_devices_indices_map((num_seeds,)).values()
-    return sorted({i for (index,) in held for i in range(num_seeds)[index]})
-
-
-def compile_training(init, update_chunk, keys, sharding, chunk_lengths, evaluate, keys_eval):
-    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit), compile `update_chunk`
-    per chunk length and `evaluate` (on every seed's parameters and `keys_eval`), all programs at once: XLA compiles
-    each on one thread. Returns `(runner_state with a leading seed axis on every leaf, {length: compiled chunk},
-    compiled evaluate)`."""
-    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
-    runner = init_lowered.out_info
-    jit = partial(jax.jit, in_shardings=sharding, out_shardings=sharding)
-    lowered = [init_lowered, jit(jax.vmap(evaluate)).lower(runner.train_state.params, keys_eval)]
-    lowered += [jit(jax.vmap(partial(update_chunk, num_updates=n))).lower(runner) for n in sorted(chunk_lengths)]
-    with ThreadPoolExecutor(len(lowered)) as pool:
-        init_compiled, evaluate_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
-    return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks)), evaluate_compiled
+    """Indices of the seeds whose shards this process holds (it writes their TensorBoard runs)."""
+    indices = sharding.addressable_devices_indices_map((num_seeds,)).values()
+    return sorted({i for (index,) in indices for i in range(num_seeds)[index]})
 
 
 def default_chunk(num_updates: int, eval_every: int = 0) -> int:
-    """The largest divisor of num_updates (and of eval_every: evaluations end chunks) up to num_updates // 25."""
+    """The largest divisor of num_updates (and of eval_every: evaluations end chunks) up to num_updates // 25 (at
+    least 1): one program compiled, ~25 chunks."""
     whole = math.gcd(num_updates, eval_every) if eval_every else num_updates
     return max(d for d in range(1, max(1, num_updates // 25) + 1) if whole % d == 0)
+
+
+def compile_training(init, update_chunk, keys, sharding, chunk_lengths, evaluate, keys_eval):
+    """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and compile
+    `update_chunk` per chunk length and `evaluate` (every seed's parameters, `keys_eval`), all programs at once: XLA
+    compiles each on one thread. Returns `(runner_state with a leading seed axis on every leaf, {length: compiled
+    chunk}, compiled evaluate)`."""
+    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+    evaluate_jit = jax.jit(jax.vmap(evaluate), in_shardings=sharding, out_shardings=sharding)
+    lowered = [init_lowered, evaluate_jit.lower(init_lowered.out_info.train_state.params, keys_eval)]
+    for n in sorted(chunk_lengths):
+        chunk = jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
+        lowered.append(chunk.lower(init_lowered.out_info))
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        init_compiled, evaluate_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
+    return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks)), evaluate_compiled
 
 
 def derive_sizes(args: Args) -> Args:
@@ -863,17 +860,16 @@ def quiet_cache_loads(folder: str):
 
 
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
-# may differ from the checkpoint's on --resume: they do not change the run's math (nor does --total-timesteps, see Args)
-RESUME_MAY_CHANGE = (
+# --resume may change these (and --total-timesteps without --anneal-lr): they do not change the run's math
+RESUME_MAY_CHANGE = tuple(
     "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
-    "save_model"
-).split()
-NOT_COMPARED = (
+    "save_model".split()
+)
+NOT_COMPARED = tuple(
     "resume eval_model eval_episodes eval_greedy eval_reset_every_episode eval_untrained batch_size minibatch_size "
-    "num_updates"
-).split()
-# this launch's: a run may be resumed with another number of processes (every seed computes the same)
-LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")
+    "num_updates".split()
+)
+LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
 
 
 def strict_json(x):
@@ -895,7 +891,7 @@ def write_json(path: str, obj):
 def args_from(saved: dict) -> Args:
     """Args from their JSON or msgpack form (flax's msgpack stores a tuple as {"0": ..., "1": ...})."""
 
-    def fix(v):
+    def fix(v):  # the tuples: --train-envs, --heldout-envs
         if isinstance(v, dict):
             return tuple(v[k] for k in sorted(v, key=int))
         return tuple(v) if isinstance(v, list) else v
@@ -911,8 +907,9 @@ def run_folder(path: str) -> str:
 
 def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
     """A run's `checkpoints/`, to read (no `args`) or to write (keeps the latest --keep-checkpoints). Step = PPO
-    updates done; items: `state` (every seed's RunnerState, PRNG keys as key_data) and `meta` (JSON: the Args and
-    the logs: per-update returns, evaluations, global_step, seconds)."""
+    updates done; items: `state` (every seed's RunnerState, PRNG keys as key_data) and `meta` (JSON: the Args, the
+    per-update metrics and the evaluations so far, run seconds so far). Every process of a --distributed run writes
+    its own shards."""
     folder = os.path.join(run_folder(path), "checkpoints")
     if args is None and not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} is neither a .cleanrl_model file nor a run folder with checkpoints/")
@@ -923,13 +920,13 @@ def checkpoints(path: str, args: Args | None = None) -> ocp.CheckpointManager:
 
 def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: bool = False):
     """(step, meta, state) of the latest checkpoint. The state takes `target`'s structure and sharding (a fresh
-    init: the resumed arrays are bit-identical), or comes as nested dicts on this process's first device without one
-    (whichever processes and devices wrote it)."""
+    init: the resumed arrays are bit-identical), or without one comes as nested dicts on this process's first
+    device (whichever processes and devices wrote it)."""
     manager = checkpoints(path)
     if (step := manager.latest_step()) is None:
         raise FileNotFoundError(f"{path} holds no checkpoint")
     items = {"meta": ocp.args.JsonRestore()}
-    if not meta_only and target is None:
+    if target is None and not meta_only:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         as_saved = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
         items["state"] = ocp.args.StandardRestore(jax.tree.map(as_saved, manager.item_metadata(step)["state"]))
@@ -941,21 +938,15 @@ def restore_checkpoint(path: str, target: RunnerState | None = None, meta_only: 
     return step, restored["meta"], state._replace(key=jax.random.wrap_key_data(state.key)) if target else state
 
 
-def updates_done(runner: RunnerState, args: Args) -> int:
-    """The PPO updates `runner` has done, from its optimizer's step count (the same in every seed)."""
-    optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]
-    return int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
-
-
-def save_checkpoint(manager, runner: RunnerState, args: Args, logs: dict) -> int:
-    """Checkpoint `runner` (the last completed chunk) with the logs of the updates it has done, no more (a Ctrl-C can
-    land after a chunk's returns are logged, before the state moves): every process writes its own shards, process 0
-    the JSON."""
-    step, state = updates_done(runner, args), runner._replace(key=jax.random.key_data(runner.key))
+def save_checkpoint(manager, runner: RunnerState, args: Args, history: list, evals: list, run_s: float) -> int:
+    """Checkpoint `runner` (the last completed chunk); written in the background while training goes on."""
+    optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]  # the same in every seed
+    step = int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
     if step not in manager.all_steps():
-        logs = {**logs, "returns": logs["returns"][:step], "global_step": step * args.batch_size}
-        meta = strict_json({"args": asdict(args), "logs": logs})
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        evals = [record for record in evals if record["update"] <= step]
+        meta = strict_json({"args": asdict(args), "history": history[:step], "evals": evals, "run_seconds": run_s})
+        state = ocp.args.StandardSave(runner._replace(key=jax.random.key_data(runner.key)))
+        manager.save(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonSave(meta)))
     return step
 
 
@@ -967,94 +958,41 @@ def load_model(path: str) -> tuple[Args, dict]:
             saved = flax.serialization.msgpack_restore(f.read())
         return args_from(saved["0"]), saved["1"]
     _, meta, state = restore_checkpoint(path)
-    return args_from(meta["args"]), jax.tree.map(np.asarray, state["train_state"]["params"])
-
-
-def resume_error(args: Args, saved: Args, global_step: int | None) -> str | None:
-    """A flag given with --resume that would change the run. A larger --total-timesteps continues the same run
-    further, unless --anneal-lr is on (the learning-rate schedule depends on the total). With --eval-model
-    (`global_step` None): a flag that differs from the saved model's, which the evaluation would not use."""
-    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED + list(LAUNCH)):
-        new, old, flag = getattr(args, name), getattr(saved, name), "--" + name.replace("_", "-")
-        if global_step is None and new != old and name != "total_timesteps":
-            return f"--eval-model: {flag} {new} differs from the model's {old}; the evaluation plays the saved run's"
-        if new == old or global_step is None:
-            continue
-        if name == "total_timesteps" and new >= global_step and not args.anneal_lr:
-            continue
-        if name == "total_timesteps" and new < global_step:
-            return f"--resume: {flag} {new} is below the {global_step} steps the checkpoint has done"
-        if name == "total_timesteps":
-            return (
-                f"--resume: {flag} {new} differs from the checkpoint's {old}; with --anneal-lr it would change the "
-                "learning-rate schedule"
-            )
-        allowed = "allowed: " + ", ".join("--" + n.replace("_", "-") for n in ["total_timesteps"] + RESUME_MAY_CHANGE)
-        return f"--resume: {flag} {new} differs from the checkpoint's {old}; it would change the run ({allowed})"
-    return None
+    return args_from(meta["args"]), state["train_state"]["params"]
 
 
 def parse_args() -> tuple[Args, str | None]:
-    """The CLI: `(args, error or None)`. --distributed joins the run first (before any other JAX call); with --resume
-    the defaults are the checkpoint's Args, and a flag that would change the run is refused."""
+    """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
+    flag that would change that run's math is refused. --distributed joins the other processes here."""
     args = tyro.cli(Args)
-    if not args.eval_model:
-        start_distributed(args)
-    path = args.resume or args.eval_model  # checked below, with the saved run's flags as the defaults
-    if (error := None if args.resume else check_args(args)) or not path:
-        return args, error
+    if not args.eval_model:  # check_args refuses --distributed with --eval-model: nothing to join then
+        start_distributed(args)  # before anything starts JAX's backend (reading a checkpoint does)
+    if not (path := args.resume or args.eval_model):
+        return args, None
+    flag, whose = ("--resume", "checkpoint") if args.resume else ("--eval-model", "model")
     try:
+        if args.resume and args.eval_model:
+            raise ValueError("--resume and --eval-model exclude each other")
         if args.eval_model:
-            saved, global_step = load_model(path)[0], None
+            saved, done = load_model(path)[0], 0
         else:
-            _, meta, _ = restore_checkpoint(path, meta_only=True)
-            saved, global_step = args_from(meta["args"]), meta["logs"]["global_step"]  # without the launch flags
-    except FileNotFoundError as error:
-        return args, f"{'--resume' if args.resume else '--eval-model'}: {error}"
-    args = tyro.cli(Args, default=replace(saved, resume="", eval_model=""))  # a resumed run saved its --resume
-    return args, check_args(args) or resume_error(args, saved, global_step)
-
-
-def evaluate_model(args: Args) -> dict:
-    """--eval-model: the in-context evaluation of a saved model, --eval-episodes trials per train and held-out env
-    and seed, on the keys of the training run's evaluations; prints it and writes eval.json beside the model."""
-    saved, params = load_model(args.eval_model)
-    saved = derive_sizes(replace(saved, eval_trials=args.eval_episodes))
-    seeds = [saved.seed + i for i in range(saved.num_seeds)]
-    keys, keys_eval = eval_keys(seeds, seed_sharding(len(seeds)))
-    if args.eval_untrained:  # each seed's initialisation, from the training's seed keys
-        params = jax.jit(jax.vmap(make_train(saved)[0]))(keys).train_state.params
-    evaluate = jax.jit(jax.vmap(make_evaluate(saved, args.eval_greedy, args.eval_reset_every_episode)))
-    record = eval_record(seeds, None, None, to_host(evaluate(params, keys_eval)))
-    for seed in seeds:
-        for split in ("train", "heldout"):
-            curves = np.array([v for k, v in record["per_seed"][str(seed)].items() if k.startswith(split + "/")])
-            if len(curves):  # averaged over the split's envs
-                print(f"seed {seed}, {split} envs: return per episode of a trial {np.round(curves.mean(0), 3)}")
-    controls = [name for name in ("untrained", "reset_every_episode") if getattr(args, f"eval_{name}")]
-    how = " ".join(["greedy" if args.eval_greedy else "sampled"] + [c.replace("_", "-") for c in controls])
-    print(f"{how}, over {len(seeds)} seed(s): {eval_line(record, saved)}")
-    result = {"model": args.eval_model, "trials_per_env": args.eval_episodes, "greedy": args.eval_greedy, **record}
-    result.update(untrained=args.eval_untrained, reset_every_episode=args.eval_reset_every_episode)
-    write_json(path := os.path.join(run_folder(args.eval_model), "_".join(["eval"] + controls) + ".json"), result)
-    print(f"written to {path}")
-    return result
-
-
-# Training loop, logging -----------------------------------------------------------------------------------------------
-LOSSES = ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "explained_variance")
-
-
-def summarize(args: Args, logs: dict) -> dict:
-    """summary.json's results: per seed the last update's mean inner-episode return (null if it finished none), and
-    every evaluation (the last also as `final_eval`)."""
-    seeds, returns, run_s = [args.seed + i for i in range(args.num_seeds)], logs["returns"], logs["run_seconds"]
-    summary = {"train_envs": list(args.train_envs), "heldout_envs": list(args.heldout_envs), "updates": len(returns)}
-    summary.update(global_step=logs["global_step"], compile_seconds=logs["compile_seconds"], run_seconds=run_s)
-    summary["sps"] = logs["global_step"] * args.num_seeds / run_s if run_s > 0 else None
-    summary["final_episodic_return"] = dict(zip(map(str, seeds), returns[-1])) if returns else None
-    summary.update(final_eval=logs["evals"][-1] if logs["evals"] else None, evals=logs["evals"])
-    return summary
+            step, meta, _ = restore_checkpoint(path, meta_only=True)
+            saved = args_from(meta["args"])
+            done = step * saved.batch_size
+    except (FileNotFoundError, ValueError) as error:
+        return args, f"{flag}: {error}"
+    args = tyro.cli(Args, default=saved)
+    if args.resume and (new := args.total_timesteps) < done:
+        return args, f"--resume: --total-timesteps {new} is below the {done} steps the checkpoint has done"
+    free = ("total_timesteps",) if args.eval_model or not args.anneal_lr else ()
+    allowed = ", ".join("--" + name.replace("_", "-") for name in ("total_timesteps",) + RESUME_MAY_CHANGE)
+    allowed = f"the run (allowed to change: {allowed})"
+    for name in (f.name for f in fields(Args) if f.name not in free + RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
+        if (new := getattr(args, name)) != (old := getattr(saved, name)):
+            why = "the learning-rate schedule (--anneal-lr)" if name == "total_timesteps" else allowed
+            option = "--" + name.replace("_", "-")
+            return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; it would change {why}"
+    return args, None
 
 
 def eval_record(seeds: list[int], iteration: int | None, global_step: int | None, results: dict) -> dict:
@@ -1085,6 +1023,50 @@ def eval_line(record: dict, args: Args) -> str:
     )
 
 
+def evaluate_model(args: Args) -> dict:
+    """--eval-model: every seed's saved (or with --eval-untrained, initial) policy plays --eval-episodes trials of
+    every train and held-out env, on the keys of the training run's evaluations; prints the in-context curves and
+    writes eval.json (eval_untrained.json, eval_reset_every_episode.json for the controls) beside the model."""
+    derive_sizes(args)
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    keys, keys_eval = eval_keys(seeds, seed_sharding(args.num_seeds))  # --eval-untrained inits as the training did
+    if args.eval_untrained:
+        params = jax.jit(jax.vmap(make_train(args)[0]))(keys).train_state.params
+    else:
+        params = load_model(args.eval_model)[1]
+    evaluate = make_evaluate(replace(args, eval_trials=args.eval_episodes), args.eval_greedy,
+                             args.eval_reset_every_episode)  # fmt: skip
+    record = eval_record(seeds, None, None, to_host(jax.jit(jax.vmap(evaluate))(params, keys_eval)))
+    for seed in seeds:
+        for split in ("train", "heldout"):
+            curves = np.array([v for k, v in record["per_seed"][str(seed)].items() if k.startswith(split + "/")])
+            if len(curves):  # averaged over the split's envs
+                print(f"seed {seed}, {split} envs: return per episode of a trial {np.round(curves.mean(0), 3)}")
+    result = {"model": os.path.abspath(args.eval_model), "trials_per_env": args.eval_episodes, **record}
+    result.update(greedy=args.eval_greedy, untrained=args.eval_untrained)
+    result.update(reset_every_episode=args.eval_reset_every_episode)
+    controls = [name for name in ("untrained", "reset_every_episode") if result[name]]
+    path = os.path.join(run_folder(args.eval_model), "_".join(["eval"] + controls) + ".json")
+    write_json(path, result)
+    how = " ".join(["greedy" if args.eval_greedy else "sampled"] + [c.replace("_", "-") for c in controls])
+    print(f"{how}, over {args.num_seeds} seed(s): {eval_line(record, args)}; written to {path}")
+    return result
+
+
+# Training loop, logging -----------------------------------------------------------------------------------------------
+def summarize(args: Args, history: list[dict], evals: list[dict], compile_s: float, run_s: float) -> dict:
+    """Per-seed results: the last update's mean inner-episode return (null if it finished none), and every evaluation
+    (the last also as `final_eval`)."""
+    seeds = [str(args.seed + i) for i in range(args.num_seeds)]
+    steps = len(history) * args.batch_size
+    summary = dict(train_envs=list(args.train_envs), heldout_envs=list(args.heldout_envs), updates=len(history))
+    summary.update(global_step=steps, compile_seconds=compile_s, run_seconds=run_s)
+    summary["sps"] = steps * args.num_seeds / run_s if run_s > 0 else None
+    summary["final_episodic_return"] = dict(zip(seeds, history[-1]["episodic_return"])) if history else None
+    summary.update(final_eval=evals[-1] if evals else None, evals=evals)
+    return summary
+
+
 def console_mean(values, spec: str = "+.3f", spread: bool = False) -> str:
     """For the console: the mean over seeds of `values` (NaN, -inf or None where no episode ended), with spread=True
     "mean +- std", of the finite ones only; "(no episode ended)" if none is finite. Progress lines and summaries never
@@ -1097,14 +1079,15 @@ def console_mean(values, spec: str = "+.3f", spread: bool = False) -> str:
 
 
 def log_iteration(writers: dict, metrics: dict, global_step: int):
-    """One PPO update's scalars ([seeds] arrays) for the seeds whose writers this process holds ({index: writer})."""
+    """One iteration's TensorBoard scalars; `writers`: {seed index: writer} of this process's seeds."""
     for i, writer in writers.items():
         for name in ("episodic_return", "first_episode_return", "last_episode_return"):
             if not np.isnan(metrics[name][i]):
                 writer.add_scalar(f"charts/{name}", metrics[name][i], global_step)
         writer.add_scalar("charts/learning_rate", metrics["learning_rate"][i], global_step)
-        for name in LOSSES:
+        for name in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
             writer.add_scalar(f"losses/{name}", metrics[name][i], global_step)
+        writer.add_scalar("losses/explained_variance", metrics["explained_variance"][i], global_step)
 
 
 def log_eval(writers: dict, results: dict, global_step: int):
@@ -1126,124 +1109,113 @@ def main(args: Args) -> dict:
     start_distributed(args)
     derive_sizes(args)
     chunk = args.updates_per_chunk or default_chunk(args.num_updates, args.eval_every)
-    lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, and runs wandb
-    say = print if lead else lambda *_, **__: None
-    # what summary.json and the progress need; saved with every checkpoint, continued by --resume
-    logs = {"returns": [], "evals": [], "global_step": 0, "run_seconds": 0.0, "compile_seconds": 0.0}
-    if args.resume:
-        run_dir, logs = args.resume.rstrip("/"), restore_checkpoint(args.resume, meta_only=True)[1]["logs"]
-    else:  # the processes of a --distributed run agree on the time stamp
-        stamp = np.int32(time.time())
-        stamp = int(multihost_utils.broadcast_one_to_all(stamp) if jax.process_count() > 1 else stamp)
-        run_dir = os.path.join(args.log_dir, f"metarl__{args.exp_name}__{args.seed}__{stamp}")
-    run_name, seeds = os.path.basename(run_dir), [args.seed + i for i in range(args.num_seeds)]
-    returns, evals, runner, failure = logs["returns"], logs["evals"], None, None
-    if args.track and lead:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
+    stamp = int(time.time())  # the run folder's: the processes of a --distributed run take process 0's
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp))) if jax.process_count() > 1 else stamp
+    run_dir = args.resume or os.path.join(args.log_dir, f"metarl__{args.exp_name}__{args.seed}__{stamp}")
+    run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
+    lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, runs wandb
+    print0 = print if lead else lambda *_, **__: None
+    history, evals, run_s, compile_s, runner, failure = [], [], 0.0, 0.0, None, None
+    if args.resume:  # the logs continue from the checkpoint: metrics (null -> NaN) and evaluations so far, run time
+        meta = restore_checkpoint(run_dir, meta_only=True)[1]
+        history, run_s = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]], meta["run_seconds"]
+        evals = meta["evals"]
+    if args.track and lead:
         import wandb
 
-        settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, save_code=True)
-        wandb.init(**settings, sync_tensorboard=True, config=vars(args))
+        settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(sync_tensorboard=True, save_code=True, **settings)
     sharding = seed_sharding(args.num_seeds)
-    # each process writes its seeds' runs; on --resume TensorBoard drops what was logged after the checkpoint
-    purge_step = logs["global_step"] + 1 if args.resume else None
-    folders = {i: os.path.join(run_dir, f"seed_{seeds[i]}") for i in local_seeds(sharding, args.num_seeds)}
-    writers = {i: SummaryWriter(folder, purge_step=purge_step) for i, folder in folders.items()}
+    purge_step = len(history) * args.batch_size + 1 if args.resume else None  # TensorBoard drops what followed
+    mine = local_seeds(sharding, args.num_seeds)  # each process writes its seeds' runs
+    writers = {i: SummaryWriter(os.path.join(run_dir, f"seed_{seeds[i]}"), purge_step=purge_step) for i in mine}
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
     for writer in [] if args.resume else writers.values():
         writer.add_text("hyperparameters", table)
-    manager = checkpoints(run_dir, args) if args.checkpoint_every else None
-    last_saved = len(returns)  # the update count of the latest checkpoint
+    manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
+    last_saved = len(history)
 
+    init, update_chunk = make_train(args)
     keys, keys_eval = eval_keys(seeds, sharding)
-    train_envs, heldout_envs = ", ".join(args.train_envs), ", ".join(args.heldout_envs) or "none"
-    say(
-        f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s), "
-        f"{args.num_updates} updates of {args.batch_size} steps; train {train_envs}; held-out {heldout_envs}"
-    )
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    resumed = f", from update {last_saved}" if args.resume else ""
+    envs = f"train {', '.join(args.train_envs)}; held-out {', '.join(args.heldout_envs) or 'none'}"
+    print0(f"{run_name}: {args.num_seeds} seed(s) on {sharding.mesh.size} {jax.default_backend()} device(s){processes}"
+           f", {args.num_updates} updates of {args.batch_size} steps{resumed}; {envs}")
 
-    def run_eval():
-        t = time.time()
-        results = to_host(evaluate(runner.train_state.params, keys_eval))
-        log_eval(writers, results, logs["global_step"])
-        evals.append(eval_record(seeds, len(returns), logs["global_step"], results))
-        say(f"eval at update {len(returns)}: {eval_line(evals[-1], args)} ({time.time() - t:.1f} s)", flush=True)
+    def run_eval(params):  # before the state moves on to `params`: a checkpoint holds the evaluations it has done
+        t, global_step = time.time(), len(history) * args.batch_size
+        results = to_host(evaluate(params, keys_eval))
+        log_eval(writers, results, global_step)
+        evals.append(eval_record(seeds, len(history), global_step, results))
+        print0(f"eval at update {len(history)}: {eval_line(evals[-1], args)} ({time.time() - t:.1f} s)", flush=True)
 
     start = time.time()
     try:
-        left = args.num_updates - len(returns)
-        lengths = {min(chunk, left), left % chunk} - {0}
-        runner, compiled_chunk, evaluate = compile_training(
-            *make_train(args), keys, sharding, lengths, make_evaluate(args), keys_eval
-        )
+        left = args.num_updates - len(history)
+        lengths, evaluate = {min(chunk, left), left % chunk} - {0}, make_evaluate(args)
+        runner, compiled, evaluate = compile_training(init, update_chunk, keys, sharding, lengths, evaluate, keys_eval)
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
-        logs["compile_seconds"] += time.time() - start
-        say(f"compiled in {time.time() - start:.1f} s" + (f"; resumed at update {len(returns)}" if args.resume else ""))
-        if not returns:
-            run_eval()
-        while len(returns) < args.num_updates:
-            n = min(chunk, args.num_updates - len(returns))
+        compile_s = time.time() - start
+        print0(f"compiled in {compile_s:.1f} s")
+        if not history:  # the untrained policy's evaluation
+            run_eval(runner.train_state.params)
+        while len(history) < args.num_updates:
+            n = min(chunk, args.num_updates - len(history))
             t = time.time()
-            new_runner, metrics = compiled_chunk[n](runner)
-            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n]
-            elapsed = time.time() - t
-            logs["run_seconds"] += elapsed
-            if not (finite := metrics.pop("finite")).all():  # log the updates before the first bad one, then stop
+            new_runner, metrics = compiled[n](runner)
+            metrics = to_host(jax.block_until_ready(metrics))  # [seeds, n], on every process
+            run_s += (elapsed := time.time() - t)
+            if not (finite := metrics.pop("finite")).all():  # log the iterations before the first bad one, then stop
                 n, i = min((u, i) for i, u in zip(*np.nonzero(~finite)))
-                failure = f"non-finite loss/parameters at update {len(returns) + n + 1} (seed {seeds[i]})"
+                failure = f"non-finite loss/parameters at update {len(history) + n + 1} (seed {seeds[i]})"
             for u in range(n):
-                global_step = logs["global_step"] + (u + 1) * args.batch_size
-                log_iteration(writers, {k: v[:, u] for k, v in metrics.items()}, global_step)
-            # the returns, the step count and the state change together (a checkpoint saves them)
-            returns += [metrics["episodic_return"][:, u].tolist() for u in range(n)]
-            logs["global_step"] += n * args.batch_size
+                history.append({k: v[:, u] for k, v in metrics.items()})
+                iteration = len(history)
+                log_iteration(writers, history[-1], global_step := iteration * args.batch_size)
             if failure:
                 break
+            if (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_updates:
+                run_eval(new_runner.train_state.params)
             runner, sps = new_runner, n * args.batch_size / elapsed
             for writer in writers.values():
-                writer.add_scalar("charts/SPS", sps, logs["global_step"])
+                writer.add_scalar("charts/SPS", sps, global_step)
                 writer.flush()
-            eta = logs["run_seconds"] / len(returns) * (args.num_updates - len(returns))
-            mean_return = console_mean(returns[-1])
-            progress = f"SPS {sps * args.num_seeds:,.0f} (all seeds) | return {mean_return} | ETA {eta:.0f} s"
-            say(f"step {logs['global_step']:>10,}/{args.num_updates * args.batch_size:,} | {progress}", flush=True)
-            if (args.eval_every and len(returns) % args.eval_every == 0) or len(returns) == args.num_updates:
-                run_eval()
-            if manager and len(returns) // args.checkpoint_every > last_saved // args.checkpoint_every:
-                last_saved = save_checkpoint(manager, runner, args, logs)
+            if args.checkpoint_every and iteration // args.checkpoint_every > last_saved // args.checkpoint_every:
+                last_saved = save_checkpoint(manager, runner, args, history, evals, run_s)
+            eta = run_s / iteration * (args.num_updates - iteration)
+            print0(f"step {global_step:>10,}/{args.num_updates * args.batch_size:,} | SPS {sps * args.num_seeds:,.0f} "
+                   f"(all seeds) | return {console_mean(history[-1]['episodic_return'])} | ETA {eta:.0f} s", flush=True)
     except KeyboardInterrupt:
-        say(f"\ninterrupted after {len(returns)} updates; writing what was logged and a checkpoint", file=sys.stderr)
+        print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
-        if manager:
-            if runner is not None and not failure and len(returns) != last_saved:  # the last good state stays latest
-                last_saved = save_checkpoint(manager, runner, args, logs)
+        if manager is not None:
+            if args.checkpoint_every and runner is not None and not failure:
+                last_saved = save_checkpoint(manager, runner, args, history, evals, run_s)
             manager.wait_until_finished()
             manager.close()
-        summary = summarize(args, logs)
+        summary = summarize(args, history, evals, compile_s, run_s)
         if evals:
-            say(f"final eval over {args.num_seeds} seed(s): {eval_line(evals[-1], args)}")
-        say(
-            f"compile {summary['compile_seconds']:.1f} s, run {summary['run_seconds']:.1f} s, "
-            f"{summary['sps'] or 0:,.0f} steps/s"
-        )
+            print0(f"final eval over {args.num_seeds} seed(s): {eval_line(evals[-1], args)}")
+        if history:
+            print0(f"compile {compile_s:.1f} s, run {run_s:.1f} s, {summary['sps'] or 0:,.0f} steps/s")
         if lead:
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
-        if args.save_model and runner is not None:
-            params = to_host(runner.train_state.params)  # an all-gather: every process takes part
-            path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        if args.save_model and runner is not None:  # every seed's parameters: a leading [num_seeds] axis
+            model, path = to_host(runner.train_state.params), os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
             if lead:
-                with open(path, "wb") as f:  # params carry a leading [num_seeds] axis
-                    f.write(flax.serialization.to_bytes([asdict(args), params]))
-            say(f"model saved to {path}")
+                with open(path, "wb") as f:
+                    f.write(flax.serialization.to_bytes([asdict(args), model]))
+                print(f"model saved to {path}")
         for writer in writers.values():
             writer.close()
         if args.track and lead:
             wandb.finish()
-        say(f"results in {run_dir}")
+        print0(f"results in {run_dir}" + (f"; latest checkpoint: update {last_saved}" if manager else ""))
     if failure:
-        where = f"update {last_saved} in {run_dir}/checkpoints" if last_saved else "none"
-        say(f"error: {failure}; last good checkpoint: {where}", file=sys.stderr)
-        sys.exit(1)
+        where = f"update {last_saved} in {os.path.join(run_dir, 'checkpoints')}" if manager and last_saved else "none"
+        raise SystemExit(f"error: {failure}; last good checkpoint: {where}")
     return summary
 
 
@@ -1251,10 +1223,11 @@ if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
-    args, error = parse_args()
+    args, error = parse_args()  # with --distributed, joins the multi-process run first
+    enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
+    quiet_cache_loads(args.compile_cache)
+    error = error or check_args(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
-    quiet_cache_loads(args.compile_cache)
     evaluate_model(args) if args.eval_model else main(args)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import jax
 import jax.numpy as jnp
@@ -259,7 +259,7 @@ def test_lstm_run_resume_and_eval_model(tmp_path):
     assert (result := run_script(*flags)).returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "*"))
     assert (result := run_script("--resume", run_dir, "--total-timesteps=144")).returncode == 0, result.stderr[-3000:]
-    assert "resumed at update 2" in result.stdout
+    assert ", from update 2;" in result.stdout
     summary = json.loads(open(os.path.join(run_dir, "summary.json")).read(), parse_constant=pytest.fail)
     assert summary["args"]["memory"] == "lstm" and [e["update"] for e in summary["evals"]] == [0, 1, 2, 3]
     assert np.isfinite(summary["final_eval"]["per_seed"]["1"]["train/gymnax/Pendulum-v1"]).all()
@@ -290,19 +290,28 @@ def test_non_finite_loss_stops_the_run_and_summary_is_strict_json(tmp_path):
     assert summary["updates"] == 1 and summary["final_episodic_return"] == {"1": None}
 
 
-def test_resume_refuses_flags_that_change_the_run():
-    saved = tiny_args()
-    assert metarl.resume_error(tiny_args(checkpoint_every=5, updates_per_chunk=1), saved, 96) is None
-    assert metarl.resume_error(tiny_args(total_timesteps=480), saved, 96) is None  # longer, no annealing
-    assert metarl.resume_error(tiny_args(distributed=True, num_processes=2), saved, 96) is None  # this launch's
-    assert metarl.resume_error(tiny_args(memory="lstm"), saved, 96).startswith(
-        "--resume: --memory lstm differs from the checkpoint's s5; it would change the run")
-    assert metarl.resume_error(tiny_args(hidden_size=32), saved, 96).startswith("--resume: --hidden-size 32 differs")
-    error = metarl.resume_error(tiny_args(learning_rate=0.1), saved, 96)
-    assert error.startswith("--resume: --learning-rate 0.1 differs from the checkpoint's 0.001; it would change the run")
-    assert metarl.resume_error(tiny_args(total_timesteps=48), saved, 96) == (
-        "--resume: --total-timesteps 48 is below the 96 steps the checkpoint has done")
-    assert metarl.resume_error(tiny_args(total_timesteps=480, anneal_lr=True), saved, 96) == (
-        "--resume: --total-timesteps 480 differs from the checkpoint's 144; with --anneal-lr it would change the "
-        "learning-rate schedule")
+def test_resume_refuses_flags_that_change_the_run(monkeypatch):
+    """parse_args on --resume of tiny_args()'s run checkpointed at update 2 (96 steps): the running flags and a longer
+    run (no annealing) are accepted, a flag that changes the math is refused with what may change."""
+    saved = [tiny_args()]
+    checkpoint = lambda path, meta_only: (2, {"args": asdict(saved[0])}, None)  # noqa: E731
+    monkeypatch.setattr(metarl, "restore_checkpoint", checkpoint)
+
+    def parse(*argv):
+        monkeypatch.setattr(sys, "argv", ["ppo_s5_metarl.py", "--resume=run", *argv])
+        return metarl.parse_args()[1]
+
+    assert parse("--checkpoint-every=5", "--updates-per-chunk=1", "--log-dir=elsewhere") is None
+    assert parse("--total-timesteps=480") is None  # longer, no annealing
+    error = parse("--memory=lstm")
+    assert error.startswith("--resume: --memory lstm differs from the checkpoint's s5; it would change the run "
+                            "(allowed to change: --total-timesteps, --log-dir")  # fmt: skip
+    assert parse("--hidden-size=32").startswith("--resume: --hidden-size 32 differs")
+    error = parse("--learning-rate=0.1")
+    assert error.startswith("--resume: --learning-rate 0.1 differs from the checkpoint's 0.001; it would change")
+    error = parse("--total-timesteps=48")
+    assert error == "--resume: --total-timesteps 48 is below the 96 steps the checkpoint has done"
+    saved[0] = tiny_args(anneal_lr=True)
+    assert parse("--total-timesteps=480") == ("--resume: --total-timesteps 480 differs from the checkpoint's 144; it "
+                                              "would change the learning-rate schedule (--anneal-lr)")  # fmt: skip
     assert metarl.strict_json({"a": [float("nan"), np.float32("inf"), 1.5]}) == {"a": [None, None, 1.5]}
