@@ -957,8 +957,8 @@ def load_model(path: str) -> tuple[Args, dict]:
         with open(path, "rb") as f:
             saved = flax.serialization.msgpack_restore(f.read())
         return args_from(saved["0"]), saved["1"]
-    _, meta, state = restore_checkpoint(path)
-    return args_from(meta["args"]), state["train_state"]["params"]
+    _, meta, state = restore_checkpoint(path)  # as numpy: on one device, they would not go with sharded eval keys
+    return args_from(meta["args"]), jax.tree.map(np.asarray, state["train_state"]["params"])
 
 
 def parse_args() -> tuple[Args, str | None]:
