@@ -459,8 +459,9 @@ def check_args(args: Args) -> str | None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
         return "--coordinator-address, --num-processes and --process-id are for multi-process runs: add --distributed"
-    if args.seed_batching == "loop" and jax.device_count() > 1:
-        return f"--seed-batching loop runs every seed on one device, and this run has {jax.device_count()}: use vmap"
+    if args.seed_batching == "loop" and (args.distributed or jax.device_count() > 1):
+        where = "several processes" if args.distributed else f"{jax.device_count()} devices"
+        return f"--seed-batching loop runs every seed on one device, and this run has {where}: use vmap"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
     if (args.eval_reset_every_trial or args.eval_untrained) and not args.eval_model:
@@ -910,8 +911,8 @@ def main(args: Args) -> dict:
     start = time.time()
     try:
         left = args.num_updates - len(history)
-        lengths = {min(chunk, left), left % chunk} - {0}
-        runner, compiled = compile_training(init, update_chunk, keys, sharding, lengths, args.seed_batching)
+        chunk_lengths = {min(chunk, left), left % chunk} - {0}
+        runner, compiled = compile_training(init, update_chunk, keys, sharding, chunk_lengths, args.seed_batching)
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start

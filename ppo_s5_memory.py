@@ -69,6 +69,9 @@ class Args:
     """save the parameters of every (length, seed) and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of a group's)"""
+    seed_batching: Literal["vmap", "loop"] = "vmap"
+    """how a device runs its (length, seed) pairs: vmap (one batched program) or loop (one device holds them all and
+    runs the one-pair program for each in turn: a pair is bit-identical to a run of that length and seed alone)"""
     checkpoint_every: int = 20
     """checkpoint the sweep (finished groups' results and parameters, the current group's training state) every N
     updates over all groups, at the first chunk boundary after each N, at the end and on Ctrl-C/SIGTERM; 0: never"""
@@ -619,6 +622,9 @@ def check_args(args: Args) -> str | None:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
     if args.resume and args.eval_model:
         return "--resume and --eval-model exclude each other"
+    if args.seed_batching == "loop" and (args.distributed or jax.device_count() > 1):
+        where = "several processes" if args.distributed else f"{jax.device_count()} devices"
+        return f"--seed-batching loop runs every seed on one device, and this run has {where}: use vmap"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
@@ -663,17 +669,47 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def compile_training(init, update_chunk, inputs, sharding, chunk_lengths):
+def each_seed(program):
+    """A one-seed `program` as a function of a leading [seeds] axis on every argument: run for each seed in turn,
+    outputs stacked (--seed-batching loop: seed i is computed by the very program of a one-seed run)."""
+
+    def run(*inputs):
+        return stack_seeds([program(*seed_inputs) for seed_inputs in split_seeds(inputs)])
+
+    return run
+
+
+@jax.jit  # one program for the whole tree (eager indexing would compile one per leaf shape)
+def split_seeds(tree) -> list:
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(len(jax.tree.leaves(tree)[0]))]
+
+
+@jax.jit
+def stack_seeds(trees: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def over_seeds(fn, seed_batching: str):
+    """`fn` of one seed, jitted, as a function of a leading [seeds] axis: vmapped, or looped over the seeds."""
+    return jax.jit(jax.vmap(fn)) if seed_batching == "vmap" else each_seed(jax.jit(fn))
+
+
+def compile_training(init, update_chunk, inputs, sharding, chunk_lengths, seed_batching: str):
     """Initialise every (length, seed) pair (`inputs`: their keys and memory lengths, sharded; parameters outside the
     training jit) and compile `update_chunk` per chunk length, all programs at once: XLA compiles each on one thread.
-    Returns `(runner_state with a leading pair axis on every leaf, {length: compiled chunk})`."""
-    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(*inputs)
-    lowered = [init_lowered] + [
-        jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
-        .lower(init_lowered.out_info) for n in sorted(chunk_lengths)
-    ]  # fmt: skip
+    vmap: programs of all the pairs; loop: of one pair, run for each in turn. Returns `(runner_state with a leading
+    pair axis on every leaf, {length: compiled chunk})`."""
+    if seed_batching == "vmap":
+        init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(*inputs)
+        chunk = lambda n: jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding,  # noqa: E731
+                                  out_shardings=sharding).lower(init_lowered.out_info)
+    else:
+        init_lowered = jax.jit(init).lower(*(x[0] for x in inputs))
+        chunk = lambda n: jax.jit(partial(update_chunk, num_updates=n)).lower(init_lowered.out_info)  # noqa: E731
+    lowered = [init_lowered] + [chunk(n) for n in sorted(chunk_lengths)]
     with ThreadPoolExecutor(len(lowered)) as pool:
-        init_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
+        programs = pool.map(lambda program: program.compile(), lowered)
+    init_compiled, *chunks = programs if seed_batching == "vmap" else map(each_seed, programs)
     return init_compiled(*inputs), dict(zip(sorted(chunk_lengths), chunks))
 
 
@@ -926,7 +962,7 @@ def evaluate_model(args: Args) -> dict:
     lengths, seeds = jnp.array([L for L, _ in pairs]), jnp.array([s for _, s in pairs])
     evaluate = make_evaluate(saved, args.eval_episodes, int(lengths.max()) + 1, args.eval_greedy)
     keys = jax.vmap(lambda s, L: jax.random.fold_in(jax.random.key(s), L))(seeds, lengths)
-    returns = np.asarray(jax.jit(jax.vmap(evaluate))(params, lengths, keys))  # [pairs, episodes], each +-1
+    returns = np.asarray(over_seeds(evaluate, args.seed_batching)(params, lengths, keys))  # [pairs, episodes], +-1
     per_run = {pair_name(p): {"memory_length": p[0], "seed": p[1], "mean": float(r.mean()), "std": float(r.std()),
                               "success_rate": float((r > 0).mean())} for p, r in zip(pairs, returns)}
     per_length = {}
@@ -1067,8 +1103,8 @@ def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict
               f"pairs on {sharding.mesh.size} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} "
               "steps" + (f", resumed at update {done}" if done else ""))
     start = time.time()
-    runner, compiled = compile_training(init, update_chunk, inputs, sharding,
-                                        {min(chunk, num_updates - done), (num_updates - done) % chunk} - {0})
+    chunk_lengths = {min(chunk, num_updates - done), (num_updates - done) % chunk} - {0}
+    runner, compiled = compile_training(init, update_chunk, inputs, sharding, chunk_lengths, args.seed_batching)
     if done:  # the group was under way at the checkpoint: its state, bit for bit
         runner = restore_checkpoint(run_dir, runner)[2]["runner"]
     clock["compile_seconds"] += time.time() - start

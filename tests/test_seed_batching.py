@@ -13,6 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_lstm_popgym
+import ppo_s5_memory
 import ppo_s5_popgym
 
 pytestmark = pytest.mark.timeout(600)
@@ -54,12 +55,38 @@ def test_loop_seed_equals_its_one_seed_run_bit_for_bit(module, tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+def test_memory_loop_pair_equals_its_one_pair_run_bit_for_bit(tmp_path):
+    """ppo_s5_memory: lengths 2 and 3 share 36-step rollouts, so one group trains their 4 (length, seed) pairs; with
+    loop, pair (L = 3, seed 2) is the run of that length and seed alone, bit for bit, also in --eval-model."""
+    tiny = dict(num_envs=4, num_minibatches=2, update_epochs=1, d_model=8, ssm_size=8, n_layers=1, num_steps=36,
+                total_timesteps=3 * 144, updates_per_chunk=1, checkpoint_every=0, save_model=True, compile_cache="",
+                seed_batching="loop")  # fmt: skip
+    runs = {}
+    for name, kw in {"four": dict(memory_lengths=(2, 3), seed=1, num_seeds=2),
+                     "one": dict(memory_lengths=(3,), seed=2, num_seeds=1)}.items():  # fmt: skip
+        ppo_s5_memory.main(ppo_s5_memory.Args(log_dir=str(tmp_path / name), **tiny, **kw))
+        (run_dir,) = glob.glob(str(tmp_path / name / "*"))
+        model = os.path.join(run_dir, "ppo_s5_memory.cleanrl_model")
+        models = ppo_s5_memory.load_model(model)[1]
+        events = EventAccumulator(os.path.join(run_dir, "len_3_seed_2"))
+        events.Reload()
+        scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+                   if tag != "charts/SPS"}  # fmt: skip
+        evaluation = ppo_s5_memory.evaluate_model(ppo_s5_memory.Args(eval_model=model, eval_episodes=8, **tiny, **kw))
+        runs[name] = models, scalars, evaluation["per_run"]["len_3_seed_2"]
+    (models4, scalars4, eval4), (models1, scalars1, eval1) = runs["four"], runs["one"]
+    assert len(models4) == 4 and len(scalars1["losses/value_loss"]) == 3
+    for a, b in zip(jax.tree.leaves(models4["len_3_seed_2"]), jax.tree.leaves(models1["len_3_seed_2"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert scalars4 == scalars1 and eval4 == eval1
+
+
 def test_loop_refused_on_several_devices(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run([sys.executable, "ppo_s5_popgym.py", "--seed-batching=loop", "--num-seeds=2",
                              f"--log-dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip().endswith(
-        "error: --seed-batching loop runs every seed on one device, and this run has 2: use vmap"
+        "error: --seed-batching loop runs every seed on one device, and this run has 2 devices: use vmap"
     ), result.stderr[-2000:]
     assert not os.listdir(tmp_path)
