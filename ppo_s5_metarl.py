@@ -1118,6 +1118,10 @@ def main(args: Args) -> dict:
     history, evals, run_s, compile_s, runner, failure = [], [], 0.0, 0.0, None, None
     if args.resume:  # the logs continue from the checkpoint: metrics (null -> NaN) and evaluations so far, run time
         meta = restore_checkpoint(run_dir, meta_only=True)[1]
+        if "logs" in meta:  # an earlier version's checkpoint: one "logs" entry, of the metrics only the returns
+            logs = meta["logs"]
+            meta = dict(history=[{"episodic_return": r} for r in logs["returns"]], evals=logs["evals"],
+                        run_seconds=logs["run_seconds"])
         history, run_s = [{k: np.array(v, float) for k, v in h.items()} for h in meta["history"]], meta["run_seconds"]
         evals = meta["evals"]
     if args.track and lead:

@@ -171,3 +171,29 @@ def test_stopped_and_resumed_equals_uninterrupted(name, point, uninterrupted, ca
     for key, points in whole_scalars.items():  # same steps (nothing twice, nothing missing) and values
         assert scalars[key] == points, key
     assert summary == whole_summary
+
+
+def test_metarl_resumes_a_checkpoint_of_the_earlier_format(uninterrupted, cache, tmp_path):
+    """ppo_s5_metarl's checkpoints once kept their logs in one `logs` entry (the per-update returns, the evaluations,
+    the clock). A run killed after its checkpoint at update 3, whose checkpoint is rewritten in that format, resumes
+    to the uninterrupted run."""
+    script = SCRIPTS["metarl"]
+    module = script["module"]
+    stopped = run(["-c", CHILD, module.__file__, "log_iteration", "5", "SIGKILL", "3", *script["flags"], *COMMON,
+                   f"--log-dir={tmp_path}", f"--compile-cache={cache}"])  # fmt: skip
+    assert stopped.returncode == -signal.SIGKILL, stopped.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "*"))
+    (path,) = glob.glob(os.path.join(run_dir, "checkpoints", "3", "meta", "metadata"))
+    with open(path) as f:
+        meta = json.load(f)
+    returns = [row["episodic_return"] for row in meta["history"]]
+    logs = dict(returns=returns, evals=meta["evals"], global_step=3 * 48, run_seconds=meta["run_seconds"],
+                compile_seconds=1.0)  # fmt: skip
+    with open(path, "w") as f:
+        json.dump({"args": meta["args"], "logs": logs}, f)
+    resumed = run([module.__file__, f"--resume={run_dir}", f"--compile-cache={cache}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params, scalars, summary = fingerprint(module, run_dir, script["folders"])
+    whole_params, whole_scalars, whole_summary = uninterrupted("metarl")
+    jax.tree.map(np.testing.assert_array_equal, params, whole_params)
+    assert scalars == whole_scalars and summary == whole_summary
