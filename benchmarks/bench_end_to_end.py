@@ -97,7 +97,7 @@ class Args:
 
 def script_args(module, preset_ppo: dict, preset_model: dict, overrides: dict, env_id: str, seed: int, n_updates: int):
     """The module's Args at the preset's settings, with a budget of exactly n_updates updates."""
-    a = module.Args(env_id=env_id, seed=seed, num_seeds=1, **preset_ppo, **preset_model, **overrides)
+    a = module.Args(env_id=env_id, seed=seed, **{"num_seeds": 1, **preset_ppo, **preset_model, **overrides})
     a.total_timesteps = a.num_envs * a.num_steps * n_updates
     error = module.check_args(a)
     if error:
@@ -105,11 +105,12 @@ def script_args(module, preset_ppo: dict, preset_model: dict, overrides: dict, e
     return module.derive_sizes(a)
 
 
-def compile_one_update(module, init, update_chunk, keys):
+def compile_one_update(module, init, update_chunk, keys, seed_batching: str = "vmap"):
     """(runner state, compiled one-update program) the way the script's main builds them: its
     `compile_training` where it has one (initialiser and chunk programs compiled concurrently)."""
     if hasattr(module, "compile_training"):
-        runner, compiled = module.compile_training(init, update_chunk, keys, module.seed_sharding(1), {1})
+        sharding = module.seed_sharding(len(keys))
+        runner, compiled = module.compile_training(init, update_chunk, keys, sharding, {1}, seed_batching)
         return runner, compiled[1]
     runner = jax.jit(jax.vmap(init))(keys)
     return runner, jax.jit(jax.vmap(partial(update_chunk, num_updates=1))).lower(runner).compile()
@@ -122,8 +123,8 @@ def run_once(module, a, warmup_updates: int, updates: int) -> dict:
     init, update_chunk = module.make_train(a)
     make_train_s = time.perf_counter() - start
     start = time.perf_counter()  # from here on as the script's main counts "compiled in"
-    keys = jax.vmap(jax.random.key)(jnp.array([a.seed]))
-    runner, step = compile_one_update(module, init, update_chunk, keys)
+    keys = jax.vmap(jax.random.key)(jnp.arange(a.seed, a.seed + a.num_seeds))
+    runner, step = compile_one_update(module, init, update_chunk, keys, a.seed_batching)
     runner = jax.block_until_ready(runner)
     compile_s = time.perf_counter() - start
     times = []
@@ -143,7 +144,9 @@ def run_once(module, a, warmup_updates: int, updates: int) -> dict:
         "used_compile_training": hasattr(module, "compile_training"),
         "update_times_s": times,
         "warmup_updates": warmup_updates,
-        "sps": updates * a.batch_size / sum(timed),
+        "sps": updates * a.batch_size / sum(timed),  # per seed
+        "num_seeds": a.num_seeds,
+        "seed_batching": a.seed_batching,
         "n_params": None if n_params is None else int(n_params),
         "episodic_return_last": None if last_return != last_return else last_return,  # NaN: no episode ended
         "load_average_before": load_before,
@@ -158,15 +161,17 @@ def markdown(report: dict) -> str:
         f"End to end, {s['env_id']}, preset `{s['preset']}` ({s['num_envs']} envs x {s['num_steps']} steps, "
         f"{s['update_epochs']} epochs x {s['num_minibatches']} minibatches; S5 d_model {s['s5']['d_model']}, "
         f"SSM {s['s5']['ssm_size']}, {s['s5']['n_layers']} layers, scan {s['s5'].get('s5_scan')}; LSTM hidden "
-        f"{s['lstm']['hidden_size']}), 1 seed; SPS = env steps/s over {s['updates']} update(s) after "
+        f"{s['lstm']['hidden_size']}); SPS = env steps/s per seed over {s['updates']} update(s) after "
         f"{s['warmup_updates']} warm-up; runs alternate. {machine_line(report['machine'])}",
         "",
-        "| round | model | compile (s) | first update ready (s) | env steps/s | load before | load after |",
-        "|---:|---|---:|---:|---:|---|---|",
+        "| round | model | seeds | batching | compile (s) | first update ready (s) | env steps/s per seed "
+        "| load before | load after |",
+        "|---:|---|---:|---|---:|---:|---:|---|---|",
     ]
     for r in runs:
         lines.append(
-            f"| {r['round']} | {r['model']} | {r['compile_s']:.1f} | {r['first_update_ready_s']:.1f} | {r['sps']:,.0f} | "
+            f"| {r['round']} | {r['model']} | {r['num_seeds']} | {r['seed_batching']} | {r['compile_s']:.1f} | "
+            f"{r['first_update_ready_s']:.1f} | {r['sps']:,.0f} | "
             f"{r['load_average_before'][0] if r['load_average_before'] else '?'} | "
             f"{r['load_average_after'][0] if r['load_average_after'] else '?'} |"
         )
