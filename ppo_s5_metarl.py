@@ -60,6 +60,9 @@ class Args:
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between logs (0: the largest divisor of the updates and --eval-every up to 1/25)"""
+    seed_batching: Literal["vmap", "loop"] = "vmap"
+    """how a device runs its seeds: vmap (one batched program) or loop (one device holds all seeds and runs the
+    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run)"""
     checkpoint_every: int = 20
     """checkpoint every N updates (at the next chunk boundary), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
@@ -695,6 +698,9 @@ def check_args(args: Args) -> str | None:
         return "--track logs to Weights & Biases, which is not installed: pip install wandb"
     if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
         return "--coordinator-address, --num-processes and --process-id are for multi-process runs: add --distributed"
+    if args.seed_batching == "loop" and (args.distributed or jax.device_count() > 1):
+        where = "several processes" if args.distributed else f"{jax.device_count()} devices"
+        return f"--seed-batching loop runs every seed on one device, and this run has {where}: use vmap"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
     if (args.eval_reset_every_episode or args.eval_untrained) and not args.eval_model:
@@ -756,19 +762,50 @@ def default_chunk(num_updates: int, eval_every: int = 0) -> int:
     return max(d for d in range(1, max(1, num_updates // 25) + 1) if whole % d == 0)
 
 
-def compile_training(init, update_chunk, keys, sharding, chunk_lengths, evaluate, keys_eval):
+def each_seed(program):
+    """A one-seed `program` as a function of a leading [seeds] axis on every argument: run for each seed in turn,
+    outputs stacked (--seed-batching loop: seed i is computed by the very program of a one-seed run)."""
+
+    def run(*inputs):
+        return stack_seeds([program(*seed_inputs) for seed_inputs in split_seeds(inputs)])
+
+    return run
+
+
+@jax.jit  # one program for the whole tree (eager indexing would compile one per leaf shape)
+def split_seeds(tree) -> list:
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(len(jax.tree.leaves(tree)[0]))]
+
+
+@jax.jit
+def stack_seeds(trees: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def over_seeds(fn, seed_batching: str):
+    """`fn` of one seed, jitted, as a function of a leading [seeds] axis: vmapped, or looped over the seeds."""
+    return jax.jit(jax.vmap(fn)) if seed_batching == "vmap" else each_seed(jax.jit(fn))
+
+
+def compile_training(init, update_chunk, keys, sharding, chunk_lengths, evaluate, keys_eval, seed_batching: str):
     """Initialise every seed (`keys`: [seeds], sharded; parameters outside the training jit) and compile
     `update_chunk` per chunk length and `evaluate` (every seed's parameters, `keys_eval`), all programs at once: XLA
-    compiles each on one thread. Returns `(runner_state with a leading seed axis on every leaf, {length: compiled
-    chunk}, compiled evaluate)`."""
-    init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
-    evaluate_jit = jax.jit(jax.vmap(evaluate), in_shardings=sharding, out_shardings=sharding)
-    lowered = [init_lowered, evaluate_jit.lower(init_lowered.out_info.train_state.params, keys_eval)]
-    for n in sorted(chunk_lengths):
-        chunk = jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding, out_shardings=sharding)
-        lowered.append(chunk.lower(init_lowered.out_info))
+    compiles each on one thread. vmap: programs of all the seeds; loop: of one seed, run for each in turn. Returns
+    `(runner_state with a leading seed axis on every leaf, {length: compiled chunk}, compiled evaluate)`."""
+    if seed_batching == "vmap":
+        init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys)
+        evaluate_jit = jax.jit(jax.vmap(evaluate), in_shardings=sharding, out_shardings=sharding)
+        evaluate_lowered = evaluate_jit.lower(init_lowered.out_info.train_state.params, keys_eval)
+        chunk = lambda n: jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding,  # noqa: E731
+                                  out_shardings=sharding).lower(init_lowered.out_info)
+    else:
+        init_lowered = jax.jit(init).lower(keys[0])
+        evaluate_lowered = jax.jit(evaluate).lower(init_lowered.out_info.train_state.params, keys_eval[0])
+        chunk = lambda n: jax.jit(partial(update_chunk, num_updates=n)).lower(init_lowered.out_info)  # noqa: E731
+    lowered = [init_lowered, evaluate_lowered] + [chunk(n) for n in sorted(chunk_lengths)]
     with ThreadPoolExecutor(len(lowered)) as pool:
-        init_compiled, evaluate_compiled, *chunks = pool.map(lambda program: program.compile(), lowered)
+        programs = pool.map(lambda program: program.compile(), lowered)
+    init_compiled, evaluate_compiled, *chunks = programs if seed_batching == "vmap" else map(each_seed, programs)
     return init_compiled(keys), dict(zip(sorted(chunk_lengths), chunks)), evaluate_compiled
 
 
@@ -1031,12 +1068,12 @@ def evaluate_model(args: Args) -> dict:
     seeds = [args.seed + i for i in range(args.num_seeds)]
     keys, keys_eval = eval_keys(seeds, seed_sharding(args.num_seeds))  # --eval-untrained inits as the training did
     if args.eval_untrained:
-        params = jax.jit(jax.vmap(make_train(args)[0]))(keys).train_state.params
+        params = over_seeds(make_train(args)[0], args.seed_batching)(keys).train_state.params
     else:
         params = load_model(args.eval_model)[1]
     evaluate = make_evaluate(replace(args, eval_trials=args.eval_episodes), args.eval_greedy,
                              args.eval_reset_every_episode)  # fmt: skip
-    record = eval_record(seeds, None, None, to_host(jax.jit(jax.vmap(evaluate))(params, keys_eval)))
+    record = eval_record(seeds, None, None, to_host(over_seeds(evaluate, args.seed_batching)(params, keys_eval)))
     for seed in seeds:
         for split in ("train", "heldout"):
             curves = np.array([v for k, v in record["per_seed"][str(seed)].items() if k.startswith(split + "/")])
@@ -1158,7 +1195,8 @@ def main(args: Args) -> dict:
     try:
         left = args.num_updates - len(history)
         lengths, evaluate = {min(chunk, left), left % chunk} - {0}, make_evaluate(args)
-        runner, compiled, evaluate = compile_training(init, update_chunk, keys, sharding, lengths, evaluate, keys_eval)
+        runner, compiled, evaluate = compile_training(init, update_chunk, keys, sharding, lengths, evaluate, keys_eval,
+                                                      args.seed_batching)
         if args.resume:
             runner = restore_checkpoint(run_dir, runner)[2]
         compile_s = time.time() - start

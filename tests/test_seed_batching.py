@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ppo_lstm_popgym
 import ppo_s5_memory
+import ppo_s5_metarl
 import ppo_s5_popgym
 
 pytestmark = pytest.mark.timeout(600)
@@ -79,6 +80,29 @@ def test_memory_loop_pair_equals_its_one_pair_run_bit_for_bit(tmp_path):
     for a, b in zip(jax.tree.leaves(models4["len_3_seed_2"]), jax.tree.leaves(models1["len_3_seed_2"]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert scalars4 == scalars1 and eval4 == eval1
+
+
+def test_metarl_loop_seed_equals_its_one_seed_run_bit_for_bit(tmp_path):
+    """ppo_s5_metarl: training and the periodic evaluations on training and held-out envs, per seed."""
+    tiny = dict(train_envs=("Pendulum-v1",), heldout_envs=("Swimmer-misc",), num_envs=4, num_steps=12,
+                num_minibatches=2, update_epochs=1, d_model=16, ssm_size=8, n_layers=1, episode_length=3,
+                episodes_per_trial=2, eval_trials=3, eval_every=2, total_timesteps=4 * 48, updates_per_chunk=1,
+                checkpoint_every=0, save_model=True, compile_cache="", seed_batching="loop")  # fmt: skip
+    runs = {}
+    for name, kw in {"three": dict(seed=1, num_seeds=3), "one": dict(seed=2, num_seeds=1)}.items():
+        summary = ppo_s5_metarl.main(ppo_s5_metarl.Args(log_dir=str(tmp_path / name), **tiny, **kw))
+        (run_dir,) = glob.glob(str(tmp_path / name / "*"))
+        params = ppo_s5_metarl.load_model(os.path.join(run_dir, "ppo_s5_metarl.cleanrl_model"))[1]
+        events = EventAccumulator(os.path.join(run_dir, "seed_2"))
+        events.Reload()
+        scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+                   if tag != "charts/SPS"}  # fmt: skip
+        runs[name] = params, scalars, [e["per_seed"]["2"] for e in summary["evals"]]
+    (params3, scalars3, evals3), (params1, scalars1, evals1) = runs["three"], runs["one"]
+    for a, b in zip(jax.tree.leaves(params3), jax.tree.leaves(params1), strict=True):
+        np.testing.assert_array_equal(a[1], b[0])
+    assert any(tag.startswith("eval/") for tag in scalars1) and len(evals1) == 3  # updates 0, 2, 4
+    assert scalars3 == scalars1 and evals3 == evals1
 
 
 def test_loop_refused_on_several_devices(tmp_path):
