@@ -779,7 +779,9 @@ def split_seeds(tree) -> list:
 
 @jax.jit
 def stack_seeds(trees: list):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    # astype: strong types, so that the state after init (TrainState.create's weakly typed step) splits like the
+    # state after an update: split_seeds compiles once, not again at the second chunk
+    return jax.tree.map(lambda *xs: jnp.stack(xs).astype(xs[0].dtype), *trees)
 
 
 def over_seeds(fn, seed_batching: str):
@@ -798,7 +800,8 @@ def compile_training(init, update_chunk, keys, sharding, chunk_lengths, evaluate
         evaluate_lowered = evaluate_jit.lower(init_lowered.out_info.train_state.params, keys_eval)
         chunk = lambda n: jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding,  # noqa: E731
                                   out_shardings=sharding).lower(init_lowered.out_info)
-    else:
+    else:  # one device (check_args): the keys uncommitted, like every later state, so split_seeds compiles once
+        keys = jax.random.wrap_key_data(np.asarray(jax.random.key_data(keys)))
         init_lowered = jax.jit(init).lower(keys[0])
         evaluate_lowered = jax.jit(evaluate).lower(init_lowered.out_info.train_state.params, keys_eval[0])
         chunk = lambda n: jax.jit(partial(update_chunk, num_updates=n)).lower(init_lowered.out_info)  # noqa: E731

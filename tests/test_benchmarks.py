@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/bench_memory_layers.py, bench_end_to_end.py and bench_learning.py:
+"""Smoke tests of benchmarks/bench_memory_layers.py, bench_end_to_end.py, bench_seed_batching.py and bench_learning.py:
 each script's --quick mode in a subprocess into a temporary results folder; JSON fields, tables and
 PNGs checked. Numbers are not asserted beyond being positive (speed is reported, never tested)."""
 
@@ -79,6 +79,20 @@ def test_end_to_end_quick(tmp_path):
     assert summary["ratio_sps"] == pytest.approx(summary["S5"]["sps"] / summary["LSTM"]["sps"])
     table = (out / "bench_end_to_end_smoke.md").read_text()
     assert "| 1 | S5 |" in table and "| 1 | LSTM |" in table and "S5/LSTM" in table
+
+
+def test_seed_batching_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("bench_seed_batching", "--quick", "--out-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_seed_batching_smoke.json").read_text())
+    check_machine(report["machine"])
+    runs = report["runs"]
+    assert [(r["model"], r["num_seeds"], r["seed_batching"]) for r in runs] == [("GRU", 2, "vmap"), ("GRU", 2, "loop")]
+    assert all(r["sps"] > 0 and r["compile_s"] > 0 for r in runs)
+    (cell,) = report["cells"]
+    assert cell["loop_over_vmap"] == pytest.approx(cell["loop"]["sps"] / cell["vmap"]["sps"])
+    assert "| 2 | GRU |" in (out / "bench_seed_batching_smoke.md").read_text()
 
 
 def test_learning_quick(tmp_path):
