@@ -20,7 +20,10 @@ benchmarks/figures/.
 """
 
 import dataclasses
+import json
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +62,9 @@ class Args:
     """POPGym env id"""
     seed: int = 1
     """the first seed of every run"""
+    also: tuple[str, ...] = ()
+    """other programs timed once per round after the scripts, as NAME=COMMAND; the last line a command prints must
+    be JSON with "sps" (env steps/s per seed) and "compile_s", e.g. the paper's code run outside this repository"""
     quick: bool = False
     """smoke test: --preset smoke --repeats 1 --seed-counts 2 --models GRU"""
     out_dir: str = "benchmarks/results"
@@ -84,11 +90,15 @@ def markdown(report: dict) -> str:
         + " | " + " | ".join(f"{m} compile (s)" for m in modes) + " |",
         "|---:|---|" + "---:|" * (2 * len(modes) + (set(modes) == {"vmap", "loop"})),
     ]
-    for c in cells:
+    for c in [c for c in cells if "other" not in c]:
         row = [str(c["num_seeds"]), c["model"]] + [f"{c[m]['sps']:,.0f}" for m in modes]
         row += [f"{c['loop_over_vmap']:.2f}"] if "loop_over_vmap" in c else []
         row += [f"{c[m]['compile_s']:.1f}" for m in modes]
         lines.append("| " + " | ".join(row) + " |")
+    others = [c for c in cells if "other" in c]
+    lines += ["", "| other program | command | env steps/s | compile (s) |", "|---|---|---:|---:|"] if others else []
+    for c in others:
+        lines.append(f"| {c['model']} | `{c['command']}` | {c['other']['sps']:,.0f} | {c['other']['compile_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +133,15 @@ def main(args: Args) -> dict:
             print(f"round {round_}, {n} seed(s), {model:>4} {mode:>4}: compile {result['compile_s']:.1f} s, "
                   f"{result['sps']:,.0f} env steps/s per seed (load {result['load_average_before']} -> "
                   f"{result['load_average_after']})", flush=True)  # fmt: skip
+        for name, command in (item.split("=", 1) for item in args.also):
+            load_before = load_average()
+            proc = subprocess.run(shlex.split(command), capture_output=True, text=True, check=True)
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs.append({"round": round_, "model": name, "command": command, "num_seeds": 1, "seed_batching": "-",
+                         "sps": result["sps"], "compile_s": result["compile_s"], "output": result,
+                         "load_average_before": load_before, "load_average_after": load_average()})  # fmt: skip
+            print(f"round {round_}, {name}: compile {result['compile_s']:.1f} s, {result['sps']:,.0f} env steps/s "
+                  f"(load {load_before} -> {load_average()})", flush=True)  # fmt: skip
     machine["load_average_at_end"] = load_average()
 
     cells = []
@@ -137,6 +156,11 @@ def main(args: Args) -> dict:
             if set(args.modes) == {"vmap", "loop"}:
                 cell["loop_over_vmap"] = cell["loop"]["sps"] / cell["vmap"]["sps"]
             cells.append(cell)
+    for name, command in (item.split("=", 1) for item in args.also):
+        mine = [r for r in runs if r["model"] == name]
+        other = {key: statistics.median(r[key] for r in mine) for key in ("sps", "compile_s")}
+        other["sps_per_round"] = [r["sps"] for r in mine]
+        cells.append({"num_seeds": 1, "model": name, "command": command, "other": other})
     first = dataclasses.asdict(next(iter(script.values())))
     widths_used = {model: dataclasses.asdict(a) for (_, model, _), a in script.items()}
     settings = {
