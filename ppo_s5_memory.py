@@ -586,11 +586,11 @@ def make_evaluate(args: Args, num_episodes: int, num_steps: int, greedy: bool):
 
 
 # Running: input checks, processes and devices, compiling --------------------------------------------------------------
-POSITIVE = (
-    "num_seeds num_bits total_timesteps num_envs num_minibatches update_epochs hidden_size d_model ssm_size n_layers "
-    "s5_blocks learning_rate dt_min dt_max clip_coef max_grad_norm keep_checkpoints eval_episodes"
-).split()
-NON_NEGATIVE = "num_steps updates_per_chunk checkpoint_every vf_coef ent_coef num_processes".split()
+POSITIVE = tuple(
+    "num_seeds total_timesteps num_envs num_minibatches update_epochs num_bits hidden_size d_model ssm_size n_layers "
+    "s5_blocks learning_rate clip_coef max_grad_norm dt_min dt_max keep_checkpoints eval_episodes".split()
+)
+NON_NEGATIVE = ("num_steps", "updates_per_chunk", "checkpoint_every", "vf_coef", "ent_coef", "num_processes")
 
 
 def check_args(args: Args) -> str | None:
@@ -599,19 +599,14 @@ def check_args(args: Args) -> str | None:
         return "--memory-lengths is empty: give at least one length, e.g. --memory-lengths 1 2 4 8"
     if min(args.memory_lengths) < 1:
         return f"--memory-lengths must all be >= 1 (an episode lasts L + 1 steps), got {min(args.memory_lengths)}"
-    domains = [
-        (POSITIVE, "positive", lambda v: v > 0),
-        (NON_NEGATIVE, ">= 0", lambda v: v >= 0),
-        (("gamma", "gae_lambda", "solve_threshold"), "in [0, 1]", lambda v: 0 <= v <= 1),
-        (("success_window",), "in (0, 1]", lambda v: 0 < v <= 1),
-    ]
-    for names, domain, ok in domains:
+    domains = [(POSITIVE, "positive", lambda v: v > 0), (NON_NEGATIVE, ">= 0", lambda v: v >= 0)]
+    domains += [(("gamma", "gae_lambda", "solve_threshold"), "in [0, 1]", lambda v: 0 <= v <= 1)]
+    for names, domain, ok in domains + [(("success_window",), "in (0, 1]", lambda v: 0 < v <= 1)]:
         for name in names:
             if not (math.isfinite(value := getattr(args, name)) and ok(value)):
                 return f"--{name.replace('_', '-')} must be {domain}, got {value}"
     if args.num_envs % args.num_minibatches:
-        return (f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches} "
-                "(minibatches split the envs into whole sequences)")
+        return f"--num-envs {args.num_envs} must be divisible by --num-minibatches {args.num_minibatches}"
     longest, length = max((rollout_length(args, length), length) for length in args.memory_lengths)
     if args.total_timesteps < args.num_envs * longest:
         return (f"--total-timesteps {args.total_timesteps} gives zero updates at L = {length}: one update takes "
@@ -620,20 +615,17 @@ def check_args(args: Args) -> str | None:
         return error
     if args.dt_min > args.dt_max:
         return f"--dt-min {args.dt_min} must not exceed --dt-max {args.dt_max}"
-    if args.resume and args.eval_model:
-        return "--resume and --eval-model exclude each other"
+    if args.track and importlib.util.find_spec("wandb") is None:
+        return "--track logs to Weights & Biases, which is not installed: pip install wandb"
+    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
+        return "--coordinator-address, --num-processes and --process-id are for multi-process runs: add --distributed"
     if args.seed_batching == "loop" and (args.distributed or jax.device_count() > 1):
         where = "several processes" if args.distributed else f"{jax.device_count()} devices"
         return f"--seed-batching loop runs every seed on one device, and this run has {where}: use vmap"
     if args.distributed and args.eval_model:
         return "--eval-model runs in one process; drop --distributed"
-    if not args.distributed and (args.coordinator_address or args.num_processes or args.process_id >= 0):
-        return "--coordinator-address, --num-processes and --process-id are for a multi-process run: add --distributed"
     if args.distributed and args.num_seeds % jax.process_count():
-        return (f"--num-seeds {args.num_seeds} must be divisible by the {jax.process_count()} processes of the "
-                "--distributed run (each process trains its share of every (length, seed) group)")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        return "--track logs to Weights & Biases, which is not installed: pip install wandb"
+        return f"--num-seeds {args.num_seeds} must be divisible by the number of processes, {jax.process_count()}"
     return None
 
 
@@ -641,8 +633,8 @@ def start_distributed(args: Args):
     """--distributed: join the multi-process run before any other JAX call (explicit flags, else auto-detected)."""
     if args.distributed and not jax.distributed.is_initialized():
         jax.extend.backend.clear_backends()  # importing gymnax made an array (frozen_lake), which started JAX
-        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None,
-                                   None if args.process_id < 0 else args.process_id)
+        process_id = None if args.process_id < 0 else args.process_id
+        jax.distributed.initialize(args.coordinator_address or None, args.num_processes or None, process_id)
 
 
 def seed_sharding(num_seeds: int):
@@ -667,6 +659,17 @@ def to_host(tree):
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def local_seeds(sharding, num_seeds: int) -> list[int]:
+    """Indices of the seeds (here: the pairs) whose shards this process holds (it writes their TensorBoard runs)."""
+    indices = sharding.addressable_devices_indices_map((num_seeds,)).values()
+    return sorted({i for (index,) in indices for i in range(num_seeds)[index]})
+
+
+def default_chunk(num_updates: int) -> int:
+    """The largest divisor of num_updates up to num_updates // 25 (at least 1): one program compiled, ~25 chunks."""
+    return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
 
 
 def each_seed(program):
@@ -713,9 +716,10 @@ def compile_training(init, update_chunk, inputs, sharding, chunk_lengths, seed_b
     return init_compiled(*inputs), dict(zip(sorted(chunk_lengths), chunks))
 
 
-def default_chunk(num_updates: int) -> int:
-    """Updates per compiled chunk: the largest divisor of num_updates up to num_updates // 25 (one program)."""
-    return max(d for d in range(1, max(1, num_updates // 25) + 1) if num_updates % d == 0)
+def resolve_scan(args: Args) -> Args:
+    if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
+        args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    return args
 
 
 def cache_folder(folder: str) -> str:
@@ -797,11 +801,13 @@ def quiet_cache_loads(folder: str):
 
 
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
-# may differ from the checkpoint's on --resume: they do not change the sweep's math
-RESUME_MAY_CHANGE = ("log_dir", "updates_per_chunk", "checkpoint_every", "keep_checkpoints", "compile_cache", "track",
-                     "wandb_project_name", "wandb_entity", "save_model")
-NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy", "distributed", "coordinator_address",
-                "num_processes", "process_id")
+# --resume may change these: they do not change the sweep's math
+RESUME_MAY_CHANGE = tuple(
+    "log_dir updates_per_chunk checkpoint_every keep_checkpoints compile_cache track wandb_project_name wandb_entity "
+    "save_model".split()
+)
+NOT_COMPARED = ("resume", "eval_model", "eval_episodes", "eval_greedy")
+LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
 
 
 def strict_json(x):
@@ -818,9 +824,6 @@ def strict_json(x):
 def write_json(path: str, obj):
     with open(path, "w") as f:
         json.dump(strict_json(obj), f, indent=2, allow_nan=False)
-
-
-LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")  # this process's, never a saved run's
 
 
 def args_from(saved: dict) -> Args:
@@ -881,32 +884,25 @@ def trained_models(sweep: dict) -> tuple[list, dict]:
     return names, jax.tree.map(lambda *x: np.concatenate(x), *params) if params else {}
 
 
-def updates_done(runner: RunnerState, args: Args) -> int:
-    """The PPO updates `runner` has done, from its optimizer's step count (the same in every seed)."""
-    optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]
-    return int(optimizer_steps) // (args.num_minibatches * args.update_epochs)
-
-
-def save_checkpoint(args: Args, sweep: dict, force: bool = False):
-    """Checkpoint the sweep once --checkpoint-every more updates (over all groups) are done, or when `force`d and
-    anything is new; every process calls it at the same points (each writes its own shards)."""
-    step, manager = sum(sweep["logs"]["updates_done"].values()), sweep["manager"]
-    due = manager and (force or step // args.checkpoint_every > sweep["saved_step"] // args.checkpoint_every)
-    if not due or step == sweep["saved_step"]:
-        return
+def save_checkpoint(manager, args: Args, sweep: dict) -> int:
+    """Checkpoint the sweep (the group under way at its last completed chunk); written in the background while
+    training goes on. Every process calls it at the same points (each writes its own shards). Returns the step."""
+    step = sum(sweep["logs"]["updates_done"].values())
+    if step in manager.all_steps():
+        return step
     names, models, history = *trained_models(sweep), dict(sweep["logs"]["history"])
     if sweep["current"] is not None:  # the group under way: the rows of the updates its state has done, no more
         pairs, runner = sweep["current"]  # (a Ctrl-C can land after a chunk's rows are logged, before the state moves)
-        done = updates_done(runner, args)
-        history.update({pair: history[pair][:done] for pair in pairs})
+        optimizer_steps = np.asarray(runner.train_state.step.addressable_shards[0].data)[0]  # the same in every pair
+        history.update({pair: history[pair][: int(optimizer_steps) // (args.num_minibatches * args.update_epochs)]
+                        for pair in pairs})
     history = {pair_name(pair): rows for pair, rows in history.items() if rows}
     meta = strict_json({"args": asdict(args), **sweep["logs"], "history": history, "model_pairs": names})
     items = dict(meta=ocp.args.JsonSave(meta), models=ocp.args.StandardSave(models))
     if sweep["current"] is not None:
-        runner = sweep["current"][1]
         items["state"] = ocp.args.StandardSave(runner._replace(key=jax.random.key_data(runner.key)))
     manager.save(step, args=ocp.args.Composite(**items))
-    sweep["saved_step"] = step
+    return step
 
 
 def load_model(path: str) -> tuple[Args, dict]:
@@ -923,44 +919,43 @@ def load_model(path: str) -> tuple[Args, dict]:
 
 
 def parse_args() -> tuple[Args, str | None]:
-    """The CLI: `(args, error or None)`. --distributed joins the run first (before any other JAX call); with --resume
-    the defaults are the checkpoint's Args, and a flag that would change the sweep is refused."""
+    """The CLI: `(args, error or None)`. With --resume or --eval-model the defaults are the saved run's Args, and a
+    flag that would change that run's math is refused. --distributed joins the other processes here."""
     args = tyro.cli(Args)
-    start_distributed(args)
-    path = args.resume or args.eval_model  # checked below, with the saved run's Args as the defaults
-    if (error := None if args.resume else check_args(args)) or not path:
-        return args, error
-    flag = "--resume" if args.resume else "--eval-model"
+    if not args.eval_model:  # check_args refuses --distributed with --eval-model: nothing to join then
+        start_distributed(args)  # before anything starts JAX's backend (reading a checkpoint does)
+    if not (path := args.resume or args.eval_model):
+        return args, None
+    flag, whose = ("--resume", "checkpoint") if args.resume else ("--eval-model", "model")
     try:
+        if args.resume and args.eval_model:
+            raise ValueError("--resume and --eval-model exclude each other")
         if args.eval_model:
             saved = load_model(path)[0]
         else:
             saved = args_from(restore_checkpoint(path, meta_only=True)[1]["args"])
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         return args, f"{flag}: {error}"
     args = tyro.cli(Args, default=replace(saved, resume="", eval_model=""))  # a resumed run saved its --resume
-    for name in (f.name for f in fields(Args) if f.name not in RESUME_MAY_CHANGE + NOT_COMPARED):
-        if (new := getattr(args, name)) != (old := getattr(saved, name)) and args.eval_model:
-            if name != "total_timesteps":
-                return args, (f"--eval-model: --{name.replace('_', '-')} {new} differs from the model's {old}; the "
-                              f"evaluation plays the saved run's")
-        elif new != old:
-            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
-            return args, (f"--resume: --{name.replace('_', '-')} {new} differs from the checkpoint's {old}; it would "
-                          f"change the run (allowed to change: {allowed})")
-    return args, check_args(args)
+    # not on --resume: --total-timesteps sets every group's updates, and finished groups keep no state to continue
+    free = ("total_timesteps",) if args.eval_model else ()
+    allowed = ", ".join("--" + name.replace("_", "-") for name in free + RESUME_MAY_CHANGE)
+    allowed = f"the run (allowed to change: {allowed})"
+    for name in (f.name for f in fields(Args) if f.name not in free + RESUME_MAY_CHANGE + NOT_COMPARED + LAUNCH):
+        if (new := getattr(args, name)) != (old := getattr(saved, name)):
+            option = "--" + name.replace("_", "-")
+            return args, f"{flag}: {option} {new} differs from the {whose}'s {old}; it would change {allowed}"
+    return args, None
 
 
 def evaluate_model(args: Args) -> dict:
     """--eval-model: every saved (length, seed) plays --eval-episodes episodes; prints and writes eval.json."""
-    saved, models = load_model(args.eval_model)
-    enable_compile_cache(args.compile_cache)
-    if saved.s5_scan == "auto":
-        saved.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    resolve_scan(args)
+    models = load_model(args.eval_model)[1]
     pairs = sorted(tuple(int(x) for x in name.split("_")[1::2]) for name in models)  # "len_{L}_seed_{S}"
     params = jax.tree.map(lambda *x: jnp.stack(x), *(models[pair_name(pair)] for pair in pairs))
     lengths, seeds = jnp.array([L for L, _ in pairs]), jnp.array([s for _, s in pairs])
-    evaluate = make_evaluate(saved, args.eval_episodes, int(lengths.max()) + 1, args.eval_greedy)
+    evaluate = make_evaluate(args, args.eval_episodes, int(lengths.max()) + 1, args.eval_greedy)
     keys = jax.vmap(lambda s, L: jax.random.fold_in(jax.random.key(s), L))(seeds, lengths)
     returns = np.asarray(over_seeds(evaluate, args.seed_batching)(params, lengths, keys))  # [pairs, episodes], +-1
     per_run = {pair_name(p): {"memory_length": p[0], "seed": p[1], "mean": float(r.mean()), "std": float(r.std()),
@@ -977,6 +972,7 @@ def evaluate_model(args: Args) -> dict:
     print(f"overall over {len(pairs)} (length, seed) pair(s) x {args.eval_episodes} episodes: return "
           f"{result['overall']['mean']:+.3f} +- {result['overall']['std']:.3f}; written to {path}")
     return result
+
 
 
 # Training loop: (length, seed) groups, logging, summary table / JSON / plot -------------------------------------------
@@ -1087,172 +1083,171 @@ def log_iteration(writer, metrics: dict, global_step: int) -> tuple:
     return global_step, episodes, successes
 
 
-def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict):
+def run_group(args: Args, num_steps: int, pairs: list, run_dir: str, sweep: dict) -> str | None:
     """Train the (length, seed) `pairs` whose rollouts last `num_steps` as one vmapped program, sharded over the
     devices of every process, from scratch or from the checkpoint if the group was under way. Appends each
-    iteration's (global_step, episodes, successes) to every pair's history; checkpoints between chunks."""
+    iteration's (global_step, episodes, successes) to every pair's history; checkpoints between chunks. Returns the
+    failure that stopped it (a non-finite loss), or None."""
     init, update_chunk, num_updates = make_train(args, num_steps)
     batch_size, chunk = args.num_envs * num_steps, args.updates_per_chunk or default_chunk(num_updates)
-    logs, lead = sweep["logs"], jax.process_index() == 0
+    logs, manager = sweep["logs"], sweep["manager"]
+    print0 = print if jax.process_index() == 0 else lambda *_, **__: None  # as in main
     history, clock, done = logs["history"], logs["clock"], logs["updates_done"].get(str(num_steps), 0)
     sharding, lengths = seed_sharding(len(pairs)), np.array([length for length, _ in pairs], np.int32)
     inputs = (seed_keys([seed for _, seed in pairs], sharding),
               jax.make_array_from_callback(lengths.shape, sharding, lambda index: lengths[index]))
-    if lead:
-        print(f"rollouts of {num_steps} steps for lengths {sorted(set(lengths.tolist()))}: {len(pairs)} (length, seed) "
-              f"pairs on {sharding.mesh.size} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} "
-              "steps" + (f", resumed at update {done}" if done else ""))
-    start = time.time()
-    chunk_lengths = {min(chunk, num_updates - done), (num_updates - done) % chunk} - {0}
-    runner, compiled = compile_training(init, update_chunk, inputs, sharding, chunk_lengths, args.seed_batching)
-    if done:  # the group was under way at the checkpoint: its state, bit for bit
-        runner = restore_checkpoint(run_dir, runner)[2]["runner"]
-    clock["compile_seconds"] += time.time() - start
-    if lead:
-        print(f"initialised and compiled in {time.time() - start:.1f} s")
-    # this process's pairs; TensorBoard continues after the last logged step (what a killed run logged later: purged)
-    held = [i for index in sharding.addressable_devices_indices_map((len(pairs),)).values()
-            for i in range(len(pairs))[index[0]]]
-    writers = {pairs[i]: SummaryWriter(os.path.join(run_dir, pair_name(pairs[i])),
-                                       purge_step=history[pairs[i]][-1][0] + 1 if history[pairs[i]] else 0)
-               for i in held}
+    purge_step = done * batch_size + 1 if done else 0  # TensorBoard drops what a killed run logged past the checkpoint
+    writers = {pairs[i]: SummaryWriter(os.path.join(run_dir, pair_name(pairs[i])), purge_step=purge_step)
+               for i in local_seeds(sharding, len(pairs))}  # each process writes its pairs' runs
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    for (length, _), writer in writers.items() if not done else ():
+    for (length, _), writer in [] if done else writers.items():
         writer.add_text("hyperparameters", f"{table}\n|memory_length|{length}|\n|rollout_steps|{num_steps}|")
-    sweep["current"], run_s, resumed_at = (pairs, runner), 0.0, done
+    resumed = f", resumed at update {done}" if done else ""
+    print0(f"rollouts of {num_steps} steps for lengths {sorted(set(lengths.tolist()))}: {len(pairs)} (length, seed) "
+           f"pairs on {sharding.mesh.size} {jax.default_backend()} device(s), {num_updates} updates of {batch_size} "
+           f"steps{resumed}")
+    start, run_s, resumed_at, failure = time.time(), 0.0, done, None
     try:
+        chunk_lengths = {min(chunk, num_updates - done), (num_updates - done) % chunk} - {0}
+        runner, compiled = compile_training(init, update_chunk, inputs, sharding, chunk_lengths, args.seed_batching)
+        if done:  # the group was under way at the checkpoint: its state, bit for bit
+            runner = restore_checkpoint(run_dir, runner)[2]["runner"]
+        clock["compile_seconds"] += (compile_s := time.time() - start)
+        sweep["current"] = pairs, runner
+        print0(f"compiled in {compile_s:.1f} s")
         while done < num_updates:
-            n, t = min(chunk, num_updates - done), time.time()
+            n = min(chunk, num_updates - done)
+            t = time.time()
             new_runner, metrics = compiled[n](runner)
-            metrics = to_host(jax.block_until_ready(metrics))  # [pairs, n]
-            run_s += time.time() - t
-            clock["run_seconds"] += time.time() - t
-            bad = np.argwhere(~metrics.pop("finite").T)  # (update in chunk, pair) of non-finite updates
-            rows = {pair: [] for pair in pairs}
-            for iteration in range(done + 1, done + 1 + (bad[0, 0] if len(bad) else n)):  # those before a bad one
+            metrics = to_host(jax.block_until_ready(metrics))  # [pairs, n], on every process
+            run_s += (elapsed := time.time() - t)
+            clock["run_seconds"] += elapsed
+            if not (finite := metrics.pop("finite")).all():  # log the iterations before the first bad one, then stop
+                n, i = min((u, i) for i, u in zip(*np.nonzero(~finite)))
+                failure = (f"non-finite loss/parameters at update {done + n + 1} (memory length {pairs[i][0]}, "
+                           f"seed {pairs[i][1]})")
+            for u in range(n):
                 for i, pair in enumerate(pairs):
-                    pair_metrics = {k: v[i, iteration - done - 1] for k, v in metrics.items()}
-                    rows[pair].append(log_iteration(writers.get(pair), pair_metrics, iteration * batch_size))
-            for pair in pairs:  # history, state and update count change together (a checkpoint saves them)
-                history[pair] += rows[pair]
-            if len(bad):
-                (length, seed), saved = pairs[bad[0, 1]], sweep["saved_step"]
-                where = f"update {saved} in {run_dir}/checkpoints" if saved else "none"
-                raise FloatingPointError(f"non-finite loss/parameters at update {done + bad[0, 0] + 1} "
-                                         f"(memory length {length}, seed {seed}); last good checkpoint: {where}")
-            done += n
-            clock["env_steps"] += n * batch_size * len(pairs)
-            sps = n * batch_size / (time.time() - t)
+                    pair_metrics = {k: v[i, u] for k, v in metrics.items()}
+                    history[pair].append(log_iteration(writers.get(pair), pair_metrics, (done + u + 1) * batch_size))
+            if failure:
+                break
+            done, sps = done + n, n * batch_size / elapsed
             for writer in writers.values():
                 writer.add_scalar("charts/SPS", sps, done * batch_size)
                 writer.flush()
+            # the state and the update count move on together (a checkpoint saves them; the history is already ahead)
             runner, sweep["current"], logs["updates_done"][str(num_steps)] = new_runner, (pairs, new_runner), done
-            save_checkpoint(args, sweep)
+            clock["env_steps"] += n * batch_size * len(pairs)
+            step = sum(logs["updates_done"].values())  # over all groups: the checkpoints' step
+            if args.checkpoint_every and step // args.checkpoint_every > sweep["last_saved"] // args.checkpoint_every:
+                sweep["last_saved"] = save_checkpoint(manager, args, sweep)
             episodes, successes = metrics["episodes"][:, -1].sum(), metrics["successes"][:, -1].sum()
             success = console_mean(successes / episodes if episodes else None, ".3f")
             eta = run_s / (done - resumed_at) * (num_updates - done)
-            if lead:
-                print(f"step {done * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS "
-                      f"{sps * len(pairs):,.0f} (all pairs) | success {success} (all pairs) | ETA {eta:.0f} s",
-                      flush=True)
+            print0(f"step {done * batch_size:>10,}/{num_updates * batch_size:,} per pair | SPS {sps * len(pairs):,.0f} "
+                   f"(all pairs) | success {success} (all pairs) | ETA {eta:.0f} s", flush=True)
     finally:
         for writer in writers.values():
             writer.close()
-    sweep["finished_names"] += [pair_name(pair) for pair in pairs]
-    sweep["finished_params"].append(to_host(runner.train_state.params))
-    sweep["current"] = None
+    if not failure:
+        sweep["finished_names"] += [pair_name(pair) for pair in pairs]
+        sweep["finished_params"].append(to_host(runner.train_state.params))
+        sweep["current"] = None
+    return failure
 
 
 def main(args: Args) -> dict:
     """Train (or with --resume continue) the sweep; returns its summary. TensorBoard per pair, checkpoints, and in the
     run folder a summary table, summary.json and a plot."""
     start_distributed(args)
-    if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
-        args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
-    enable_compile_cache(args.compile_cache)
-    lengths, seeds = sorted(set(args.memory_lengths)), [args.seed + i for i in range(args.num_seeds)]
-    lead = jax.process_index() == 0
-    groups = {}  # rollout length -> the (length, seed) pairs trained together in one vmapped program
+    resolve_scan(args)
+    stamp = int(time.time())  # the run folder's: the processes of a --distributed run take process 0's
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp))) if jax.process_count() > 1 else stamp
+    run_dir = args.resume or os.path.join(args.log_dir, f"MemoryChain__{args.exp_name}__{args.seed}__{stamp}")
+    run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
+    lead = jax.process_index() == 0  # process 0 alone prints, writes the summary, plot and model, runs wandb
+    print0 = print if lead else lambda *_, **__: None
+    lengths, groups = sorted(set(args.memory_lengths)), {}  # rollout length -> its pairs, trained in one program
     for length in lengths:
         groups.setdefault(rollout_length(args, length), []).extend((length, seed) for seed in seeds)
-    if (cut := [length for length in lengths if rollout_length(args, length) % (length + 1)]) and lead:
-        print(f"note: --num-steps {args.num_steps} is not a multiple of L + 1 for lengths {cut}: their episodes are "
-              "cut between training sequences, where no gradient flows from the answer back to the context",
-              file=sys.stderr)
+    if cut := [length for length in lengths if rollout_length(args, length) % (length + 1)]:
+        print0(f"note: --num-steps {args.num_steps} is not a multiple of L + 1 for lengths {cut}: their episodes are "
+               "cut between training sequences, where no gradient flows from the answer back to the context",
+               file=sys.stderr)
     logs = {"history": {}, "clock": {"compile_seconds": 0.0, "run_seconds": 0.0, "env_steps": 0}, "updates_done": {}}
-    sweep = {"finished_names": [], "finished_params": [], "current": None, "saved_step": 0}
+    sweep = {"finished_names": [], "finished_params": [], "current": None, "last_saved": 0}
 
     def finished(num_steps):  # all updates of the group with this rollout are done
         return logs["updates_done"].get(str(num_steps)) == args.total_timesteps // (args.num_envs * num_steps)
 
     if args.resume:  # finished groups' results and parameters; the group under way's state is read in run_group
-        run_dir = args.resume.rstrip("/")
-        sweep["saved_step"], meta, state = restore_checkpoint(run_dir)
+        sweep["last_saved"], meta, state = restore_checkpoint(run_dir)
         logs = {key: meta[key] for key in logs}
         n = sum(len(pairs) for num_steps, pairs in groups.items() if finished(num_steps))
         sweep["finished_names"] = meta["model_pairs"][:n]
         sweep["finished_params"] = [jax.tree.map(lambda x: np.asarray(x)[:n], state["models"])]
-    else:
-        stamp = multihost_utils.broadcast_one_to_all(np.int32(time.time())) if jax.process_count() > 1 else time.time()
-        run_dir = os.path.join(args.log_dir, f"MemoryChain__{args.exp_name}__{args.seed}__{int(stamp)}")
-    run_name, clock = os.path.basename(run_dir), logs["clock"]
     logs["history"] = history = {pair: [tuple(row) for row in logs["history"].get(pair_name(pair), [])]
                                  for pairs in groups.values() for pair in pairs}
-    sweep["logs"], sweep["manager"] = logs, checkpoints(run_dir, args) if args.checkpoint_every else None
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track and lead:  # CleanRL's: imported only when asked; TensorBoard's scalars are synced
+    clock = logs["clock"]
+    if args.track and lead:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
-    if lead:
-        print(f"{run_name}: {len(lengths)} memory length(s) x {args.num_seeds} seed(s), "
-              f"{len(groups)} rollout length(s)")
+        settings = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(sync_tensorboard=True, save_code=True, **settings)
+    os.makedirs(run_dir, exist_ok=True)  # for the summary, also if stopped before any pair's TensorBoard run
+    manager = checkpoints(run_dir, args) if args.checkpoint_every or args.resume else None
+    sweep.update(logs=logs, manager=manager)
+    print0(f"{run_name}: {len(lengths)} memory length(s) x {args.num_seeds} seed(s), {len(groups)} rollout length(s)")
     failure = None
     try:
         for num_steps, pairs in groups.items():
-            if not finished(num_steps):
-                run_group(args, num_steps, pairs, run_dir, sweep)
-        save_checkpoint(args, sweep, force=True)
+            if not finished(num_steps) and (failure := run_group(args, num_steps, pairs, run_dir, sweep)):
+                break
     except KeyboardInterrupt:
-        print("\ninterrupted; writing what was logged and a checkpoint", file=sys.stderr)
-        save_checkpoint(args, sweep, force=True)
-    except FloatingPointError as error:  # the last good checkpoint stays the latest
-        failure = str(error)
-    finally:  # a crash or Ctrl-C keeps everything logged so far, and writes the summary
+        print(f"\ninterrupted after {sum(logs['updates_done'].values())} updates; writing what was logged",
+              file=sys.stderr)
+    finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
+        if manager is not None:
+            if args.checkpoint_every and not failure:
+                sweep["last_saved"] = save_checkpoint(manager, args, sweep)
+            manager.wait_until_finished()
+            manager.close()
         summary = summarize(args, history, clock)
-        models = trained_models(sweep) if args.save_model else None  # every process: gathers the shards
+        text = summary_table(args, summary)
+        print0(f"{text}\ncompile {clock['compile_seconds']:.1f} s, run {clock['run_seconds']:.1f} s, "
+               f"{summary['sps'] or 0:,.0f} steps/s")
         if lead:
-            text = summary_table(args, summary)
-            print(f"{text}\ncompile {clock['compile_seconds']:.1f} s, run {clock['run_seconds']:.1f} s, "
-                  f"{summary['sps'] or 0:,.0f} steps/s")
             with open(os.path.join(run_dir, "summary.md"), "w") as f:
                 f.write(text + "\n")
             write_json(os.path.join(run_dir, "summary.json"), {"args": asdict(args), **summary})
             plot_success(args, summary, os.path.join(run_dir, "success_vs_length.png"))
-            if models:  # {"len_{L}_seed_{S}": params} for every (length, seed) trained
-                params = {name: jax.tree.map(lambda x: x[i], models[1]) for i, name in enumerate(models[0])}
-                with open(os.path.join(run_dir, f"{args.exp_name}.cleanrl_model"), "wb") as f:
-                    f.write(flax.serialization.to_bytes([asdict(args), params]))
-            if args.track:
-                wandb.finish()
-            print(f"results in {run_dir}")
-        if sweep["manager"]:
-            sweep["manager"].wait_until_finished()
-            sweep["manager"].close()
-    if failure:
-        print(f"error: {failure}", file=sys.stderr)
-        sys.exit(1)
+        if args.save_model:  # {"len_{L}_seed_{S}": params} of every (length, seed) trained so far
+            (names, model), path = trained_models(sweep), os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+            model = {name: jax.tree.map(lambda x: x[i], model) for i, name in enumerate(names)}
+            if lead and model:
+                with open(path, "wb") as f:
+                    f.write(flax.serialization.to_bytes([asdict(args), model]))
+                print(f"model saved to {path}")
+        if args.track and lead:
+            wandb.finish()
+        print0(f"results in {run_dir}" + (f"; latest checkpoint: update {sweep['last_saved']}" if manager else ""))
+    if failure:  # the last good checkpoint stays the latest
+        last_saved = sweep["last_saved"]
+        where = f"update {last_saved} in {os.path.join(run_dir, 'checkpoints')}" if manager and last_saved else "none"
+        raise SystemExit(f"error: {failure}; last good checkpoint: {where}")
     return summary
 
 
 if __name__ == "__main__":
     # Python leaves SIGINT ignored when started from a background shell; Ctrl-C must stop cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too: checkpoint, summary, exit
-    args, error = parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
+    args, error = parse_args()  # with --distributed, joins the multi-process run first
+    enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
+    quiet_cache_loads(args.compile_cache)
+    error = error or check_args(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    quiet_cache_loads(args.compile_cache)  # main and evaluate_model turn the cache on
     evaluate_model(args) if args.eval_model else main(args)

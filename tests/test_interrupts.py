@@ -33,24 +33,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POPGYM = ["--env-id=CartPoleEasy", "--num-envs=4", "--num-steps=8", "--num-minibatches=2", "--update-epochs=2",
           "--num-seeds=2", "--total-timesteps=256"]  # 8 updates of 32 steps  # fmt: skip
 COMMON = ["--updates-per-chunk=1", "--checkpoint-every=3", "--keep-checkpoints=20", "--save-model"]
-# script: its module, flags of a tiny run of 8 updates, TensorBoard folders, log_iteration calls per update (one per
-# (length, seed) pair in ppo_s5_memory) and whether save_checkpoint is called after every update (it decides) or
-# only when a checkpoint is due (every 3 updates here)
+# script: its module, flags of a tiny run of 8 updates, TensorBoard folders and log_iteration calls per update (one per
+# (length, seed) pair in ppo_s5_memory); every script calls save_checkpoint only when a checkpoint is due (every 3
+# updates here)
 SCRIPTS = {
     "s5": dict(module=ppo_s5_popgym, flags=[*POPGYM, "--d-model=16", "--ssm-size=8", "--n-layers=1"],
-               folders="seed_*", log_calls=1, save_calls_every_update=False),
-    "lstm": dict(module=ppo_lstm_popgym, flags=[*POPGYM, "--hidden-size=16"], folders="seed_*", log_calls=1,
-                 save_calls_every_update=False),
+               folders="seed_*", log_calls=1),
+    "lstm": dict(module=ppo_lstm_popgym, flags=[*POPGYM, "--hidden-size=16"], folders="seed_*", log_calls=1),
     "memory": dict(module=ppo_s5_memory, flags=["--memory-lengths=3", "--num-seeds=2", "--total-timesteps=1024",
                                                 "--num-envs=4", "--num-minibatches=2", "--update-epochs=1",
                                                 "--d-model=8", "--ssm-size=8", "--n-layers=1"],
-                   folders="len_*", log_calls=2, save_calls_every_update=True),  # L = 3: 4 envs x 32 steps
+                   folders="len_*", log_calls=2),  # L = 3: 4 envs x 32 steps
     "metarl": dict(module=ppo_s5_metarl, flags=["--train-envs=Pendulum-v1", "--heldout-envs", "--num-envs=4",
                                                 "--num-steps=12", "--num-minibatches=2", "--update-epochs=1",
                                                 "--d-model=16", "--ssm-size=8", "--n-layers=1", "--episode-length=3",
                                                 "--episodes-per-trial=2", "--eval-trials=3", "--eval-every=4",
                                                 "--num-seeds=2", "--total-timesteps=384"],
-                   folders="seed_*", log_calls=1, save_calls_every_update=False),
+                   folders="seed_*", log_calls=1),
 }  # fmt: skip
 UPDATES = 8
 # (signal, function, the update during which the k-th call comes, the checkpoints the resumed run may start from)
@@ -155,7 +154,7 @@ def test_stopped_and_resumed_equals_uninterrupted(name, point, uninterrupted, ca
     elif function == "SummaryWriter.add_scalar":  # the first TensorBoard run's SPS (one per seed, per chunk)
         k = (update - 1) * 2 + 1
     else:
-        k = update if script["save_calls_every_update"] else update // 3
+        k = update // 3
     stopped = run(["-c", CHILD, module.__file__, function, str(k), signal_name, committed, *script["flags"],
                    *COMMON, f"--log-dir={tmp_path}", f"--compile-cache={cache}"])  # fmt: skip
     assert stopped.returncode == (-signal.SIGKILL if signal_name == "SIGKILL" else 0), stopped.stderr[-3000:]

@@ -8,12 +8,14 @@ sweep over two lengths (shared by the tests of its outputs, --save-model/load_mo
 and kill-and-resume bit-identity); a non-finite loss stops the run. --distributed: tests/test_distributed.py.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,13 +238,32 @@ def test_bad_inputs_fail_before_compiling(tmp_path):
         (dict(memory_lengths=()), "--memory-lengths is empty"),
         (dict(num_envs=6, num_minibatches=4), "must be divisible by --num-minibatches"),
         (dict(memory_lengths=(100,), total_timesteps=1000), "gives zero updates"),
-        (dict(resume="a", eval_model="b"), "--resume and --eval-model exclude each other"),
         (dict(distributed=True, eval_model="b"), "--eval-model runs in one process; drop --distributed"),
         (dict(process_id=0), "add --distributed"),
         (dict(coordinator_address="127.0.0.1:1234"), "add --distributed"),
     ]:
         error = mem.check_args(mem.Args(**changes))
         assert error is not None and message in error and "\n" not in error, (changes, error)
+
+
+def test_eval_model_refuses_what_it_would_not_play_before_compiling(tmp_path):
+    """--eval-model takes the saved run's flags as its defaults: a flag that differs from them is refused (exit 2, one
+    line naming it, as in ppo_s5_popgym) rather than ignored, and so is --distributed (the evaluation runs in one
+    process: it must not try to join a multi-process run first); --resume with --eval-model is refused too."""
+    model = tmp_path / "ppo_s5_memory.cleanrl_model"  # the default Args and no parameters: only the Args are read
+    model.write_bytes(flax.serialization.to_bytes([dataclasses.asdict(mem.Args()), {}]))
+    allowed = ("--total-timesteps, --log-dir, --updates-per-chunk, --checkpoint-every, --keep-checkpoints, "
+               "--compile-cache, --track, --wandb-project-name, --wandb-entity, --save-model")
+    for flags, message in [
+        (["--gamma", "0.9"], f"--eval-model: --gamma 0.9 differs from the model's 0.99; it would change the run "
+                             f"(allowed to change: {allowed})"),
+        (["--memory-lengths", "4"], "--eval-model: --memory-lengths (4,) differs from the model's (1, 2, 3, 4, 5, "),
+        (["--distributed"], "--eval-model runs in one process; drop --distributed"),
+        (["--resume", str(tmp_path)], "--resume: --resume and --eval-model exclude each other"),
+    ]:
+        result = run_script("--eval-model", str(model), *flags, timeout=120)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), (flags, result.stderr[-2000:])
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
 
 
 TINY = ["--num-envs", "4", "--num-minibatches", "2", "--update-epochs", "1", "--d-model", "8", "--ssm-size", "8",
