@@ -689,7 +689,9 @@ def split_seeds(tree) -> list:
 
 @jax.jit
 def stack_seeds(trees: list):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    # astype: strong types, so that the state after init (TrainState.create's weakly typed step) splits like the
+    # state after an update: split_seeds compiles once, not again at the second chunk
+    return jax.tree.map(lambda *xs: jnp.stack(xs).astype(xs[0].dtype), *trees)
 
 
 def over_seeds(fn, seed_batching: str):
@@ -706,7 +708,9 @@ def compile_training(init, update_chunk, inputs, sharding, chunk_lengths, seed_b
         init_lowered = jax.jit(jax.vmap(init), out_shardings=sharding).lower(*inputs)
         chunk = lambda n: jax.jit(jax.vmap(partial(update_chunk, num_updates=n)), in_shardings=sharding,  # noqa: E731
                                   out_shardings=sharding).lower(init_lowered.out_info)
-    else:
+    else:  # one device (check_args): the inputs uncommitted, like every later state, so split_seeds compiles once
+        keys, lengths = inputs
+        inputs = jax.random.wrap_key_data(np.asarray(jax.random.key_data(keys))), np.asarray(lengths)
         init_lowered = jax.jit(init).lower(*(x[0] for x in inputs))
         chunk = lambda n: jax.jit(partial(update_chunk, num_updates=n)).lower(init_lowered.out_info)  # noqa: E731
     lowered = [init_lowered] + [chunk(n) for n in sorted(chunk_lengths)]
