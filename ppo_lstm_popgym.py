@@ -58,9 +58,10 @@ class Args:
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of the updates)"""
-    seed_batching: Literal["vmap", "loop"] = "vmap"
-    """how a device runs its seeds: vmap (one batched program) or loop (one device holds all seeds and runs the
-    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run)"""
+    seed_batching: Literal["auto", "vmap", "loop"] = "auto"
+    """how a device runs its seeds: vmap (one batched program), loop (one device holds all seeds and runs the
+    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run), or auto: loop for one seed
+    at width >= 256 on a CPU, else vmap (the faster: benchmarks/bench_seed_batching.py)"""
     checkpoint_every: int = 20
     """checkpoint the training state every N updates (at chunk ends), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
@@ -564,6 +565,11 @@ def compile_training(init, update_chunk, keys, sharding, chunk_lengths, seed_bat
 
 
 def derive_sizes(args: Args) -> Args:
+    if args.seed_batching == "auto":  # measured on a CPU: a vmap over one seed slows the LSTM-256 by a third, the
+        # GRU-256 by 5-13%; at width 64 and with several seeds the vmap is the faster
+        one_seed_on_cpu = args.num_seeds == 1 and jax.default_backend() == "cpu" and jax.device_count() == 1
+        wide = args.hidden_size >= 256
+        args.seed_batching = "loop" if one_seed_on_cpu and wide and not args.distributed else "vmap"
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_updates = args.total_timesteps // args.batch_size
@@ -678,6 +684,7 @@ def write_json(path: str, obj):
 
 
 def args_from(saved: dict) -> Args:
+    saved = {"seed_batching": "vmap", **saved}  # runs saved before --seed-batching ran vmap
     return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved and f.name not in LAUNCH})
 
 

@@ -69,9 +69,10 @@ class Args:
     """save the parameters of every (length, seed) and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of a group's)"""
-    seed_batching: Literal["vmap", "loop"] = "vmap"
-    """how a device runs its (length, seed) pairs: vmap (one batched program) or loop (one device holds them all and
-    runs the one-pair program for each in turn: a pair is bit-identical to a run of that length and seed alone)"""
+    seed_batching: Literal["auto", "vmap", "loop"] = "auto"
+    """how a device runs its (length, seed) pairs: vmap (one batched program), loop (one device holds them all and
+    runs the one-pair program for each in turn: a pair is bit-identical to a run of that length and seed alone), or
+    auto: vmap, the faster for S5 (benchmarks/bench_seed_batching.py)"""
     checkpoint_every: int = 20
     """checkpoint the sweep (finished groups' results and parameters, the current group's training state) every N
     updates over all groups, at the first chunk boundary after each N, at the end and on Ctrl-C/SIGTERM; 0: never"""
@@ -720,9 +721,11 @@ def compile_training(init, update_chunk, inputs, sharding, chunk_lengths, seed_b
     return init_compiled(*inputs), dict(zip(sorted(chunk_lengths), chunks))
 
 
-def resolve_scan(args: Args) -> Args:
+def resolve_auto(args: Args) -> Args:
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
         args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    if args.seed_batching == "auto":  # S5: vmap, measured faster than loop at every seed count on a CPU
+        args.seed_batching = "vmap"
     return args
 
 
@@ -837,6 +840,7 @@ def args_from(saved: dict) -> Args:
             return tuple(v[k] for k in sorted(v, key=int))
         return tuple(v) if isinstance(v, list) else v
 
+    saved = {"seed_batching": "vmap", **saved}  # runs saved before --seed-batching ran vmap
     return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved and f.name not in LAUNCH})
 
 
@@ -954,7 +958,7 @@ def parse_args() -> tuple[Args, str | None]:
 
 def evaluate_model(args: Args) -> dict:
     """--eval-model: every saved (length, seed) plays --eval-episodes episodes; prints and writes eval.json."""
-    resolve_scan(args)
+    resolve_auto(args)
     models = load_model(args.eval_model)[1]
     pairs = sorted(tuple(int(x) for x in name.split("_")[1::2]) for name in models)  # "len_{L}_seed_{S}"
     params = jax.tree.map(lambda *x: jnp.stack(x), *(models[pair_name(pair)] for pair in pairs))
@@ -1165,7 +1169,7 @@ def main(args: Args) -> dict:
     """Train (or with --resume continue) the sweep; returns its summary. TensorBoard per pair, checkpoints, and in the
     run folder a summary table, summary.json and a plot."""
     start_distributed(args)
-    resolve_scan(args)
+    resolve_auto(args)
     stamp = int(time.time())  # the run folder's: the processes of a --distributed run take process 0's
     stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp))) if jax.process_count() > 1 else stamp
     run_dir = args.resume or os.path.join(args.log_dir, f"MemoryChain__{args.exp_name}__{args.seed}__{stamp}")

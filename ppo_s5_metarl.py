@@ -60,9 +60,10 @@ class Args:
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between logs (0: the largest divisor of the updates and --eval-every up to 1/25)"""
-    seed_batching: Literal["vmap", "loop"] = "vmap"
-    """how a device runs its seeds: vmap (one batched program) or loop (one device holds all seeds and runs the
-    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run)"""
+    seed_batching: Literal["auto", "vmap", "loop"] = "auto"
+    """how a device runs its seeds: vmap (one batched program), loop (one device holds all seeds and runs the
+    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run), or auto: loop for one seed
+    of --memory lstm at width >= 256 on a CPU, else vmap (the faster: benchmarks/bench_seed_batching.py)"""
     checkpoint_every: int = 20
     """checkpoint every N updates (at the next chunk boundary), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
@@ -815,6 +816,11 @@ def compile_training(init, update_chunk, keys, sharding, chunk_lengths, evaluate
 def derive_sizes(args: Args) -> Args:
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
         args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    if args.seed_batching == "auto":  # measured on a CPU: a vmap over one seed slows the LSTM-256 by a third; S5
+        # and width 64 run faster vmapped (benchmarks/bench_seed_batching.py)
+        one_seed_on_cpu = args.num_seeds == 1 and jax.default_backend() == "cpu" and jax.device_count() == 1
+        wide_lstm = args.memory == "lstm" and args.hidden_size >= 256
+        args.seed_batching = "loop" if one_seed_on_cpu and wide_lstm and not args.distributed else "vmap"
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_updates = args.total_timesteps // args.batch_size
@@ -936,6 +942,7 @@ def args_from(saved: dict) -> Args:
             return tuple(v[k] for k in sorted(v, key=int))
         return tuple(v) if isinstance(v, list) else v
 
+    saved = {"seed_batching": "vmap", **saved}  # runs saved before --seed-batching ran vmap
     return Args(**{f.name: fix(saved[f.name]) for f in fields(Args) if f.name in saved and f.name not in LAUNCH})
 
 

@@ -58,9 +58,10 @@ class Args:
     """save every seed's parameters and these Args to `{run folder}/{exp_name}.cleanrl_model`"""
     updates_per_chunk: int = 0
     """PPO updates per jitted chunk between progress/TensorBoard writes (0: a divisor near 1/25 of the updates)"""
-    seed_batching: Literal["vmap", "loop"] = "vmap"
-    """how a device runs its seeds: vmap (one batched program) or loop (one device holds all seeds and runs the
-    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run)"""
+    seed_batching: Literal["auto", "vmap", "loop"] = "auto"
+    """how a device runs its seeds: vmap (one batched program), loop (one device holds all seeds and runs the
+    one-seed program for each in turn: seed i of N is bit-identical to a one-seed run), or auto: vmap, the faster
+    for S5 (benchmarks/bench_seed_batching.py)"""
     checkpoint_every: int = 20
     """checkpoint the training state every N updates (at chunk ends), at the end and on Ctrl-C/SIGTERM; 0: never"""
     keep_checkpoints: int = 3
@@ -752,6 +753,8 @@ def compile_training(init, update_chunk, keys, sharding, chunk_lengths, seed_bat
 def derive_sizes(args: Args) -> Args:
     if args.s5_scan == "auto":  # resolved here so that the logged hyperparameters say which ran
         args.s5_scan = "sequential" if jax.default_backend() == "cpu" else "parallel"
+    if args.seed_batching == "auto":  # S5: vmap, measured faster than loop at every seed count on a CPU
+        args.seed_batching = "vmap"
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
     args.num_updates = args.total_timesteps // args.batch_size
@@ -866,6 +869,7 @@ def write_json(path: str, obj):
 
 
 def args_from(saved: dict) -> Args:
+    saved = {"seed_batching": "vmap", **saved}  # runs saved before --seed-batching ran vmap
     return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved and f.name not in LAUNCH})
 
 

@@ -76,7 +76,7 @@ def written_files(
     written = [out / f"{out_name}{suffix}" for suffix in (".json", ".md", ".png", *extra)]
     if figure:
         FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        for path in [p for p in written if keep_all or p.suffix == ".png"]:
+        for path in [p for p in written if (keep_all or p.suffix == ".png") and p.exists()]:  # some write no PNG
             suffix = path.name[len(out_name):]
             written.append(Path(shutil.copyfile(path, FIGURES_DIR / f"{out_name}_{backend}{suffix}")))
     return written

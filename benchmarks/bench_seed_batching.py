@@ -102,48 +102,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(args: Args) -> dict:
-    if args.quick:
-        args = dataclasses.replace(args, preset="smoke", repeats=1, seed_counts=(2,), models=("GRU",))
-    ppo, *widths, preset_updates, preset_warmup = PRESETS[args.preset]
-    updates = args.updates or preset_updates
-    warmup = preset_warmup if args.warmup_updates < 0 else args.warmup_updates
-    if args.repeats < 1 or updates < 1 or min(args.seed_counts) < 1:
-        raise SystemExit("--repeats, --updates and --seed-counts must be positive")
-    if jax.device_count() > 1 and "loop" in args.modes:
-        raise SystemExit(f"--seed-batching loop needs one device; this machine has {jax.device_count()}")
-    script = {
-        (n, model, mode): script_args(
-            module, ppo, widths[width], {**extra, "num_seeds": n, "seed_batching": mode}, args.env_id, args.seed,
-            warmup + updates,
-        )
-        for n in args.seed_counts for model, (module, width, extra) in MODELS.items() if model in args.models
-        for mode in args.modes
-    }  # fmt: skip
-    out_name = args.out_name or f"bench_seed_batching_{args.preset}"
-    machine = machine_info()
-    print(f"{machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['backend']}; "
-          f"load {machine['load_average_at_start']}", flush=True)  # fmt: skip
-
-    runs = []
-    for round_ in range(1, args.repeats + 1):
-        for (n, model, mode), a in script.items():
-            result = run_once(MODELS[model][0], a, warmup, updates)
-            runs.append({"round": round_, "model": model, **result})
-            print(f"round {round_}, {n} seed(s), {model:>4} {mode:>4}: compile {result['compile_s']:.1f} s, "
-                  f"{result['sps']:,.0f} env steps/s per seed (load {result['load_average_before']} -> "
-                  f"{result['load_average_after']})", flush=True)  # fmt: skip
-        for name, command in (item.split("=", 1) for item in args.also):
-            load_before = load_average()
-            proc = subprocess.run(shlex.split(command), capture_output=True, text=True, check=True)
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs.append({"round": round_, "model": name, "command": command, "num_seeds": 1, "seed_batching": "-",
-                         "sps": result["sps"], "compile_s": result["compile_s"], "output": result,
-                         "load_average_before": load_before, "load_average_after": load_average()})  # fmt: skip
-            print(f"round {round_}, {name}: compile {result['compile_s']:.1f} s, {result['sps']:,.0f} env steps/s "
-                  f"(load {load_before} -> {load_average()})", flush=True)  # fmt: skip
+def write_report(args: Args, script: dict, runs: list, machine: dict, rounds: int, updates: int, warmup: int):
+    """Medians per cell over the rounds done so far; writes the JSON and the table; returns them and their path
+    without suffix."""
     machine["load_average_at_end"] = load_average()
-
     cells = []
     for n in args.seed_counts:
         for model in [m for m in MODELS if m in args.models]:
@@ -165,7 +127,7 @@ def main(args: Args) -> dict:
     widths_used = {model: dataclasses.asdict(a) for (_, model, _), a in script.items()}
     settings = {
         "preset": args.preset, "env_id": args.env_id, "seed": args.seed, "updates": updates, "warmup_updates": warmup,
-        "repeats": args.repeats, "seed_counts": list(args.seed_counts), "modes": list(args.modes),
+        "repeats": rounds, "seed_counts": list(args.seed_counts), "modes": list(args.modes),
         **{k: first[k] for k in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "learning_rate")},
         "s5": {k: widths_used["S5"][k] for k in ("d_model", "n_layers")} if "S5" in widths_used else None,
         "lstm": {"hidden_size": (widths_used.get("LSTM") or widths_used.get("GRU") or {}).get("hidden_size")},
@@ -173,10 +135,55 @@ def main(args: Args) -> dict:
     report = {"machine": machine, "args": dataclasses.asdict(args), "settings": settings, "unix_time": time.time(),
               "cells": cells, "runs": runs}  # fmt: skip
     table = markdown(report)
+    out_name = args.out_name or f"bench_seed_batching_{args.preset}"
     out = write_results(args.out_dir, out_name, report, table)
     written_files(out, out_name, machine["backend"], args.figure, keep_all=True)
+    return report, table, out / out_name
+
+
+def main(args: Args) -> dict:
+    if args.quick:
+        args = dataclasses.replace(args, preset="smoke", repeats=1, seed_counts=(2,), models=("GRU",))
+    ppo, *widths, preset_updates, preset_warmup = PRESETS[args.preset]
+    updates = args.updates or preset_updates
+    warmup = preset_warmup if args.warmup_updates < 0 else args.warmup_updates
+    if args.repeats < 1 or updates < 1 or min(args.seed_counts) < 1:
+        raise SystemExit("--repeats, --updates and --seed-counts must be positive")
+    if jax.device_count() > 1 and "loop" in args.modes:
+        raise SystemExit(f"--seed-batching loop needs one device; this machine has {jax.device_count()}")
+    script = {
+        (n, model, mode): script_args(
+            module, ppo, widths[width], {**extra, "num_seeds": n, "seed_batching": mode}, args.env_id, args.seed,
+            warmup + updates,
+        )
+        for n in args.seed_counts for model, (module, width, extra) in MODELS.items() if model in args.models
+        for mode in args.modes
+    }  # fmt: skip
+    machine = machine_info()
+    print(f"{machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['backend']}; "
+          f"load {machine['load_average_at_start']}", flush=True)  # fmt: skip
+
+    runs = []
+    for round_ in range(1, args.repeats + 1):
+        for (n, model, mode), a in script.items():
+            result = run_once(MODELS[model][0], a, warmup, updates)
+            runs.append({"round": round_, "model": model, **result})
+            print(f"round {round_}, {n} seed(s), {model:>4} {mode:>4}: compile {result['compile_s']:.1f} s, "
+                  f"{result['sps']:,.0f} env steps/s per seed (load {result['load_average_before']} -> "
+                  f"{result['load_average_after']})", flush=True)  # fmt: skip
+        for name, command in (item.split("=", 1) for item in args.also):
+            load_before = load_average()
+            proc = subprocess.run(shlex.split(command), capture_output=True, text=True, check=True)
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs.append({"round": round_, "model": name, "command": command, "num_seeds": 1, "seed_batching": "-",
+                         "sps": result["sps"], "compile_s": result["compile_s"], "output": result,
+                         "load_average_before": load_before, "load_average_after": load_average()})  # fmt: skip
+            print(f"round {round_}, {name}: compile {result['compile_s']:.1f} s, {result['sps']:,.0f} env steps/s "
+                  f"(load {load_before} -> {load_average()})", flush=True)  # fmt: skip
+        # written after every round: a benchmark stopped early keeps the rounds it finished
+        report, table, path = write_report(args, script, runs, machine, round_, updates, warmup)
     print("\n" + table)
-    print(f"wrote {out / out_name}.json and .md")
+    print(f"wrote {path}.json and .md")
     return report
 
 

@@ -114,3 +114,20 @@ def test_loop_refused_on_several_devices(tmp_path):
         "error: --seed-batching loop runs every seed on one device, and this run has 2 devices: use vmap"
     ), result.stderr[-2000:]
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or jax.device_count() != 1, reason="auto's rule for one CPU device")
+def test_auto_takes_what_measured_faster_and_old_runs_keep_vmap():
+    """auto (the default) resolves before compiling, so the logged hyperparameters say which ran: loop for one seed of
+    the LSTM/GRU at width >= 256 on a CPU (1.46x / 1.05x in benchmarks/bench_seed_batching.py), vmap otherwise."""
+    resolved = lambda module, **kw: module.derive_sizes(module.Args(**kw)).seed_batching  # noqa: E731
+    assert resolved(ppo_lstm_popgym) == "loop" and resolved(ppo_lstm_popgym, cell="gru") == "loop"
+    assert resolved(ppo_lstm_popgym, num_seeds=2) == resolved(ppo_lstm_popgym, hidden_size=64) == "vmap"
+    assert resolved(ppo_s5_metarl, memory="lstm", hidden_size=256) == "loop"
+    assert resolved(ppo_s5_metarl, memory="lstm") == resolved(ppo_s5_metarl) == "vmap"  # width 64; S5
+    assert resolved(ppo_s5_popgym) == resolved(ppo_s5_popgym, num_seeds=4) == "vmap"
+    assert ppo_s5_memory.resolve_auto(ppo_s5_memory.Args()).seed_batching == "vmap"
+    assert resolved(ppo_lstm_popgym, seed_batching="vmap") == "vmap"  # an explicit choice stays
+    # a run saved before --seed-batching existed ran vmap, and resumes or evaluates so
+    for module in (ppo_s5_popgym, ppo_lstm_popgym, ppo_s5_metarl, ppo_s5_memory):
+        assert module.args_from({"seed": 3}).seed_batching == "vmap"
