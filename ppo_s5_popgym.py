@@ -686,9 +686,7 @@ def seed_keys(seeds: list[int], sharding):
 
 
 def to_host(tree):
-    """Every seed's values as numpy arrays on every process (an all-gather across processes)."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, tree)
+    """Every seed's values as numpy arrays on every process (an all-gather across processes; one process: a copy)."""
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -816,9 +814,10 @@ out(pending)
 def quiet_cache_loads(folder: str):
     """With the compile cache on, pass this process's stderr (file descriptor 2: XLA's C++ logs and Python's
     sys.stderr) through a child process that drops the lines of CACHE_LOAD_NOISE and passes on every other byte as it
-    comes. A child rather than a thread, so that a crash's last words still get through. At exit, fd 2 is restored."""
+    comes. A child rather than a thread, so that a crash's last words still get through. At exit, fd 2 is restored;
+    returns the function that restores it (for an exit that skips the atexit functions)."""
     if not cache_folder(folder) or os.name != "posix" or not sys.executable:
-        return
+        return lambda: None
     read, write = os.pipe()
     child = subprocess.Popen([sys.executable, "-I", "-S", "-c", LINE_FILTER, *CACHE_LOAD_NOISE], stdin=read,
                              stdout=2, start_new_session=True)  # stdout: the stderr it replaces
@@ -837,6 +836,7 @@ def quiet_cache_loads(folder: str):
             pass
 
     atexit.register(restore)
+    return restore
 
 
 # Checkpoints (orbax), --resume, load_model and --eval-model, strict JSON ----------------------------------------------
@@ -1066,12 +1066,12 @@ def log_in_context(writers: dict, record: dict, global_step: int):
 
 
 def main(args: Args) -> dict:
-    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json."""
+    """Train (or with args.resume continue) a run; returns its summary. Checkpoints, TensorBoard, summary.json. On
+    Ctrl-C or SIGTERM it writes everything, then raises KeyboardInterrupt."""
     start_distributed(args)
     derive_sizes(args)
     chunk = args.updates_per_chunk or default_chunk(args.num_updates)
-    stamp = int(time.time())  # the run folder's: the processes of a --distributed run take process 0's
-    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp))) if jax.process_count() > 1 else stamp
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(time.time())))  # the run folder's: process 0's
     run_dir = args.resume or os.path.join(args.log_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{stamp}")
     run_name, seeds = os.path.basename(os.path.normpath(run_dir)), [args.seed + i for i in range(args.num_seeds)]
     lead = jax.process_index() == 0  # process 0 alone prints, writes summary.json and the model, runs wandb
@@ -1142,8 +1142,9 @@ def main(args: Args) -> dict:
             in_context = in_context_record(seeds, results["trial_returns"])
             log_in_context(writers, in_context, len(history) * args.batch_size)
             print0(in_context_line(in_context))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # raised again once the finally below has written everything
         print(f"\ninterrupted after {len(history)} updates; writing what was logged", file=sys.stderr)
+        raise
     finally:  # a crash, Ctrl-C or SIGTERM keeps everything logged so far, writes the summary and a checkpoint
         if manager is not None:
             if args.checkpoint_every and runner is not None and not failure:
@@ -1184,9 +1185,18 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (preemption) stops like Ctrl-C
     args, error = parse_args()  # with --distributed, joins the multi-process run first
     enable_compile_cache(args.compile_cache)  # before anything is compiled (JAX decides once per process)
-    quiet_cache_loads(args.compile_cache)
+    restore_stderr = quiet_cache_loads(args.compile_cache)
     error = error or check_args(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    evaluate_model(args) if args.eval_model else main(args)
+    try:
+        evaluate_model(args) if args.eval_model else main(args)
+    except KeyboardInterrupt:
+        if args.eval_model:
+            raise
+        # Stopped with everything written: end now. JAX's exit-time teardown would first wait for the update still
+        # running on the device (a whole chunk at worst, minutes at the paper's settings).
+        sys.stdout.flush()
+        restore_stderr()
+        os._exit(0)

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -196,3 +197,36 @@ def test_metarl_resumes_a_checkpoint_of_the_earlier_format(uninterrupted, cache,
     whole_params, whole_scalars, whole_summary = uninterrupted("metarl")
     jax.tree.map(np.testing.assert_array_equal, params, whole_params)
     assert scalars == whole_scalars and summary == whole_summary
+
+
+# One update that takes hours (many epochs over a large rollout; tiny networks, so it compiles as fast as the runs above)
+LONG_UPDATE = ["--num-seeds=1", "--num-envs=64", "--num-steps=1200", "--num-minibatches=1", "--update-epochs=100000",
+               "--total-timesteps=100000000"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_sigterm_during_an_update_ends_the_process_at_once(name, cache, tmp_path):
+    """SIGTERM while an update is still running on the device: the script writes what was logged and exits at once,
+    instead of waiting for that update to finish (JAX's exit-time teardown waits for the device's work)."""
+    script = SCRIPTS[name]
+    flags = [f for f in script["flags"] if not f.startswith(("--num-seeds", "--num-envs", "--num-steps", "--total"))]
+    flags = [*flags, *LONG_UPDATE, f"--log-dir={tmp_path}", f"--compile-cache={cache}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, script["module"].__file__, *flags], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in process.stdout:  # the first update is dispatched right after this line
+            if "compiled in" in line:
+                break
+        time.sleep(3)
+        process.send_signal(signal.SIGTERM)
+        stopped = time.time()
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("60 s after SIGTERM the process still runs: it waits for the update in flight")
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "interrupted after 0 updates" in stderr
+    assert glob.glob(str(tmp_path / "*" / "summary.json")), stdout[-3000:]

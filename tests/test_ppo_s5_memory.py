@@ -392,7 +392,8 @@ def test_interrupt_between_logs_and_state_resumes_without_duplicates(sweep_run, 
         return add_scalar(self, tag, *args, **kwargs)
 
     monkeypatch.setattr(mem.SummaryWriter, "add_scalar", interrupting_add_scalar)
-    mem.main(tyro.cli(mem.Args, args=[*SWEEP, "--log-dir", str(tmp_path)]))
+    with pytest.raises(KeyboardInterrupt):  # main writes everything, then raises it again
+        mem.main(tyro.cli(mem.Args, args=[*SWEEP, "--log-dir", str(tmp_path)]))
     monkeypatch.undo()
     (two,) = tmp_path.iterdir()
     step, meta, _ = mem.restore_checkpoint(str(two), meta_only=True)
