@@ -8,12 +8,13 @@ charts/episodic_return, the latest checkpoint) and reports the curve, the MMER s
     python ppo_s5_popgym.py --env-id RepeatPreviousHard --exp-name S5 --checkpoint-every 4 \\
         --log-dir benchmarks/results/bench_repeat_previous_hard_paper_runs          # S5, seed 1
     python ppo_lstm_popgym.py --env-id RepeatPreviousHard --cell gru --exp-name GRU --checkpoint-every 4 \\
-        --log-dir benchmarks/results/bench_repeat_previous_hard_paper_runs          # the paper's GRU baseline
+        --updates-per-chunk 1 --log-dir benchmarks/results/bench_repeat_previous_hard_paper_runs   # the paper's GRU
     python ppo_s5_popgym.py --resume benchmarks/results/bench_repeat_previous_hard_paper_runs/RUN   # continue
     python benchmarks/bench_repeat_previous_hard_paper.py --figure                 # read back, write the report
 
 Writes `{out_dir}/bench_repeat_previous_hard_paper.{json,md,png}`; `--figure` copies them to
-`benchmarks/figures/bench_repeat_previous_hard_paper_{backend}.*`.
+`benchmarks/figures/bench_repeat_previous_hard_paper_{backend}.*`. A run in that committed report whose folder is not
+on this machine keeps its committed numbers (a run folder is gitignored and lives on one machine's disk).
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common beside this file
-from bench_common import machine_info, read_curves, write_results, written_files  # noqa: E402
+from bench_common import FIGURES_DIR, machine_info, read_curves, write_results, written_files  # noqa: E402
 import ppo_lstm_popgym  # noqa: E402
 import ppo_s5_popgym  # noqa: E402
 
@@ -40,6 +41,10 @@ class Args:
     """also copy the JSON, table and PNG to benchmarks/figures/bench_repeat_previous_hard_paper_{backend}.*"""
     out_dir: str = "benchmarks/results"
     """folder for the JSON, markdown and PNG"""
+    earlier_report: str | None = None
+    """a report whose runs are kept where their folder is not under runs_dir (a run folder lives on one machine's
+    disk, its numbers in the committed report); default: benchmarks/figures/bench_repeat_previous_hard_paper_{backend}
+    .json if it exists; "" for none"""
 
 
 def read_run(run_dir: Path) -> dict:
@@ -65,15 +70,25 @@ def read_run(run_dir: Path) -> dict:
     }  # fmt: skip
 
 
+SOLVED_RETURN = 0.9  # of RepeatPreviousHard's best return, 1.0 (the random policy's: -0.5)
+
+
+def first_step_at(curve: list, level: float) -> int | None:
+    """The first logged step whose episodic return is at least `level` (None: not yet)."""
+    return next((s for s, r in zip(*curve) if r >= level), None)  # NaN (no episode ended) compares False
+
+
 def markdown(report: dict) -> str:
     lines = ["# RepeatPreviousHard at the paper's settings", "",
-             "| memory | script | seed | steps done | of | MMER so far | last return | run time |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             f"| memory | script | seed | steps done | of | MMER so far | last return | return >= {SOLVED_RETURN} from "
+             "| run time |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"].values():
         mmer, last = (f"{r[k]:.3f}" if r[k] is not None else "n/a" for k in ("mmer", "final_return"))
+        solved = first_step_at(r["curve"], SOLVED_RETURN)
         lines.append(f"| {r['memory']} | {r['script']} | {r['seed']} | {r['steps_done']:,} | "
                      f"{r['updates_total'] * r['settings']['num_envs'] * r['settings']['num_steps']:,} | {mmer} | "
-                     f"{last} | {r['run_seconds'] / 3600:.2f} h |")
+                     f"{last} | {f'{solved:,} steps' if solved is not None else 'not yet'} | "
+                     f"{r['run_seconds'] / 3600:.2f} h |")
     m = report["machine"]
     return "\n".join(lines + ["", f"Machine: {m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']})."]) + "\n"
 
@@ -97,11 +112,17 @@ def plot(report: dict, path: Path):
 
 
 def main(args: Args) -> dict:
-    runs = sorted(p for p in Path(args.runs_dir).iterdir() if (p / "checkpoints").is_dir())
-    if not runs:
-        raise SystemExit(f"no run folder with checkpoints under {args.runs_dir}: start one (see this file's docstring)")
+    runs_dir = Path(args.runs_dir)
+    runs = sorted(p for p in runs_dir.iterdir() if (p / "checkpoints").is_dir()) if runs_dir.is_dir() else []
     machine = machine_info()
+    earlier = Path(args.earlier_report if args.earlier_report is not None
+                   else FIGURES_DIR / f"{OUT_NAME}_{machine['backend']}.json")  # fmt: skip
+    kept = json.loads(earlier.read_text())["runs"] if args.earlier_report != "" and earlier.is_file() else {}
     report = {"machine": machine, "runs": {p.name: read_run(p) for p in runs}}
+    report["runs"] |= {name: run for name, run in kept.items() if name not in report["runs"]}  # its folder is gone
+    if not report["runs"]:
+        raise SystemExit(f"no run folder with checkpoints under {args.runs_dir}: start one (see this file's docstring)")
+    report["runs"] = dict(sorted(report["runs"].items()))
     out = write_results(args.out_dir, OUT_NAME, report, markdown(report))
     plot(report, out / f"{OUT_NAME}.png")
     written = written_files(out, OUT_NAME, machine["backend"], args.figure, keep_all=True)

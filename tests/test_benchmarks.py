@@ -429,7 +429,8 @@ def test_incontext_quick_and_read_back(tmp_path):
 def test_repeat_previous_hard_paper_reads_runs_back(tmp_path):
     """The paper-settings reader on two tiny runs (S5 and the GRU on CartPoleEasy, whose episodes end; 3 updates
     each, the GRU's killed after its checkpoint at update 2 with its TensorBoard row 3 left behind): steps done from
-    the checkpoint, the curve up to it, the MMER the maximum of that curve, the memory named from the saved Args."""
+    the checkpoint, the curve up to it, the MMER the maximum of that curve, the memory named from the saved Args; read
+    again where the S5 folder is gone, the S5 run keeps the earlier report's numbers."""
     import ppo_lstm_popgym
     import ppo_s5_popgym
 
@@ -442,7 +443,7 @@ def test_repeat_previous_hard_paper_reads_runs_back(tmp_path):
     (gru_dir,) = runs.glob("*__GRU__*")
     (gru_dir / "summary.json").unlink()  # as if killed after update 3's logs: its last checkpoint is update 2
     shutil.rmtree(gru_dir / "checkpoints" / "3")
-    report = module.main(module.Args(runs_dir=str(runs), out_dir=str(tmp_path / "out")))
+    report = module.main(module.Args(runs_dir=str(runs), out_dir=str(tmp_path / "out"), earlier_report=""))
     by_memory = {r["memory"]: r for r in report["runs"].values()}
     s5, gru = by_memory["S5 1x8"], by_memory["GRU 8"]
     assert (s5["updates_done"], s5["steps_done"], s5["finished"]) == (3, 192, True)
@@ -453,3 +454,15 @@ def test_repeat_previous_hard_paper_reads_runs_back(tmp_path):
         assert r["mmer"] == (max(finite) if finite else None)
     assert (s5["script"], gru["script"]) == ("ppo_s5_popgym.py", "ppo_lstm_popgym.py")
     assert (tmp_path / "out" / "bench_repeat_previous_hard_paper.png").stat().st_size > 0
+    curve = [[64, 128, 192, 256], [float("nan"), 0.95, 0.5, 0.99]]
+    assert (module.first_step_at(curve, 0.9), module.first_step_at(curve, 0.999)) == (128, None)
+    # a later machine without the S5 folder: the S5 run keeps the earlier report's numbers, the GRU is read again
+    earlier = tmp_path / "earlier.json"
+    shutil.copyfile(tmp_path / "out" / "bench_repeat_previous_hard_paper.json", earlier)
+    (s5_dir,) = runs.glob("*__S5__*")
+    shutil.rmtree(s5_dir)
+    again = module.main(module.Args(runs_dir=str(runs), out_dir=str(tmp_path / "out2"), earlier_report=str(earlier)))
+    assert json.dumps(again["runs"], sort_keys=True) == json.dumps(json.loads(earlier.read_text())["runs"],
+                                                                    sort_keys=True)  # fmt: skip (NaN: no ==)
+    assert module.main(module.Args(runs_dir=str(runs), out_dir=str(tmp_path / "out3"), earlier_report=""))[
+        "runs"].keys() == {gru_dir.name}
