@@ -118,11 +118,10 @@ def main(args: Args) -> dict:
     earlier = Path(args.earlier_report if args.earlier_report is not None
                    else FIGURES_DIR / f"{OUT_NAME}_{machine['backend']}.json")  # fmt: skip
     kept = json.loads(earlier.read_text())["runs"] if args.earlier_report != "" and earlier.is_file() else {}
-    report = {"machine": machine, "runs": {p.name: read_run(p) for p in runs}}
-    report["runs"] |= {name: run for name, run in kept.items() if name not in report["runs"]}  # its folder is gone
-    if not report["runs"]:
+    read = kept | {p.name: read_run(p) for p in runs}  # a run folder on this machine wins over the earlier report
+    if not read:
         raise SystemExit(f"no run folder with checkpoints under {args.runs_dir}: start one (see this file's docstring)")
-    report["runs"] = dict(sorted(report["runs"].items()))
+    report = {"machine": machine, "runs": dict(sorted(read.items()))}
     out = write_results(args.out_dir, OUT_NAME, report, markdown(report))
     plot(report, out / f"{OUT_NAME}.png")
     written = written_files(out, OUT_NAME, machine["backend"], args.figure, keep_all=True)
